@@ -1,0 +1,74 @@
+"""Analytic FLOPs of a (pruned) timm ViT.
+
+One convention throughout: a multiply-accumulate is one FLOP (fvcore's), under which DeiT-S/16 at 224 px is 4.6
+GFLOPs. The count follows the per-layer token counts of the routing and includes the scorers' and reducers' own
+work; element-wise work outside them (norms, activations, softmax) is not counted, as in fvcore.
+"""
+
+from __future__ import annotations
+
+import math
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from attnprune.routing import LayerPlan, Routing
+from attnprune.scoring import SCORERS
+from attnprune.vit import check_prunable, num_patch_tokens
+
+__all__ = ["count_flops", "reducer_flops"]
+
+
+def _linear_macs(module: nn.Module | None) -> int:
+    """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def reducer_flops(plan: LayerPlan, tokens: int, dim: int, head_dim: int) -> int:
+    """Multiply-accumulates of a reducer on ``tokens`` tokens (prefix included) of width ``dim``."""
+    if plan.n_out == plan.n_in:
+        return 0
+    if plan.rule.reduce == "merge":  # cosine matching of set A against set B on the head-averaged keys, then averaging
+        return math.ceil(tokens / 2) * (tokens // 2) * head_dim + 2 * tokens * dim
+    if plan.rule.reduce == "fuse":  # score-weighted average of the dropped tokens
+        return (plan.n_in - plan.n_keep) * dim
+    return 0
+
+
+def count_flops(model: VisionTransformer, routing: Routing | None = None, img_size: int | None = None) -> int:
+    """Multiply-accumulates per image of ``model`` under ``routing``, computed on paper.
+
+    Args:
+        model: a timm ``VisionTransformer`` (need not be pruned: the routing is applied on paper).
+        routing: the routing; default the one :func:`attnprune.prune` attached, else none.
+        img_size: input side (or ``(h, w)``); default the model's own input size.
+
+    Returns:
+        FLOPs per image (one multiply-accumulate = one FLOP).
+    """
+    if routing is None:
+        routing = getattr(model, "routing", None) or Routing()
+    check_prunable(model, routing)
+    if model.attn_pool is not None:
+        raise ValueError("count_flops does not model attention-pool heads (global_pool='map')")
+    prefix, depth = model.num_prefix_tokens, len(model.blocks)
+    patches = num_patch_tokens(model, img_size)
+    plans = {plan.rule.layer: plan for plan in routing.resolve(depth, patches)}
+    counts = routing.token_counts(depth, patches)
+
+    total = patches * model.patch_embed.proj.weight.numel()
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        t_in = counts[i] + prefix
+        t_out = counts[i + 1] + prefix
+        total += t_in * _linear_macs(attn) + 2 * t_in * t_in * attn.attn_dim
+        plan = plans.get(i)
+        if plan is not None and plan.n_out != plan.n_in:
+            if plan.rule.score is not None:
+                total += SCORERS[plan.rule.score].flops(t_in, model.embed_dim, attn.num_heads)
+            total += reducer_flops(plan, t_in, model.embed_dim, attn.head_dim)
+        total += t_out * _linear_macs(block.mlp)
+    total += _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None))
+    return int(total)

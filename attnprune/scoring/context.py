@@ -1,0 +1,70 @@
+"""What a block computed, handed lazily to the scorers: nothing is computed unless a scorer asks for it."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+__all__ = ["ScoreContext"]
+
+
+class ScoreContext:
+    """Per-block inputs of the scorers and reducers.
+
+    Args:
+        q: queries ``[B, H, T, d]`` after qk-norm.
+        k: keys ``[B, H, T, d]`` after qk-norm.
+        scale: attention logit scale (``d ** -0.5``).
+        num_prefix: prefix tokens (class, distillation, registers) at the front of the sequence.
+        bias: additive attention-logit bias ``[B, 1, 1, T]`` (proportional attention) or None.
+        attention: attention probabilities ``[B, H, T, T]`` when the block materialised them, else None.
+        layer: block index.
+        seed: routing seed (``random`` scorer).
+    """
+
+    def __init__(
+        self,
+        q: Tensor,
+        k: Tensor,
+        scale: float,
+        num_prefix: int,
+        bias: Tensor | None = None,
+        attention: Tensor | None = None,
+        layer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.q, self.k, self.scale = q, k, scale
+        self.num_prefix, self.bias, self.layer, self.seed = num_prefix, bias, layer, seed
+        self._attention = attention
+
+    @property
+    def attention(self) -> Tensor:
+        """Full attention probabilities ``[B, H, T, T]``; only scorers registered with ``needs_attention`` get it."""
+        if self._attention is None:
+            raise RuntimeError("attention probabilities were not materialised; register the scorer with "
+                               "needs_attention=True")
+        return self._attention
+
+    @cached_property
+    def cls_attention(self) -> Tensor:
+        """Attention of the class token to every token, per head ``[B, H, T]``.
+
+        Computed from the class query and the keys in O(T d) per head, never from the T x T matrix.
+        """
+        if self._attention is not None:
+            return self._attention[:, :, 0]
+        logits = (self.q[:, :, :1] * self.scale) @ self.k.transpose(-2, -1)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.softmax(dim=-1).squeeze(2)
+
+    @cached_property
+    def key_metric(self) -> Tensor:
+        """Keys averaged over heads ``[B, T, d]``: ToMe's similarity metric for merging."""
+        return self.k.mean(dim=1)
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from the routing seed and the layer, the same on every run."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.layer)

@@ -1,0 +1,166 @@
+"""Make a timm ``VisionTransformer`` prunable by a :class:`~attnprune.routing.Routing`, without forking timm.
+
+:func:`prune` keeps the model object, its class and its ``state_dict``; it replaces the model's ``forward`` and
+``forward_features`` by versions that walk ``model.blocks`` and, in a block with a rule, score and reduce the tokens
+after attention and before the MLP. Blocks before the first rule run timm's own forward.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from attnprune.reduction import REDUCERS
+from attnprune.routing import LayerPlan, Routing
+from attnprune.scoring import SCORERS, ScoreContext
+
+__all__ = ["prune", "unprune", "num_patch_tokens"]
+
+_PATCHED = ("forward", "forward_features")
+
+
+def num_patch_tokens(model: VisionTransformer, img_size: int | tuple[int, int] | None = None) -> int:
+    """Patch tokens the model makes from an image of ``img_size`` (default: the model's own input size)."""
+    if img_size is None:
+        return model.patch_embed.num_patches
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    grid = model.patch_embed.dynamic_feat_size((height, width))
+    return grid[0] * grid[1]
+
+
+def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
+    """Check that ``routing`` fits ``model`` and return its plan at the model's default input size.
+
+    Raises:
+        TypeError: the model is not a timm ``VisionTransformer`` with standard pre-norm blocks where rules apply.
+        ValueError: a rule does not fit the model (the message names the rule and the field).
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"attnprune.prune expects a timm VisionTransformer, got {type(model).__name__}")
+    plans = routing.resolve(len(model.blocks), num_patch_tokens(model))
+    first = routing.rules[0].layer if routing.rules else len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        if i >= first and not (isinstance(block, Block) and isinstance(block.attn, Attention)):
+            raise TypeError(f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; attnprune "
+                            "prunes timm's pre-norm Block with Attention")
+    for position, rule in enumerate(routing.rules):
+        scorer = SCORERS.get(rule.score)
+        if scorer is not None and scorer.needs_class_token and not model.has_class_token:
+            raise ValueError(f"routing rule {position}: field 'score' is {rule.score!r}, which reads the class token, "
+                             "but the model has none (class_token=False)")
+    return plans
+
+
+def prune(model: VisionTransformer, routing: Routing | None = None) -> VisionTransformer:
+    """Apply a static routing to a timm ViT, in place.
+
+    Args:
+        model: a timm ``VisionTransformer`` (DeiT-distilled, register tokens, average pooling, ``num_classes=0``,
+            layer scale and qk-norm included).
+        routing: the per-layer rules; None or an empty routing restores timm's forward.
+
+    Returns:
+        The same model: ``model(x)`` now prunes, ``model.routing`` holds the routing.
+    """
+    if routing is None or len(routing) == 0:
+        return unprune(model)
+    check_prunable(model, routing)
+    model.routing = routing
+    model._attnprune_plans = {}
+    model.forward_features = MethodType(_forward_features, model)
+    model.forward = MethodType(_forward, model)
+    return model
+
+
+def unprune(model: VisionTransformer) -> VisionTransformer:
+    """Restore timm's forward on a model :func:`prune` patched."""
+    for name in (*_PATCHED, "routing", "_attnprune_plans"):
+        model.__dict__.pop(name, None)
+    return model
+
+
+def _plans(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
+    """The routing resolved for ``num_tokens`` patch tokens, cached per input size."""
+    if num_tokens not in model._attnprune_plans:
+        plans = model.routing.resolve(len(model.blocks), num_tokens)
+        model._attnprune_plans[num_tokens] = {plan.rule.layer: plan for plan in plans}
+    return model._attnprune_plans[num_tokens]
+
+
+def forward_tokens(model: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Embed images and run the pruned blocks; returns the normed tokens and their sizes (None if all ones)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    num_prefix = model.num_prefix_tokens
+    plans = _plans(model, x.shape[1] - num_prefix)
+    routing: Routing = model.routing
+    size = None
+    for i, block in enumerate(model.blocks):
+        plan = plans.get(i)
+        if plan is None and (size is None or not routing.prop_attn):
+            x = block(x)
+        else:
+            x, size = pruned_block_forward(block, x, size, plan, routing, num_prefix, i)
+    return model.norm(x), size
+
+
+def _forward_features(self: VisionTransformer, x: Tensor) -> Tensor:
+    return forward_tokens(self, x)[0]
+
+
+def _forward(self: VisionTransformer, x: Tensor) -> Tensor:
+    x, size = forward_tokens(self, x)
+    if size is None or self.attn_pool is not None or self.global_pool not in ("avg", "avgmax"):
+        return self.forward_head(x)
+    # Average pooling weighted by token size: a merged token counts for every patch it stands for.
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    tokens, weights = x[:, start:], size[:, start:]
+    pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+    if self.global_pool == "avgmax":
+        pooled = 0.5 * (pooled + tokens.amax(dim=1))
+    return self.head(self.head_drop(self.fc_norm(pooled)))
+
+
+def pruned_block_forward(
+    block: Block,
+    x: Tensor,
+    size: Tensor | None,
+    plan: LayerPlan | None,
+    routing: Routing,
+    num_prefix: int,
+    layer: int,
+) -> tuple[Tensor, Tensor | None]:
+    """timm's ``Block.forward`` with proportional attention and token reduction between attention and MLP."""
+    attn: Attention = block.attn
+    h = block.norm1(x)
+    batch, tokens, _ = h.shape
+    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
+    q, k, v = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    bias = size.log().to(q.dtype).view(batch, 1, 1, tokens) if size is not None and routing.prop_attn else None
+
+    scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
+    probs = None
+    if scorer is not None and scorer.needs_attention:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+    else:
+        dropout = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+
+    if plan is not None and plan.n_out != plan.n_in:
+        ctx = ScoreContext(q, k, attn.scale, num_prefix, bias, probs, layer, routing.seed)
+        scores = scorer(x, ctx) if scorer is not None else None
+        metric = ctx.key_metric if plan.rule.reduce == "merge" else None
+        x, size = REDUCERS[plan.rule.reduce](x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x, size
+
