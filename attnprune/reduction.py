@@ -8,7 +8,7 @@ average tokens update it, so proportional attention and average pooling stay cor
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -47,9 +47,9 @@ def fuse(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, scores:
     order = scores.argsort(dim=1, descending=True)
     keep, rest = order[:, :n_keep].sort(dim=1).values, order[:, n_keep:]
     weights = scores.gather(1, rest)[..., None] * _gather_tokens(size[:, num_prefix:], rest)
-    fused = (_gather_tokens(tokens, rest) * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(
-        torch.finfo(x.dtype).tiny
-    )
+    fused = (_gather_tokens(tokens, rest) * weights).sum(dim=1, keepdim=True) / weights.sum(
+        dim=1, keepdim=True
+    ).clamp_min(torch.finfo(x.dtype).tiny)
     x = torch.cat([x[:, :num_prefix], _gather_tokens(tokens, keep), fused], dim=1)
     rest_size = _gather_tokens(size[:, num_prefix:], rest).sum(dim=1, keepdim=True)
     size = torch.cat([size[:, :num_prefix], _gather_tokens(size[:, num_prefix:], keep), rest_size], dim=1)
@@ -91,7 +91,9 @@ def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[T
         kept_a = _gather_tokens(set_a, unmerged)
         index = destinations[..., None].expand(-1, -1, x.shape[-1])
         set_b = set_b.scatter_reduce(1, index, _gather_tokens(set_a, sources), reduce="sum")
-        prefix = [kept_a[:, i // 2 : i // 2 + 1] if i % 2 == 0 else set_b[:, i // 2 : i // 2 + 1] for i in range(num_prefix)]
+        prefix = [
+            kept_a[:, i // 2 : i // 2 + 1] if i % 2 == 0 else set_b[:, i // 2 : i // 2 + 1] for i in range(num_prefix)
+        ]
         return torch.cat([*prefix, kept_a[:, prefix_a:], set_b[:, prefix_b:]], dim=1)
 
     return merge_sum

@@ -11,9 +11,10 @@ is ``cls_attention`` + ``fuse`` at three blocks, uniform attention top-k is ``cl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -192,7 +193,9 @@ class Routing:
         """The routing as YAML (one flow-style line per rule); also written to ``path`` when given."""
         head = {k: v for k, v in self.to_dict().items() if k != "rules"}
         text = yaml.safe_dump(head, sort_keys=False)
-        rules = [yaml.safe_dump(rule.to_dict(), default_flow_style=True, sort_keys=False).strip() for rule in self.rules]
+        rules = [
+            yaml.safe_dump(rule.to_dict(), default_flow_style=True, sort_keys=False).strip() for rule in self.rules
+        ]
         text += "rules:" + ("".join(f"\n  - {rule}" for rule in rules) if rules else " []") + "\n"
         if path is not None:
             Path(path).write_text(text)
@@ -249,8 +252,11 @@ class Routing:
                     # fuse adds one token, so it keeps one token less to remove r in all
                     n_keep = n - rule.r - (rule.reduce == "fuse" and rule.r > 0)
                     if n_keep < (rule.reduce == "drop"):
-                        raise _fail(position, "r", f"removes {rule.r} tokens but only {n} non-prefix tokens reach "
-                                                   f"layer {rule.layer}")
+                        raise _fail(
+                            position,
+                            "r",
+                            f"removes {rule.r} tokens but only {n} non-prefix tokens reach layer {rule.layer}",
+                        )
                 fused = rule.reduce == "fuse" and n_keep < n
                 plans.append(LayerPlan(rule, n, n_keep, n_keep + fused))
             n = plans[-1].n_out

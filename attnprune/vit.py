@@ -45,13 +45,17 @@ def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
     first = routing.rules[0].layer if routing.rules else len(model.blocks)
     for i, block in enumerate(model.blocks):
         if i >= first and not (isinstance(block, Block) and isinstance(block.attn, Attention)):
-            raise TypeError(f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; attnprune "
-                            "prunes timm's pre-norm Block with Attention")
+            raise TypeError(
+                f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; attnprune "
+                "prunes timm's pre-norm Block with Attention"
+            )
     for position, rule in enumerate(routing.rules):
         scorer = SCORERS.get(rule.score)
         if scorer is not None and scorer.needs_class_token and not model.has_class_token:
-            raise ValueError(f"routing rule {position}: field 'score' is {rule.score!r}, which reads the class token, "
-                             "but the model has none (class_token=False)")
+            raise ValueError(
+                f"routing rule {position}: field 'score' is {rule.score!r}, which reads the class token, "
+                "but the model has none (class_token=False)"
+            )
     return plans
 
 
@@ -163,4 +167,3 @@ def pruned_block_forward(
         x, size = REDUCERS[plan.rule.reduce](x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
     return x, size
-

@@ -43,8 +43,9 @@ class ScoreContext:
     def attention(self) -> Tensor:
         """Full attention probabilities ``[B, H, T, T]``; only scorers registered with ``needs_attention`` get it."""
         if self._attention is None:
-            raise RuntimeError("attention probabilities were not materialised; register the scorer with "
-                               "needs_attention=True")
+            raise RuntimeError(
+                "attention probabilities were not materialised; register the scorer with needs_attention=True"
+            )
         return self._attention
 
     @cached_property

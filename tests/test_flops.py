@@ -1,0 +1,54 @@
+import random
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from attnprune import Routing, count_flops, prune
+from tests.conftest import random_routing, tiny_vit
+
+aten = torch.ops.aten
+
+
+def measured_macs(model, x):
+    """Half the FLOPs torch's counter sees in a real forward (it counts 2 per multiply-accumulate)."""
+    # On the CPU, SDPA dispatches to a kernel the counter has no formula for.
+    cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2 / x.shape[0]
+
+
+def test_deit_small_is_4_6_gflops():
+    model = timm.create_model("deit_small_patch16_224")
+    assert count_flops(model) == pytest.approx(4.6e9, rel=0.01)
+    assert count_flops(model) == pytest.approx(measured_macs(model, torch.randn(1, 3, 224, 224)), rel=0.001)
+
+
+def test_tome_halves_deit_small_as_the_paper_reports():
+    # ToMe paper, DeiT-S with r=13: 2.7 GFLOPs
+    model = timm.create_model("deit_small_patch16_224")
+    assert count_flops(model, Routing.tome(13, 12)) == pytest.approx(2.7e9, rel=0.01)
+
+
+def test_random_routings_match_flop_counter():
+    rng = random.Random(0)
+    x = torch.randn(2, 3, 32, 32)
+    ratios = []
+    for variant in ({}, {"reg_tokens": 2, "global_pool": "avg", "fc_norm": True}):
+        model = tiny_vit(**variant)
+        for _ in range(10):
+            routing = random_routing(rng, len(model.blocks))
+            analytic = count_flops(model, routing)
+            assert analytic == pytest.approx(measured_macs(prune(model, routing), x), rel=0.02), routing
+            ratios.append(analytic / count_flops(model, Routing()))
+    assert min(ratios) < 0.6  # the routings do prune (a scorer can cost more than the few tokens it removes)
+
+
+def test_count_uses_attached_routing_and_image_size():
+    model = tiny_vit(dynamic_img_size=True)
+    routing = Routing.topk_attention(0.5, (1,))
+    prune(model, routing)
+    assert count_flops(model) == count_flops(tiny_vit(), routing)
+    assert count_flops(model, img_size=64) == pytest.approx(measured_macs(model, torch.randn(1, 3, 64, 64)), rel=0.02)

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from attnprune import SCORERS
+from attnprune.scoring import ScoreContext
+
+DESIGN_SCORERS = {
+    "attention": {"cls_attention", "mean_attention"},
+    "statistics": {"l2_norm", "l1_norm", "std", "max_abs", "kurtosis"},
+    "similarity": {"cls_similarity", "distinctiveness", "redundancy"},
+    "control": {"random"},
+}
+
+
+def _context(batch=2, tokens=7, heads=2, dim=4, prefix=1, with_attention=False):
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(batch, heads, tokens, dim, generator=g), torch.randn(batch, heads, tokens, dim, generator=g)
+    probs = ((q * dim**-0.5) @ k.transpose(-2, -1)).softmax(-1) if with_attention else None
+    return ScoreContext(q, k, dim**-0.5, prefix, attention=probs, layer=3, seed=5), probs
+
+
+def test_registry_has_the_design_scorers():
+    assert {
+        family: {n for n, s in SCORERS.items() if s.family == family} for family in DESIGN_SCORERS
+    } == DESIGN_SCORERS
+
+
+def test_statistics_by_hand():
+    x = torch.tensor([[[9.0, 9.0, 9.0, 9.0], [3.0, -4.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]])
+    ctx = ScoreContext(None, None, 1.0, num_prefix=1)
+    assert SCORERS["l2_norm"](x, ctx).tolist() == [[5.0, 2.0]]
+    assert SCORERS["l1_norm"](x, ctx).tolist() == [[7.0, 4.0]]
+    assert SCORERS["max_abs"](x, ctx).tolist() == [[4.0, 1.0]]
+    # token [3, -4, 0, 0]: mean -1/4, population std sqrt(24.6875 / 4)
+    assert SCORERS["std"](x, ctx)[0, 0].item() == pytest.approx(math.sqrt((3.25**2 + 3.75**2 + 2 * 0.25**2) / 4))
+    # kurtosis of [1, -1, 1, -1] is 1 (the minimum); of [2, 0, 0, 0] it is 2.333...
+    y = torch.tensor([[[0.0] * 4, [1.0, -1.0, 1.0, -1.0], [2.0, 0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(SCORERS["kurtosis"](y, ctx), torch.tensor([[1.0, (1.5**4 + 3 * 0.5**4) / 4 / 0.75**2]]))
+
+
+def test_similarity_by_hand():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, 1.0]]])
+    ctx = ScoreContext(None, None, 1.0, num_prefix=1)
+    torch.testing.assert_close(SCORERS["cls_similarity"](x, ctx), torch.tensor([[1.0, 0.5, 0.0, 0.5]]))
+    # patch tokens 2 and 4 are duplicates (redundancy 0); token 1's closest neighbour is orthogonal (1)
+    torch.testing.assert_close(SCORERS["redundancy"](x, ctx), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    # mean patch token is (0, 0.5): cosine 0 to tokens 1 and 3, 1 to tokens 2 and 4
+    torch.testing.assert_close(SCORERS["distinctiveness"](x, ctx), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+
+
+def test_cls_attention_from_class_query_equals_full_matrix():
+    ctx, _ = _context()
+    _, probs = _context(with_attention=True)
+    x = torch.zeros(2, 7, 4)
+    torch.testing.assert_close(SCORERS["cls_attention"](x, ctx), probs[:, :, 0, 1:].mean(1))
+    with_bias = ScoreContext(ctx.q, ctx.k, ctx.scale, 1, bias=torch.zeros(2, 1, 1, 7).fill_(math.log(2.0)))
+    torch.testing.assert_close(with_bias.cls_attention, ctx.cls_attention)  # a constant bias cancels in softmax
+
+
+def test_mean_attention_needs_materialised_attention():
+    ctx, _ = _context()
+    with pytest.raises(RuntimeError, match="needs_attention=True"):
+        SCORERS["mean_attention"](torch.zeros(2, 7, 4), ctx)
+    ctx, probs = _context(with_attention=True)
+    torch.testing.assert_close(SCORERS["mean_attention"](torch.zeros(2, 7, 4), ctx), probs.mean((1, 2))[:, 1:])
+
+
+def test_random_is_seeded_and_identical_across_the_batch():
+    ctx, _ = _context()
+    a = SCORERS["random"](torch.zeros(3, 7, 4), ctx)
+    assert torch.equal(a, SCORERS["random"](torch.zeros(3, 7, 4), ctx))
+    assert torch.equal(a[0], a[2])
+    other = ScoreContext(ctx.q, ctx.k, ctx.scale, 1, layer=4, seed=5)
+    assert not torch.equal(a, SCORERS["random"](torch.zeros(3, 7, 4), other))
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_scorer_is_non_negative_with_one_score_per_patch(name):
+    ctx, _ = _context(with_attention=True, prefix=2)
+    scores = SCORERS[name](torch.randn(2, 7, 4, generator=torch.Generator().manual_seed(1)), ctx)
+    assert scores.shape == (2, 5)
+    assert (scores >= 0).all()
