@@ -8,6 +8,7 @@ work; element-wise work outside them (norms, activations, softmax) is not counte
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -16,7 +17,7 @@ from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, num_patch_tokens
 
-__all__ = ["count_flops", "reducer_flops"]
+__all__ = ["count_flops", "match_flops", "reducer_flops"]
 
 
 def _linear_macs(module: nn.Module | None) -> int:
@@ -72,3 +73,15 @@ def count_flops(model: VisionTransformer, routing: Routing | None = None, img_si
         total += t_out * _linear_macs(block.mlp)
     total += _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None))
     return int(total)
+
+
+def match_flops(
+    model: VisionTransformer, make: Callable[[float], Routing], knobs: Iterable[float], ratio: float
+) -> Routing:
+    """Of the routings ``make(knob)``, the one whose FLOPs are closest to ``ratio`` times the unpruned model's.
+
+    Used to compare methods at equal FLOPs: ``match_flops(model, lambda r: Routing.tome(int(r), 12), range(1, 25),
+    0.65)`` tunes ToMe's r to 65% of the FLOPs.
+    """
+    target = ratio * count_flops(model, Routing())
+    return min((make(knob) for knob in knobs), key=lambda routing: abs(count_flops(model, routing) - target))

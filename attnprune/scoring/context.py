@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import torch
 from torch import Tensor
 
@@ -38,6 +36,7 @@ class ScoreContext:
         self.q, self.k, self.scale = q, k, scale
         self.num_prefix, self.bias, self.layer, self.seed = num_prefix, bias, layer, seed
         self._attention = attention
+        self._cls_attention: Tensor | None = None
 
     @property
     def attention(self) -> Tensor:
@@ -48,20 +47,24 @@ class ScoreContext:
             )
         return self._attention
 
-    @cached_property
+    @property
     def cls_attention(self) -> Tensor:
         """Attention of the class token to every token, per head ``[B, H, T]``.
 
         Computed from the class query and the keys in O(T d) per head, never from the T x T matrix.
         """
-        if self._attention is not None:
-            return self._attention[:, :, 0]
-        logits = (self.q[:, :, :1] * self.scale) @ self.k.transpose(-2, -1)
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.softmax(dim=-1).squeeze(2)
+        # Cached by hand: functools.cached_property takes a lock that torch.compile cannot trace on Python 3.11.
+        if self._cls_attention is None:
+            if self._attention is not None:
+                self._cls_attention = self._attention[:, :, 0]
+            else:
+                logits = (self.q[:, :, :1] * self.scale) @ self.k.transpose(-2, -1)
+                if self.bias is not None:
+                    logits = logits + self.bias
+                self._cls_attention = logits.softmax(dim=-1).squeeze(2)
+        return self._cls_attention
 
-    @cached_property
+    @property
     def key_metric(self) -> Tensor:
         """Keys averaged over heads ``[B, T, d]``: ToMe's similarity metric for merging."""
         return self.k.mean(dim=1)

@@ -1,0 +1,48 @@
+"""Throughput measurement: candidates timed side by side, interleaved, medians."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["time_interleaved"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_interleaved(
+    models: dict[str, nn.Module], x: Tensor, warmup: int = 2, repeats: int = 10, progress: bool = True
+) -> dict[str, float]:
+    """Median seconds per forward of each model on ``x``, timed in interleaved rounds.
+
+    Every round runs each model once, starting from a different model each round, so that drifts in machine
+    load (thermal, other processes) fall on all candidates alike.
+
+    Args:
+        models: name -> model, already in eval mode and on ``x``'s device.
+        x: the input batch.
+        warmup: untimed rounds first (compilation, allocator, caches).
+        repeats: timed rounds.
+        progress: show a progress bar.
+    """
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            models[name](x)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in tqdm(range(repeats), desc=f"timing batch {x.shape[0]}", disable=not progress, leave=False):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            _sync(x.device)
+            start = time.perf_counter()
+            models[name](x)
+            _sync(x.device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
