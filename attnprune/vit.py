@@ -72,9 +72,9 @@ def prune(model: VisionTransformer, routing: Routing | None = None) -> VisionTra
     """
     if routing is None or len(routing) == 0:
         return unprune(model)
-    check_prunable(model, routing)
+    plans = check_prunable(model, routing)
     model.routing = routing
-    model._attnprune_plans = {}
+    model._attnprune_plans = {num_patch_tokens(model): {plan.rule.layer: plan for plan in plans}}
     model.forward_features = MethodType(_forward_features, model)
     model.forward = MethodType(_forward, model)
     return model
@@ -88,11 +88,11 @@ def unprune(model: VisionTransformer) -> VisionTransformer:
 
 
 def _plans(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
-    """The routing resolved for ``num_tokens`` patch tokens, cached per input size."""
-    if num_tokens not in model._attnprune_plans:
-        plans = model.routing.resolve(len(model.blocks), num_tokens)
-        model._attnprune_plans[num_tokens] = {plan.rule.layer: plan for plan in plans}
-    return model._attnprune_plans[num_tokens]
+    """The routing resolved for ``num_tokens`` patch tokens: resolved by :func:`prune` for the model's own input
+    size, on the fly for others (never cached here: mutating state in forward would make torch.compile recompile)."""
+    if num_tokens in model._attnprune_plans:
+        return model._attnprune_plans[num_tokens]
+    return {plan.rule.layer: plan for plan in model.routing.resolve(len(model.blocks), num_tokens)}
 
 
 def forward_tokens(model: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor | None]:

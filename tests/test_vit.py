@@ -112,7 +112,8 @@ def test_other_input_size_resolves_its_own_counts():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 48, 48))
     assert out.shape == (1, 10)
-    assert set(model._attnprune_plans) == {144}
+    # 144 patches: layer 1 keeps 72 (a cached 64-patch plan would have failed to gather)
+    assert model.routing.token_counts(4, 144) == [144, 144, 72, 72, 72]
 
 
 def test_training_mode_backpropagates(images):
