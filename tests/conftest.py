@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access here: fail fast instead of waiting on the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from attnprune import REDUCERS, SCORERS, Routing
@@ -40,3 +47,27 @@ def random_routing(rng: random.Random, depth: int, class_token: bool = True) -> 
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+TINY_CLASSIFIER = {
+    "model": "vit_tiny_patch16_224",
+    "num_classes": 3,
+    "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2},
+    "pretrained_cfg": {"input_size": [3, 16, 16], "crop_pct": 1.0},
+}
+
+
+def make_image_folder(root: Path, train_per_class: int = 8, test_per_class: int = 4, classes: int = 3) -> Path:
+    """``root/train/<class>/*.png`` and ``root/val/<class>/*.png``: 16 px images whose colour depends on the class,
+    in RGB, grayscale (L) and CMYK modes."""
+    rng = np.random.default_rng(0)
+    modes = ["RGB", "L", "CMYK"]
+    for split, count in (("train", train_per_class), ("val", test_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (16, 16, 3)) + np.eye(3, dtype=int)[c] * 180
+                image = Image.fromarray(pixels.astype(np.uint8), "RGB").convert(modes[i % 3])
+                image.save(folder / f"{i}.{'jpg' if image.mode == 'CMYK' else 'png'}")
+    return root

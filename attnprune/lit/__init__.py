@@ -1,0 +1,1 @@
+"""Lightning layer: LightningModules, LightningDataModules and transforms for training and evaluating ViTs."""

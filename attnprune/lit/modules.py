@@ -1,0 +1,381 @@
+"""LightningModules: fine-tune and evaluate pruned ViTs across training paradigms.
+
+- :class:`PrunedClassifier`: supervised and MAE fine-tuned models (cross-entropy, label smoothing, mixup/cutmix,
+  layer-wise learning-rate decay), evaluation with micro-averaged top-1/top-5 and GFLOPs.
+- :class:`DistillationClassifier`: DeiT hard-label distillation from a teacher.
+- :class:`LinearProbe`, :class:`KNNClassifier`: DINO's evaluations of a frozen backbone.
+
+Every module takes an optional routing, logs ``stage/name`` metrics and stores a ``model_spec`` hyper-parameter so
+:func:`attnprune.load_model` rebuilds the network from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, resolve_model_data_config
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from attnprune.flops import count_flops
+from attnprune.paradigms import build_from_spec, build_model, get_paradigm, knn_predict, load_model
+from attnprune.paradigms import model_spec as build_spec
+from attnprune.routing import Routing
+from attnprune.vit import prune
+
+__all__ = ["PrunedClassifier", "DistillationClassifier", "LinearProbe", "KNNClassifier", "load_routing",
+           "warmup_cosine_schedule"]
+
+
+def load_routing(spec: str | dict | Routing | None) -> Routing:
+    """A routing from a YAML path, a dict, a Routing, or None / ``"unpruned"`` (no pruning)."""
+    if spec is None or spec == "unpruned":
+        return Routing()
+    if isinstance(spec, Routing):
+        return spec
+    if isinstance(spec, dict):
+        return Routing.from_dict(spec)
+    return Routing.from_yaml(spec)
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base learning rate, then cosine decay to zero, stepped every optimizer step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
+    # Papers report micro-averaged accuracy (correct / total); torchmetrics defaults to macro.
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class _PrunedModule(L.LightningModule):
+    """What every module shares: building the network, its routing, evaluation metrics and the optimizer."""
+
+    def __init__(
+        self,
+        model: str,
+        checkpoint: str | None,
+        paradigm: str,
+        num_classes: int | None,
+        model_kwargs: dict[str, Any] | None,
+        routing: str | dict | None,
+        model_spec: dict[str, Any] | None,
+        pretrained_cfg: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        get_paradigm(paradigm)
+        if model_spec is not None:  # restored from one of our checkpoints: Lightning loads the weights next
+            self.model = build_from_spec(model_spec)
+            architecture, kwargs = model_spec["architecture"], model_spec["model_kwargs"]
+        elif checkpoint is not None:
+            self.model = load_model(checkpoint, architecture=None if model == "auto" else model)
+            spec = getattr(self.model, "attnprune_spec", None) or {}
+            architecture = spec.get("architecture", self.model.pretrained_cfg.get("architecture", model))
+            kwargs = {**spec.get("model_kwargs", {}), **(model_kwargs or {})}
+        else:
+            if model == "auto":
+                raise ValueError("model='auto' takes the architecture from a checkpoint, but none was given")
+            kwargs = {**(model_kwargs or {}), **({"num_classes": num_classes} if num_classes is not None else {})}
+            self.model = build_model(model, paradigm, pretrained_cfg, **kwargs)
+            architecture = model
+        if num_classes is not None and num_classes != self.model.num_classes:
+            self.model.reset_classifier(num_classes)
+        if model_spec is None and checkpoint is not None and pretrained_cfg:
+            self.model.pretrained_cfg = {**self.model.pretrained_cfg, **pretrained_cfg}
+        self.hparams["model_spec"] = build_spec(self.model, architecture, paradigm, kwargs)
+        self.set_routing(load_routing(routing))
+        self.data_config = resolve_model_data_config(self.model)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The (pruned) timm ViT."""
+        return self.model
+
+    def set_routing(self, routing: Routing) -> None:
+        """Prune the backbone with ``routing`` (an empty one restores the unpruned model)."""
+        self.routing = routing
+        prune(self.backbone, routing)
+
+    def gflops(self) -> float:
+        return count_flops(self.backbone, self.routing) / 1e9
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=len(labels))
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, labels)
+        self.log_dict(metrics, batch_size=len(labels))
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/gflops", self.gflops())
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/gflops", self.gflops())
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float) -> dict[str, Any]:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+        scheduler = warmup_cosine_schedule(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PrunedClassifier(_PrunedModule):
+    """Fine-tune or evaluate a (pruned) timm classifier.
+
+    Args:
+        model: timm architecture name (``auto``: the one the checkpoint names).
+        checkpoint: weights to start from: timm hub name, local weights file or Lightning checkpoint.
+        paradigm: ``supervised``, ``distilled``, ``mae`` (average-pool readout) or ``dino`` (see :class:`LinearProbe`).
+        num_classes: classes of the head (reset when the checkpoint's differ).
+        model_kwargs: timm ``create_model`` arguments (img_size, patch_size, depth, ...).
+        pretrained_cfg: preprocessing of the model (timm's ``input_size``, ``mean``, ``std``, ``crop_pct``, ...)
+            when it differs from the architecture's default (e.g. 1 x 28 x 28 Fashion-MNIST images).
+        routing: routing YAML path or dict; None trains the unpruned model.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up length.
+        layer_decay: layer-wise learning-rate decay (MAE fine-tuning uses 0.65-0.75); None to disable.
+        label_smoothing: label smoothing of the cross-entropy.
+        mixup: mixup alpha (0 disables).
+        cutmix: cutmix alpha (0 disables).
+        model_spec: set by checkpoints (rebuilds the network without ``checkpoint``); leave unset.
+    """
+
+    def __init__(
+        self,
+        model: str = "deit_tiny_patch16_224",
+        checkpoint: str | None = None,
+        paradigm: str = "supervised",
+        num_classes: int | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        pretrained_cfg: dict[str, Any] | None = None,
+        routing: str | dict | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 0.0,
+        layer_decay: float | None = None,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        model_spec: dict[str, Any] | None = None,
+    ) -> None:
+        self.save_hyperparameters()
+        super().__init__(model, checkpoint, paradigm, num_classes, model_kwargs, routing, model_spec, pretrained_cfg)
+        classes = self.model.num_classes
+        if classes == 0:
+            raise ValueError("PrunedClassifier needs a classification head: set num_classes, or use LinearProbe / "
+                             "KNNClassifier for a DINO backbone")
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                               num_classes=classes)
+        self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.val_metrics, self.test_metrics = _accuracy(classes, "val/"), _accuracy(classes, "test/")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def compute_loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        return self.train_loss(self(images), labels)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        loss = self.compute_loss(images, labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.hparams.lr,
+                                        weight_decay=self.hparams.weight_decay, layer_decay=self.hparams.layer_decay)
+        return self._schedule(optimizer, self.hparams.warmup_epochs)
+
+
+class DistillationClassifier(PrunedClassifier):
+    """DeiT hard-label distillation: the class head learns the labels, the distillation head the teacher's argmax;
+    at evaluation the two heads are averaged (timm's ``VisionTransformerDistilled`` in eval mode).
+
+    Args:
+        teacher: any timm hub name, weights file or Lightning checkpoint (frozen, fed the same images).
+        model: a distilled timm architecture (``deit_*_distilled_*``).
+        **kwargs: see :class:`PrunedClassifier`.
+    """
+
+    def __init__(self, teacher: str, model: str = "deit_tiny_distilled_patch16_224", **kwargs: Any) -> None:
+        kwargs.setdefault("paradigm", "distilled")
+        super().__init__(model=model, **kwargs)
+        self.save_hyperparameters()
+        if not hasattr(self.model, "set_distilled_training"):
+            raise ValueError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
+        if self.mixup is not None:
+            raise ValueError("hard-label distillation is implemented without mixup/cutmix")
+        self.teacher = load_model(teacher).eval().requires_grad_(False)
+
+    def on_train_start(self) -> None:
+        self.model.set_distilled_training(True)
+
+    def on_train_end(self) -> None:
+        self.model.set_distilled_training(False)
+
+    def train(self, mode: bool = True) -> DistillationClassifier:
+        super().train(mode)
+        self.teacher.eval()  # the teacher stays in eval mode (batch norm, dropout) while the student trains
+        self.model.set_distilled_training(mode)
+        return self
+
+    def compute_loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        logits, logits_dist = self.model(images)
+        with torch.no_grad():
+            teacher_labels = self.teacher(images).argmax(dim=-1)
+        return 0.5 * self.train_loss(logits, labels) + 0.5 * F.cross_entropy(logits_dist, teacher_labels)
+
+
+class _FrozenBackbone(_PrunedModule):
+    """A frozen, pruned feature extractor reading the class token of the last ``n_last_blocks`` blocks."""
+
+    def __init__(self, model: str, checkpoint: str | None, model_kwargs: dict | None, routing: str | dict | None,
+                 n_last_blocks: int, model_spec: dict | None) -> None:
+        super().__init__(model, checkpoint, "dino", 0, model_kwargs, routing, model_spec)
+        self.model.requires_grad_(False).eval()
+        self.n_last_blocks = n_last_blocks
+        if not self.model.has_class_token:
+            raise ValueError("the DINO readouts read the class token, but the backbone has none")
+        self.feature_dim = self.model.embed_dim * n_last_blocks
+
+    def train(self, mode: bool = True) -> _FrozenBackbone:
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Class tokens of the last ``n_last_blocks`` blocks, each normalised by the final norm, concatenated."""
+        if self.n_last_blocks == 1:
+            return self.model.forward_features(images)[:, 0]
+        outputs = []
+        hooks = [
+            block.register_forward_hook(lambda _module, _inputs, out: outputs.append(out))
+            for block in self.model.blocks[-self.n_last_blocks :]
+        ]
+        try:
+            self.model.forward_features(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([self.model.norm(out[:, 0]) for out in outputs], dim=-1)
+
+
+class LinearProbe(_FrozenBackbone):
+    """DINO linear evaluation: a linear classifier on the frozen (pruned) backbone's class token(s).
+
+    Args:
+        num_classes: classes.
+        model: timm architecture name (``auto``: the checkpoint's).
+        checkpoint: backbone weights.
+        model_kwargs: timm ``create_model`` arguments.
+        routing: routing of the backbone.
+        n_last_blocks: concatenate the class tokens of the last n blocks (DINO uses 4 for ViT-S).
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        model_spec: set by checkpoints; leave unset.
+    """
+
+    def __init__(self, num_classes: int, model: str = "auto", checkpoint: str | None = None,
+                 model_kwargs: dict | None = None, routing: str | dict | None = None, n_last_blocks: int = 1,
+                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+                 model_spec: dict | None = None) -> None:
+        self.save_hyperparameters()
+        super().__init__(model, checkpoint, model_kwargs, routing, n_last_blocks, model_spec)
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(self.head.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                    weight_decay=self.hparams.weight_decay)
+        return self._schedule(optimizer, 0.0)
+
+
+class KNNClassifier(_FrozenBackbone):
+    """DINO's weighted k-NN evaluation of a frozen (pruned) backbone; no training.
+
+    ``trainer.validate`` / ``trainer.test`` first embed the datamodule's training split (evaluation transforms),
+    then classify each evaluation image by its ``k`` nearest neighbours.
+
+    Args:
+        num_classes: classes.
+        model: timm architecture name (``auto``: the checkpoint's).
+        checkpoint: backbone weights.
+        model_kwargs: timm ``create_model`` arguments.
+        routing: routing of the backbone (the memory bank is embedded with the same routing).
+        k: neighbours (DINO: 20).
+        temperature: vote temperature (DINO: 0.07).
+        model_spec: set by checkpoints; leave unset.
+    """
+
+    def __init__(self, num_classes: int, model: str = "auto", checkpoint: str | None = None,
+                 model_kwargs: dict | None = None, routing: str | dict | None = None, k: int = 20,
+                 temperature: float = 0.07, model_spec: dict | None = None) -> None:
+        self.save_hyperparameters()
+        super().__init__(model, checkpoint, model_kwargs, routing, 1, model_spec)
+        self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
+        self.bank: Tensor | None = None
+        self.bank_labels: Tensor | None = None
+
+    def _build_bank(self) -> None:
+        features, labels = [], []
+        for images, targets in self.trainer.datamodule.bank_dataloader():
+            features.append(self.features(images.to(self.device)))
+            labels.append(targets.to(self.device))
+        # Every process embeds the whole bank (not a shard): gathering shards padded by the sampler would duplicate
+        # neighbours and change the vote.
+        self.bank, self.bank_labels = torch.cat(features), torch.cat(labels)
+
+    def on_validation_epoch_start(self) -> None:
+        self._build_bank()
+
+    def on_test_epoch_start(self) -> None:
+        self._build_bank()
+
+    def forward(self, images: Tensor) -> Tensor:
+        votes = knn_predict(self.features(images), self.bank, self.bank_labels, self.hparams.num_classes,
+                            self.hparams.k, self.hparams.temperature)
+        return votes / votes.sum(dim=-1, keepdim=True)
+
+    def configure_optimizers(self) -> None:
+        return None
+

@@ -1,0 +1,225 @@
+"""Training paradigms, and loading models whose preprocessing travels with their weights.
+
+A model comes from a timm hub name, a local weights file (safetensors with our metadata, or a state dict with the
+architecture given), or a Lightning checkpoint of one of our modules. Every loaded model is in eval mode and its
+``pretrained_cfg`` carries its input size, mean and std, so ``timm.data.resolve_model_data_config`` builds the right
+transforms.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "Paradigm", "PARADIGMS", "get_paradigm", "build_model", "build_from_spec", "model_spec", "load_model", "save_model",
+    "knn_predict",
+]
+
+METADATA_KEY = "attnprune"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+@dataclass(frozen=True)
+class Paradigm:
+    """How a training paradigm reads out its prediction.
+
+    Attributes:
+        name: registry key.
+        readout: ``cls`` (class token), ``cls+dist`` (class and distillation heads averaged at eval), ``probe``
+            (a linear probe or k-NN on frozen class-token features), ``avg`` (average of the patch tokens).
+        model_kwargs: timm ``create_model`` arguments the readout needs.
+        hub_models: timm hub names of public models of this paradigm.
+    """
+
+    name: str
+    readout: str
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    hub_models: tuple[str, ...] = ()
+
+
+PARADIGMS: dict[str, Paradigm] = {
+    p.name: p
+    for p in (
+        Paradigm("supervised", "cls", {}, ("vit_small_patch16_224.augreg_in21k_ft_in1k",
+                                            "vit_base_patch16_224.augreg_in21k_ft_in1k", "deit_small_patch16_224.fb_in1k",
+                                            "deit_base_patch16_224.fb_in1k")),
+        Paradigm("distilled", "cls+dist", {}, ("deit_small_distilled_patch16_224.fb_in1k",
+                                               "deit_base_distilled_patch16_224.fb_in1k")),
+        Paradigm("dino", "probe", {"num_classes": 0}, ("vit_small_patch16_224.dino", "vit_base_patch16_224.dino")),
+        Paradigm("mae", "avg", {"global_pool": "avg", "fc_norm": True}, ("vit_base_patch16_224.mae",
+                                                                           "vit_large_patch16_224.mae")),
+    )
+}
+
+
+def get_paradigm(name: str) -> Paradigm:
+    """The paradigm called ``name``; a ``ValueError`` listing the known ones otherwise."""
+    if name not in PARADIGMS:
+        raise ValueError(f"unknown paradigm {name!r} (known: {', '.join(PARADIGMS)})")
+    return PARADIGMS[name]
+
+
+def build_model(architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None,
+                **model_kwargs: Any) -> nn.Module:
+    """A randomly initialised timm model with the paradigm's readout, in eval mode."""
+    kwargs = {**get_paradigm(paradigm).model_kwargs, **model_kwargs}
+    try:
+        model = timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"unknown timm architecture {architecture!r}") from err
+        raise
+    return model.eval()
+
+
+def model_spec(model: nn.Module, architecture: str, paradigm: str = "supervised",
+               model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild ``model`` before loading its weights: architecture, constructor arguments,
+    paradigm and the preprocessing of its ``pretrained_cfg``. Stored in weights files and Lightning checkpoints."""
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+    cfg = {k: model.pretrained_cfg[k] for k in keys if k in model.pretrained_cfg}
+    kwargs = {**(model_kwargs or {}), "num_classes": model.num_classes}
+    return {"architecture": architecture, "paradigm": paradigm, "model_kwargs": kwargs, "pretrained_cfg": cfg}
+
+
+def build_from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A randomly initialised model from a :func:`model_spec` dict."""
+    return build_model(spec["architecture"], spec.get("paradigm", "supervised"), spec.get("pretrained_cfg"),
+                       **spec.get("model_kwargs", {}))
+
+
+def _read_metadata(path: Path) -> dict[str, Any] | None:
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+        if text:
+            return json.loads(text)
+    sidecar = path.with_suffix(".json")
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+
+
+def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    mismatched = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
+    if result.missing_keys or result.unexpected_keys or mismatched:
+        raise ValueError(
+            f"{source} does not fit architecture {architecture!r}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}, shape mismatch {mismatched[:5]}"
+        )
+
+
+def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
+    meta = _read_metadata(path)
+    if meta is not None:
+        if architecture is not None and architecture != meta["architecture"]:
+            raise ValueError(f"{path} holds a {meta['architecture']!r} but architecture {architecture!r} was asked for")
+        architecture = meta["architecture"]
+    elif architecture is None:
+        raise ValueError(
+            f"{path} carries no architecture (no '{METADATA_KEY}' metadata, no {path.with_suffix('.json').name}): "
+            "pass it, e.g. load_model(path, architecture='deit_small_patch16_224')"
+        )
+    model = build_from_spec(meta or {"architecture": architecture})
+    model.attnprune_spec = meta
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state))
+    _load_state(model, state, str(path), architecture)
+    return model
+
+
+def _load_lightning_checkpoint(path: Path, architecture: str | None) -> nn.Module:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    spec = checkpoint.get("hyper_parameters", {}).get("model_spec")
+    if spec is None:
+        raise ValueError(f"{path} is not a checkpoint of an attnprune module (no 'model_spec' hyper-parameter)")
+    if architecture is not None and architecture != spec["architecture"]:
+        raise ValueError(f"{path} holds a {spec['architecture']!r} but architecture {architecture!r} was asked for")
+    model = build_from_spec(spec)
+    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    _load_state(model, state, str(path), spec["architecture"])
+    model.attnprune_spec = spec
+    return model
+
+
+def load_model(spec: str | Path, architecture: str | None = None) -> nn.Module:
+    """Load a model for inference.
+
+    Args:
+        spec: a timm hub name (``deit_small_patch16_224.fb_in1k``), a local weights file (``.safetensors`` with our
+            metadata, or ``.pth``/``.bin`` state dict with ``architecture``), or a Lightning ``.ckpt`` of one of
+            attnprune's classification modules.
+        architecture: the timm architecture, required for a weights file that does not name its own.
+
+    Returns:
+        The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std.
+    """
+    path = Path(spec)
+    if path.suffix == ".ckpt" or path.suffix in WEIGHT_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        loader = _load_lightning_checkpoint if path.suffix == ".ckpt" else _load_weights_file
+        return loader(path, architecture)
+    try:
+        return timm.create_model(str(spec), pretrained=True).eval()
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"{spec!r} is neither a file nor a timm model name") from err
+        raise _offline_error(spec, err) from err
+    except Exception as err:  # no network, no cache: the hub download failed
+        raise _offline_error(spec, err) from err
+
+
+def _offline_error(spec: str | Path, err: Exception) -> OSError:
+    return OSError(
+        f"could not load timm weights {str(spec)!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
+        "Offline, pass a local file instead: load_model('weights.safetensors') for files saved by "
+        "attnprune.save_model, or load_model('weights.pth', architecture='deit_small_patch16_224')"
+    )
+
+
+def save_model(model: nn.Module, path: str | Path, architecture: str, paradigm: str = "supervised",
+               model_kwargs: dict[str, Any] | None = None, **extra: Any) -> Path:
+    """Write ``model``'s weights as safetensors with its :func:`model_spec` (and ``extra`` fields) as metadata, so
+    that :func:`load_model` rebuilds it from the file alone."""
+    meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    return path
+
+
+@torch.no_grad()
+def knn_predict(features: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 20,
+                temperature: float = 0.07) -> Tensor:
+    """Weighted k-NN class scores on L2-normalised features (DINO's evaluation).
+
+    Each of the ``k`` nearest training features (cosine similarity s) votes for its label with weight exp(s / T).
+
+    Args:
+        features: ``[B, D]`` query features.
+        bank: ``[M, D]`` training features.
+        bank_labels: ``[M]`` their labels.
+        num_classes: number of classes.
+        k: neighbours.
+        temperature: T of the vote weights.
+
+    Returns:
+        ``[B, num_classes]`` vote totals (argmax is the prediction).
+    """
+    features, bank = nn.functional.normalize(features, dim=-1), nn.functional.normalize(bank, dim=-1)
+    similarity, index = (features @ bank.T).topk(min(k, bank.shape[0]), dim=-1)
+    votes = torch.zeros(features.shape[0], num_classes, device=features.device, dtype=features.dtype)
+    return votes.scatter_add_(1, bank_labels[index], (similarity / temperature).exp())

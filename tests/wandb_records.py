@@ -1,0 +1,56 @@
+"""Read back what an offline W&B run wrote: the records of its ``run-*.wandb`` file.
+
+The file is a LevelDB-style log (wandb writes it from its Go core and no longer ships a Python reader): a 7-byte
+header (``:W&B``, 0xBEE1, version), then 32 KiB blocks of records, each with a 7-byte header (CRC32, little-endian
+length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf ``Record`` payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
+    records, pending, offset = [], b"", HEADER
+    while offset + HEADER <= len(data):
+        room = BLOCK - offset % BLOCK
+        if room < HEADER:  # the rest of the block is padding
+            offset += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        if kind == 0 and length == 0:
+            offset += room
+            continue
+        payload = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def logged_keys(run_dir: Path) -> set[str]:
+    """Every metric key in the history and summary records of the run in ``run_dir``."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    keys = set()
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
+        keys.update(item.key or "/".join(item.nested_key) for item in items)
+    return keys
+
+
+def config_keys(run_dir: Path) -> set[str]:
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    return {item.key for r in read_records(path) if r.WhichOneof("record_type") == "config" for item in r.config.update}
