@@ -1,0 +1,248 @@
+"""DINO and MAE pretraining objectives and the multi-crop transform, on tiny ViTs with a real Lightning Trainer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from attnprune.lit.pretraining import DINOPretraining, MAEPretraining
+from attnprune.lit.transforms import MultiCropTransform, collate_multicrop
+
+ARCH = "vit_tiny_patch16_224"
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, in_chans=1)  # 64 patch tokens
+BATCH = 8
+
+
+class _Repeat(Dataset):
+    """The same batch, ``length`` times (use with ``batch_size=None``)."""
+
+    def __init__(self, batch: object, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> object:
+        return self.batch
+
+
+class _RecordLoss(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))
+
+
+def _fit(module: L.LightningModule, batch: object, steps: int) -> list[float]:
+    """Train ``module`` for ``steps`` optimizer steps on one repeated batch; return the per-step losses."""
+    record = _RecordLoss()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(module, DataLoader(_Repeat(batch, steps), batch_size=None))
+    assert len(record.losses) == steps
+    return record.losses
+
+
+def _plain_vit() -> torch.nn.Module:
+    return timm.create_model(ARCH, num_classes=0, **TINY).eval()
+
+
+def _smooth_images(seed: int = 0) -> Tensor:
+    """Low-frequency grayscale images (random sums of sinusoids): neighbouring patches predict each other."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.linspace(0, 2 * math.pi, 32)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    freq = torch.randint(1, 3, (BATCH, 3, 2), generator=g).float()
+    phase = torch.rand(BATCH, 3, 1, 1, generator=g) * 2 * math.pi
+    waves = torch.sin(freq[..., 0, None, None] * xx + freq[..., 1, None, None] * yy + phase)
+    return waves.sum(dim=1, keepdim=True)
+
+
+def _dino_batch(seed: int = 0) -> tuple[list[Tensor], Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(BATCH, 1, 32, 32, generator=g) for _ in range(2)]
+    crops += [torch.randn(BATCH, 1, 16, 16, generator=g) for _ in range(2)]
+    return crops, torch.zeros(BATCH, dtype=torch.long)
+
+
+def _dino(**kwargs) -> DINOPretraining:
+    torch.manual_seed(0)
+    defaults = dict(out_dim=64, head_hidden=64, head_bottleneck=16, lr=1e-3, warmup_epochs=0)
+    return DINOPretraining(ARCH, TINY, **{**defaults, **kwargs})
+
+
+def _mae(**kwargs) -> MAEPretraining:
+    torch.manual_seed(0)
+    defaults = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, lr=1e-3, warmup_epochs=0)
+    return MAEPretraining(ARCH, TINY, **{**defaults, **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-crop transform
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_multicrop_gives_global_then_local_crops_and_collates():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
+    transform = MultiCropTransform(global_size=32, local_size=16, num_local=3, grayscale=True)
+    crops = transform(image)
+    assert [tuple(c.shape) for c in crops] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 and c.min() >= -1 and c.max() <= 1 for c in crops)  # normalised by 0.5/0.5
+    assert not torch.equal(crops[0], crops[1])  # two different random global crops
+
+    rgb = MultiCropTransform(24, 8, num_local=1, grayscale=False)(image)
+    assert [tuple(c.shape) for c in rgb] == [(3, 24, 24)] * 2 + [(3, 8, 8)]
+
+    views, labels = collate_multicrop([(transform(image), label) for label in range(4)])
+    assert [tuple(v.shape) for v in views] == [(4, 1, 32, 32)] * 2 + [(4, 1, 16, 16)] * 3
+    assert labels.tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINO
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dino_loss_falls_teacher_has_no_grads_and_backbone_loads_strictly():
+    # With a moving center the loss on a fixed batch is not monotone: centering the near-identical outputs of a
+    # random teacher makes its targets flatter, which raises the cross-entropy (it includes the teacher's entropy).
+    # A frozen center (momentum 1) leaves a slowly moving teacher, which the student must learn to match.
+    module = _dino(center_momentum=1.0)
+    losses = _fit(module, _dino_batch(), steps=20)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+    assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
+    assert all(p.grad is not None for p in module.student.parameters())
+
+    plain = _plain_vit()
+    plain.load_state_dict(module.backbone_state_dict(), strict=True)
+    images = _dino_batch(seed=1)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), module.teacher.backbone.eval()(images))
+        assert not torch.allclose(plain(images), module.student.backbone.eval()(images))  # the teacher, not the student
+
+
+def test_dino_teacher_is_ema_of_stepped_student_and_center_moves_by_one_minus_momentum():
+    module = _dino(ema_momentum=0.9, center_momentum=0.8)
+    batch = _dino_batch()
+    teacher0, student0 = copy.deepcopy(module.teacher), copy.deepcopy(module.student)
+    with torch.no_grad():
+        expected_center = 0.2 * teacher0(batch[0][:2]).mean(dim=0, keepdim=True)  # the center starts at zero
+    _fit(module, batch, steps=1)
+
+    moved = zip(student0.parameters(), module.student.parameters(), strict=True)
+    assert any(not torch.equal(s0, s1) for s0, s1 in moved)
+    pairs = zip(teacher0.parameters(), module.teacher.parameters(), module.student.parameters(), strict=True)
+    for t0, t1, s1 in pairs:  # EMA with the student *after* its step (teacher0 == student0 at init)
+        torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * s1)
+    torch.testing.assert_close(module.center, expected_center)
+
+
+def test_dino_rejects_a_batch_without_two_global_crops():
+    module = _dino()
+    with pytest.raises(ValueError, match="two global crops"):
+        module.training_step(([torch.randn(2, 1, 32, 32)], torch.zeros(2)), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MAE
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_mae_loss_falls_below_predicting_zero_and_backbone_loads_strictly():
+    # One image, repeated: the decoder must place its content by position. Predicting zero for every normalised
+    # pixel scores 15/16 (unbiased per-patch variance over 16 pixels); beating it shows real reconstruction.
+    module = _mae(lr=3e-3)
+    images = _smooth_images()[:1].expand(BATCH, -1, -1, -1).contiguous()
+    losses = _fit(module, (images, torch.zeros(BATCH, dtype=torch.long)), steps=60)
+    assert all(math.isfinite(loss) for loss in losses)
+    assert np.mean(losses[:5]) > 0.95 and np.mean(losses[-5:]) < 0.9, losses
+
+    images = _smooth_images(seed=1)
+
+    plain = _plain_vit()
+    plain.load_state_dict(module.backbone_state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), module.mae.encoder.eval()(images))
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.6])
+def test_mae_encoder_sees_only_the_visible_patches_and_the_class_token(mask_ratio):
+    mae = _mae(mask_ratio=mask_ratio).mae
+    keep = round(64 * (1 - mask_ratio))
+    seen = []
+    mae.encoder.blocks[0].register_forward_pre_hook(lambda block, args: seen.append(tuple(args[0].shape)))
+    loss, pred, mask = mae(_smooth_images())
+    assert seen == [(BATCH, 1 + keep, 32)]
+    assert pred.shape == (BATCH, 64, 4 * 4 * 1) and torch.isfinite(loss)
+    assert mask.sum(dim=1).tolist() == [64 - keep] * BATCH
+    assert len({tuple(row.tolist()) for row in mask}) > 1  # each image draws its own mask
+
+    tokens = torch.arange(64.0).expand(BATCH, 64)[..., None]  # token value = its position
+    visible, mask, restore = mae.random_masking(tokens)
+    for row_visible, row_mask in zip(visible[..., 0], mask, strict=True):
+        assert sorted(row_visible.tolist()) == torch.nonzero(row_mask == 0)[:, 0].float().tolist()
+    hidden = torch.zeros(BATCH, 64 - keep, 1)
+    restored = torch.cat([visible, hidden], dim=1).gather(1, restore[..., None])
+    torch.testing.assert_close(restored, tokens * (1 - mask)[..., None])
+
+
+def test_mae_patchify_matches_the_patch_embedding_order():
+    mae = _mae().mae
+    images = _smooth_images()
+    proj = mae.encoder.patch_embed.proj
+    weight = proj.weight.permute(0, 2, 3, 1).reshape(proj.out_channels, -1)  # (p_h, p_w, C) like patchify
+    with torch.no_grad():
+        torch.testing.assert_close(mae.patchify(images) @ weight.T + proj.bias, mae.encoder.patch_embed(images))
+
+
+class _RecordLR(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("limits", [dict(max_epochs=2), dict(max_steps=8)])
+def test_lr_warms_up_linearly_per_step_then_follows_a_cosine(limits):
+    module = _mae(lr=1e-3, warmup_epochs=1)
+    record = _RecordLR()
+    trainer = L.Trainer(
+        **limits,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    loader = DataLoader(_Repeat((_smooth_images(), torch.zeros(BATCH)), 4), batch_size=None)  # 4 steps per epoch
+    trainer.fit(module, loader)
+    expected = [0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]
+    np.testing.assert_allclose(record.lrs, [1e-3 * f for f in expected], rtol=1e-6)
+
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert any(p is module.mae.encoder.pos_embed for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
