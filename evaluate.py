@@ -30,11 +30,16 @@ COLUMNS = ("routing", "gflops", "top1", "top5", "images_per_s")
 
 class EvaluateCLI(AttnpruneCLI):
     def add_arguments_to_parser(self, parser) -> None:  # no checkpointing or LR monitor: nothing is trained
-        parser.add_argument("--routings", type=list[str], default=["unpruned"],
-                            help="routing YAML files ('unpruned' for none)")
+        parser.add_argument(
+            "--routings", type=list[str], default=["unpruned"], help="routing YAML files ('unpruned' for none)"
+        )
         parser.add_argument("--output_dir", type=str, default="results/evaluate")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="a Lightning checkpoint of the whole module (weights of model and head)")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="a Lightning checkpoint of the whole module (weights of model and head)",
+        )
         parser.add_argument("--throughput_repeats", type=int, default=5, help="timed rounds for images/s (0: skip)")
 
 
@@ -52,8 +57,16 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
         routing = load_routing(spec)
         module.set_routing(routing)
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        rows.append({"routing": routing_name(spec), "routing_spec": spec, "gflops": module.gflops(),
-                     "top1": metrics["test/top1"], "top5": metrics.get("test/top5"), "images_per_s": None})
+        rows.append(
+            {
+                "routing": routing_name(spec),
+                "routing_spec": spec,
+                "gflops": module.gflops(),
+                "top1": metrics["test/top1"],
+                "top5": metrics.get("test/top5"),
+                "images_per_s": None,
+            }
+        )
     if config.throughput_repeats > 0 and trainer.is_global_zero:
         images, _ = next(iter(datamodule.test_dataloader()))
         backbones = {}
@@ -76,8 +89,10 @@ def report(rows: list[dict[str, Any]], output_dir: Path, logger: Any) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"\n{'routing':32}{'GFLOPs':>9}{'top-1':>8}{'top-5':>8}{'images/s':>10}")
     for row in rows:
-        print(f"{row['routing']:32}{row['gflops']:>9.3f}{fmt(row['top1'], '>8.2%')}{fmt(row['top5'], '>8.2%')}"
-              f"{fmt(row['images_per_s'], '>10.1f')}")
+        print(
+            f"{row['routing']:32}{row['gflops']:>9.3f}{fmt(row['top1'], '>8.2%')}{fmt(row['top5'], '>8.2%')}"
+            f"{fmt(row['images_per_s'], '>10.1f')}"
+        )
     print(f"wrote {output_dir / 'results.json'} and {output_dir / 'results.csv'}")
     if isinstance(logger, WandbLogger):
         logger.log_table("evaluate/results", columns=list(COLUMNS), data=[[row[c] for c in COLUMNS] for row in rows])

@@ -1,10 +1,24 @@
 """attnprune: per-layer static token pruning for timm Vision Transformers."""
 
 from attnprune.flops import count_flops, match_flops
+from attnprune.paradigms import PARADIGMS, load_model, save_model
 from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing, Rule
 from attnprune.scoring import SCORERS
 from attnprune.vit import prune, unprune
 
-__all__ = ["REDUCERS", "SCORERS", "LayerPlan", "Routing", "Rule", "count_flops", "match_flops", "prune", "unprune"]
+__all__ = [
+    "PARADIGMS",
+    "REDUCERS",
+    "SCORERS",
+    "LayerPlan",
+    "Routing",
+    "Rule",
+    "count_flops",
+    "load_model",
+    "match_flops",
+    "prune",
+    "save_model",
+    "unprune",
+]
 __version__ = "0.1.0"

@@ -20,7 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 __all__ = [
-    "Paradigm", "PARADIGMS", "get_paradigm", "build_model", "build_from_spec", "model_spec", "load_model", "save_model",
+    "Paradigm",
+    "PARADIGMS",
+    "get_paradigm",
+    "build_model",
+    "build_from_spec",
+    "model_spec",
+    "load_model",
+    "save_model",
     "knn_predict",
 ]
 
@@ -49,14 +56,30 @@ class Paradigm:
 PARADIGMS: dict[str, Paradigm] = {
     p.name: p
     for p in (
-        Paradigm("supervised", "cls", {}, ("vit_small_patch16_224.augreg_in21k_ft_in1k",
-                                            "vit_base_patch16_224.augreg_in21k_ft_in1k", "deit_small_patch16_224.fb_in1k",
-                                            "deit_base_patch16_224.fb_in1k")),
-        Paradigm("distilled", "cls+dist", {}, ("deit_small_distilled_patch16_224.fb_in1k",
-                                               "deit_base_distilled_patch16_224.fb_in1k")),
+        Paradigm(
+            "supervised",
+            "cls",
+            {},
+            (
+                "vit_small_patch16_224.augreg_in21k_ft_in1k",
+                "vit_base_patch16_224.augreg_in21k_ft_in1k",
+                "deit_small_patch16_224.fb_in1k",
+                "deit_base_patch16_224.fb_in1k",
+            ),
+        ),
+        Paradigm(
+            "distilled",
+            "cls+dist",
+            {},
+            ("deit_small_distilled_patch16_224.fb_in1k", "deit_base_distilled_patch16_224.fb_in1k"),
+        ),
         Paradigm("dino", "probe", {"num_classes": 0}, ("vit_small_patch16_224.dino", "vit_base_patch16_224.dino")),
-        Paradigm("mae", "avg", {"global_pool": "avg", "fc_norm": True}, ("vit_base_patch16_224.mae",
-                                                                           "vit_large_patch16_224.mae")),
+        Paradigm(
+            "mae",
+            "avg",
+            {"global_pool": "avg", "fc_norm": True},
+            ("vit_base_patch16_224.mae", "vit_large_patch16_224.mae"),
+        ),
     )
 }
 
@@ -68,8 +91,9 @@ def get_paradigm(name: str) -> Paradigm:
     return PARADIGMS[name]
 
 
-def build_model(architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None,
-                **model_kwargs: Any) -> nn.Module:
+def build_model(
+    architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None, **model_kwargs: Any
+) -> nn.Module:
     """A randomly initialised timm model with the paradigm's readout, in eval mode."""
     kwargs = {**get_paradigm(paradigm).model_kwargs, **model_kwargs}
     try:
@@ -81,8 +105,9 @@ def build_model(architecture: str, paradigm: str = "supervised", pretrained_cfg:
     return model.eval()
 
 
-def model_spec(model: nn.Module, architecture: str, paradigm: str = "supervised",
-               model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def model_spec(
+    model: nn.Module, architecture: str, paradigm: str = "supervised", model_kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything needed to rebuild ``model`` before loading its weights: architecture, constructor arguments,
     paradigm and the preprocessing of its ``pretrained_cfg``. Stored in weights files and Lightning checkpoints."""
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
@@ -93,8 +118,12 @@ def model_spec(model: nn.Module, architecture: str, paradigm: str = "supervised"
 
 def build_from_spec(spec: dict[str, Any]) -> nn.Module:
     """A randomly initialised model from a :func:`model_spec` dict."""
-    return build_model(spec["architecture"], spec.get("paradigm", "supervised"), spec.get("pretrained_cfg"),
-                       **spec.get("model_kwargs", {}))
+    return build_model(
+        spec["architecture"],
+        spec.get("paradigm", "supervised"),
+        spec.get("pretrained_cfg"),
+        **spec.get("model_kwargs", {}),
+    )
 
 
 def _read_metadata(path: Path) -> dict[str, Any] | None:
@@ -108,16 +137,23 @@ def _read_metadata(path: Path) -> dict[str, Any] | None:
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
-    result = model.load_state_dict(state, strict=False)
-    mismatched = [k for k, v in state.items() if k in model.state_dict() and model.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or mismatched:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
         raise ValueError(
-            f"{source} does not fit architecture {architecture!r}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}, shape mismatch {mismatched[:5]}"
+            f"{source} does not fit architecture {architecture!r}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatch (checkpoint vs model) {mismatched[:5]}"
         )
+    model.load_state_dict(state)
 
 
-def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
+def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
     meta = _read_metadata(path)
     if meta is not None:
         if architecture is not None and architecture != meta["architecture"]:
@@ -128,8 +164,10 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
             f"{path} carries no architecture (no '{METADATA_KEY}' metadata, no {path.with_suffix('.json').name}): "
             "pass it, e.g. load_model(path, architecture='deit_small_patch16_224')"
         )
-    model = build_from_spec(meta or {"architecture": architecture})
-    model.attnprune_spec = meta
+    spec = dict(meta or {"architecture": architecture})
+    spec["model_kwargs"] = {**spec.get("model_kwargs", {}), **model_kwargs}
+    model = build_from_spec(spec)
+    model.attnprune_spec = spec
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
@@ -139,13 +177,14 @@ def _load_weights_file(path: Path, architecture: str | None) -> nn.Module:
     return model
 
 
-def _load_lightning_checkpoint(path: Path, architecture: str | None) -> nn.Module:
+def _load_lightning_checkpoint(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     spec = checkpoint.get("hyper_parameters", {}).get("model_spec")
     if spec is None:
         raise ValueError(f"{path} is not a checkpoint of an attnprune module (no 'model_spec' hyper-parameter)")
     if architecture is not None and architecture != spec["architecture"]:
         raise ValueError(f"{path} holds a {spec['architecture']!r} but architecture {architecture!r} was asked for")
+    spec = {**spec, "model_kwargs": {**spec["model_kwargs"], **model_kwargs}}
     model = build_from_spec(spec)
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     _load_state(model, state, str(path), spec["architecture"])
@@ -153,7 +192,7 @@ def _load_lightning_checkpoint(path: Path, architecture: str | None) -> nn.Modul
     return model
 
 
-def load_model(spec: str | Path, architecture: str | None = None) -> nn.Module:
+def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs: Any) -> nn.Module:
     """Load a model for inference.
 
     Args:
@@ -161,6 +200,7 @@ def load_model(spec: str | Path, architecture: str | None = None) -> nn.Module:
             metadata, or ``.pth``/``.bin`` state dict with ``architecture``), or a Lightning ``.ckpt`` of one of
             attnprune's classification modules.
         architecture: the timm architecture, required for a weights file that does not name its own.
+        **model_kwargs: timm ``create_model`` arguments; they complete (or override) those a file records.
 
     Returns:
         The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std.
@@ -170,9 +210,9 @@ def load_model(spec: str | Path, architecture: str | None = None) -> nn.Module:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         loader = _load_lightning_checkpoint if path.suffix == ".ckpt" else _load_weights_file
-        return loader(path, architecture)
+        return loader(path, architecture, model_kwargs)
     try:
-        return timm.create_model(str(spec), pretrained=True).eval()
+        return timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"{spec!r} is neither a file nor a timm model name") from err
@@ -189,8 +229,14 @@ def _offline_error(spec: str | Path, err: Exception) -> OSError:
     )
 
 
-def save_model(model: nn.Module, path: str | Path, architecture: str, paradigm: str = "supervised",
-               model_kwargs: dict[str, Any] | None = None, **extra: Any) -> Path:
+def save_model(
+    model: nn.Module,
+    path: str | Path,
+    architecture: str,
+    paradigm: str = "supervised",
+    model_kwargs: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     """Write ``model``'s weights as safetensors with its :func:`model_spec` (and ``extra`` fields) as metadata, so
     that :func:`load_model` rebuilds it from the file alone."""
     meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
@@ -202,8 +248,9 @@ def save_model(model: nn.Module, path: str | Path, architecture: str, paradigm: 
 
 
 @torch.no_grad()
-def knn_predict(features: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 20,
-                temperature: float = 0.07) -> Tensor:
+def knn_predict(
+    features: Tensor, bank: Tensor, bank_labels: Tensor, num_classes: int, k: int = 20, temperature: float = 0.07
+) -> Tensor:
     """Weighted k-NN class scores on L2-normalised features (DINO's evaluation).
 
     Each of the ``k`` nearest training features (cosine similarity s) votes for its label with weight exp(s / T).

@@ -95,12 +95,23 @@ def _plans(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
     return {plan.rule.layer: plan for plan in model.routing.resolve(len(model.blocks), num_tokens)}
 
 
-def forward_tokens(model: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Embed images and run the pruned blocks; returns the normed tokens and their sizes (None if all ones)."""
+def forward_tokens(
+    model: VisionTransformer, x: Tensor, block_outputs: dict[int, Tensor] | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Embed images and run the (pruned) blocks; works on pruned and unpruned models alike.
+
+    Args:
+        model: a timm ViT, pruned or not.
+        x: images ``[B, C, H, W]``.
+        block_outputs: if given, filled with every block's output tokens (before the final norm) by block index.
+
+    Returns:
+        The normed tokens (prefix first) and their sizes (None while every token stands for one patch).
+    """
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
     num_prefix = model.num_prefix_tokens
-    plans = _plans(model, x.shape[1] - num_prefix)
-    routing: Routing = model.routing
+    routing: Routing = getattr(model, "routing", None) or Routing()
+    plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
     size = None
     for i, block in enumerate(model.blocks):
         plan = plans.get(i)
@@ -108,6 +119,8 @@ def forward_tokens(model: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor 
             x = block(x)
         else:
             x, size = pruned_block_forward(block, x, size, plan, routing, num_prefix, i)
+        if block_outputs is not None:
+            block_outputs[i] = x
     return model.norm(x), size
 
 

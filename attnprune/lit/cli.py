@@ -44,8 +44,9 @@ class AttnpruneCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True,
-                         subclass_mode_data=True, **kwargs)
+        super().__init__(
+            L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming) and a learning-rate monitor."""

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 __all__ = [
@@ -31,6 +31,13 @@ __all__ = [
     "read_idx",
 ]
 
+IMAGENET_DATA_CONFIG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+    "crop_pct": 0.875,
+}
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 FASHION_MNIST_FILES = {
@@ -124,7 +131,7 @@ class ImageDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None and getattr(module, "data_config", None) is not None:
             return dict(module.data_config)
-        return resolve_data_config({})
+        return resolve_data_config(pretrained_cfg=IMAGENET_DATA_CONFIG)
 
     def make_transform(self, training: bool) -> Callable[[Any], torch.Tensor]:
         config = self.resolved_data_config()
@@ -132,10 +139,18 @@ class ImageDataModule(L.LightningDataModule):
         if training and self.train_transform is not None:
             transform = self.train_transform
         else:
-            transform = create_transform(
-                **config, is_training=training, scale=self.hparams.train_scale, hflip=self.hparams.hflip,
-                color_jitter=None, auto_augment=None,
-            ) if training else create_transform(**config)
+            transform = (
+                create_transform(
+                    **config,
+                    is_training=training,
+                    scale=self.hparams.train_scale,
+                    hflip=self.hparams.hflip,
+                    color_jitter=None,
+                    auto_augment=None,
+                )
+                if training
+                else create_transform(**config)
+            )
 
         def apply(image: Any) -> torch.Tensor:
             return transform(_to_pil(image, mode))
@@ -150,8 +165,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
         if split not in self.splits and split != "bank":
-            raise ValueError(f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no held-out "
-                             "split (add a test/ or val/ folder)")
+            raise ValueError(
+                f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no held-out "
+                "split (add a test/ or val/ folder)"
+            )
         transform = self._transforms[split]
 
         def apply(batch: dict[str, list]) -> dict[str, list]:
@@ -171,8 +188,13 @@ class ImageDataModule(L.LightningDataModule):
         batch = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
         return DataLoader(
-            data, batch_size=batch, shuffle=shuffle and not streaming, num_workers=self.hparams.num_workers,
-            collate_fn=collate_images, generator=generator, persistent_workers=self.hparams.num_workers > 0,
+            data,
+            batch_size=batch,
+            shuffle=shuffle and not streaming,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_images,
+            generator=generator,
+            persistent_workers=self.hparams.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -210,8 +232,8 @@ class ImageFolderDataModule(ImageDataModule):
     def load_source(self) -> dict[str, datasets.Dataset]:
         if not (self.root / "train").is_dir():
             raise FileNotFoundError(
-                f"image folder {self.root} has no train/ subfolder. Provide the data as {self.root}/train/<class>/*.jpg "
-                f"with {self.root}/val/<class>/*.jpg (or test/) for the held-out split"
+                f"image folder {self.root} has no train/ subfolder. Provide the data as "
+                f"{self.root}/train/<class>/*.jpg with {self.root}/val/<class>/*.jpg (or test/) for the held-out split"
             )
         return dict(datasets.load_dataset("imagefolder", data_dir=str(self.root), cache_dir=self.cache_dir))
 
@@ -229,8 +251,9 @@ class ImageNetDataModule(ImageFolderDataModule):
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    def __init__(self, source: str = "ILSVRC/imagenet-1k", streaming: bool = False, val_size: int | float = 10_000,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, source: str = "ILSVRC/imagenet-1k", streaming: bool = False, val_size: int | float = 10_000, **kwargs: Any
+    ) -> None:
         super().__init__(root=source, val_size=val_size, **kwargs)
         self.source, self.streaming = source, streaming
 
@@ -278,11 +301,15 @@ class FashionMNISTDataModule(ImageDataModule):
         **kwargs: see :class:`ImageDataModule`; the default training transform is a mild random crop and flip.
     """
 
-    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+    CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
-    def __init__(self, root: str = FASHION_MNIST_DIR, val_size: int | float = 5_000,
-                 train_scale: tuple[float, float] = (0.7, 1.0), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str = FASHION_MNIST_DIR,
+        val_size: int | float = 5_000,
+        train_scale: tuple[float, float] = (0.7, 1.0),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(val_size=val_size, train_scale=train_scale, **kwargs)
         self.root = root
 

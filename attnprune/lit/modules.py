@@ -21,17 +21,23 @@ from timm.data import Mixup, resolve_model_data_config
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from attnprune.flops import count_flops
 from attnprune.paradigms import build_from_spec, build_model, get_paradigm, knn_predict, load_model
 from attnprune.paradigms import model_spec as build_spec
 from attnprune.routing import Routing
-from attnprune.vit import prune
+from attnprune.vit import forward_tokens, prune
 
-__all__ = ["PrunedClassifier", "DistillationClassifier", "LinearProbe", "KNNClassifier", "load_routing",
-           "warmup_cosine_schedule"]
+__all__ = [
+    "PrunedClassifier",
+    "DistillationClassifier",
+    "LinearProbe",
+    "KNNClassifier",
+    "load_routing",
+    "warmup_cosine_schedule",
+]
 
 
 def load_routing(spec: str | dict | Routing | None) -> Routing:
@@ -85,7 +91,7 @@ class _PrunedModule(L.LightningModule):
             self.model = build_from_spec(model_spec)
             architecture, kwargs = model_spec["architecture"], model_spec["model_kwargs"]
         elif checkpoint is not None:
-            self.model = load_model(checkpoint, architecture=None if model == "auto" else model)
+            self.model = load_model(checkpoint, None if model == "auto" else model, **(model_kwargs or {}))
             spec = getattr(self.model, "attnprune_spec", None) or {}
             architecture = spec.get("architecture", self.model.pretrained_cfg.get("architecture", model))
             kwargs = {**spec.get("model_kwargs", {}), **(model_kwargs or {})}
@@ -187,13 +193,18 @@ class PrunedClassifier(_PrunedModule):
         super().__init__(model, checkpoint, paradigm, num_classes, model_kwargs, routing, model_spec, pretrained_cfg)
         classes = self.model.num_classes
         if classes == 0:
-            raise ValueError("PrunedClassifier needs a classification head: set num_classes, or use LinearProbe / "
-                             "KNNClassifier for a DINO backbone")
+            raise ValueError(
+                "PrunedClassifier needs a classification head: set num_classes, or use LinearProbe / "
+                "KNNClassifier for a DINO backbone"
+            )
         self.mixup = None
         if mixup > 0 or cutmix > 0:
-            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                               num_classes=classes)
-        self.train_loss = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            self.mixup = Mixup(
+                mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=classes
+            )
+        self.train_loss = (
+            SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        )
         self.val_metrics, self.test_metrics = _accuracy(classes, "val/"), _accuracy(classes, "test/")
 
     def forward(self, images: Tensor) -> Tensor:
@@ -211,8 +222,13 @@ class PrunedClassifier(_PrunedModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = create_optimizer_v2(self.model, opt="adamw", lr=self.hparams.lr,
-                                        weight_decay=self.hparams.weight_decay, layer_decay=self.hparams.layer_decay)
+        optimizer = create_optimizer_v2(
+            self.model,
+            opt="adamw",
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            layer_decay=self.hparams.layer_decay,
+        )
         return self._schedule(optimizer, self.hparams.warmup_epochs)
 
 
@@ -258,9 +274,17 @@ class DistillationClassifier(PrunedClassifier):
 class _FrozenBackbone(_PrunedModule):
     """A frozen, pruned feature extractor reading the class token of the last ``n_last_blocks`` blocks."""
 
-    def __init__(self, model: str, checkpoint: str | None, model_kwargs: dict | None, routing: str | dict | None,
-                 n_last_blocks: int, model_spec: dict | None) -> None:
-        super().__init__(model, checkpoint, "dino", 0, model_kwargs, routing, model_spec)
+    def __init__(
+        self,
+        model: str,
+        checkpoint: str | None,
+        model_kwargs: dict | None,
+        pretrained_cfg: dict | None,
+        routing: str | dict | None,
+        n_last_blocks: int,
+        model_spec: dict | None,
+    ) -> None:
+        super().__init__(model, checkpoint, "dino", 0, model_kwargs, routing, model_spec, pretrained_cfg)
         self.model.requires_grad_(False).eval()
         self.n_last_blocks = n_last_blocks
         if not self.model.has_class_token:
@@ -275,19 +299,10 @@ class _FrozenBackbone(_PrunedModule):
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
         """Class tokens of the last ``n_last_blocks`` blocks, each normalised by the final norm, concatenated."""
-        if self.n_last_blocks == 1:
-            return self.model.forward_features(images)[:, 0]
-        outputs = []
-        hooks = [
-            block.register_forward_hook(lambda _module, _inputs, out: outputs.append(out))
-            for block in self.model.blocks[-self.n_last_blocks :]
-        ]
-        try:
-            self.model.forward_features(images)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.cat([self.model.norm(out[:, 0]) for out in outputs], dim=-1)
+        outputs: dict[int, Tensor] = {}
+        forward_tokens(self.model, images, outputs)
+        last = sorted(outputs)[-self.n_last_blocks :]
+        return torch.cat([self.model.norm(outputs[i][:, 0]) for i in last], dim=-1)
 
 
 class LinearProbe(_FrozenBackbone):
@@ -298,6 +313,7 @@ class LinearProbe(_FrozenBackbone):
         model: timm architecture name (``auto``: the checkpoint's).
         checkpoint: backbone weights.
         model_kwargs: timm ``create_model`` arguments.
+        pretrained_cfg: preprocessing overrides (timm's ``input_size``, ``mean``, ``std``, ...).
         routing: routing of the backbone.
         n_last_blocks: concatenate the class tokens of the last n blocks (DINO uses 4 for ViT-S).
         lr: SGD learning rate.
@@ -306,12 +322,22 @@ class LinearProbe(_FrozenBackbone):
         model_spec: set by checkpoints; leave unset.
     """
 
-    def __init__(self, num_classes: int, model: str = "auto", checkpoint: str | None = None,
-                 model_kwargs: dict | None = None, routing: str | dict | None = None, n_last_blocks: int = 1,
-                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                 model_spec: dict | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        model: str = "auto",
+        checkpoint: str | None = None,
+        model_kwargs: dict | None = None,
+        pretrained_cfg: dict | None = None,
+        routing: str | dict | None = None,
+        n_last_blocks: int = 1,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        model_spec: dict | None = None,
+    ) -> None:
         self.save_hyperparameters()
-        super().__init__(model, checkpoint, model_kwargs, routing, n_last_blocks, model_spec)
+        super().__init__(model, checkpoint, model_kwargs, pretrained_cfg, routing, n_last_blocks, model_spec)
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
 
@@ -325,8 +351,12 @@ class LinearProbe(_FrozenBackbone):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(self.head.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum,
-                                    weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.SGD(
+            self.head.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
         return self._schedule(optimizer, 0.0)
 
 
@@ -341,17 +371,27 @@ class KNNClassifier(_FrozenBackbone):
         model: timm architecture name (``auto``: the checkpoint's).
         checkpoint: backbone weights.
         model_kwargs: timm ``create_model`` arguments.
+        pretrained_cfg: preprocessing overrides (timm's ``input_size``, ``mean``, ``std``, ...).
         routing: routing of the backbone (the memory bank is embedded with the same routing).
         k: neighbours (DINO: 20).
         temperature: vote temperature (DINO: 0.07).
         model_spec: set by checkpoints; leave unset.
     """
 
-    def __init__(self, num_classes: int, model: str = "auto", checkpoint: str | None = None,
-                 model_kwargs: dict | None = None, routing: str | dict | None = None, k: int = 20,
-                 temperature: float = 0.07, model_spec: dict | None = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        model: str = "auto",
+        checkpoint: str | None = None,
+        model_kwargs: dict | None = None,
+        pretrained_cfg: dict | None = None,
+        routing: str | dict | None = None,
+        k: int = 20,
+        temperature: float = 0.07,
+        model_spec: dict | None = None,
+    ) -> None:
         self.save_hyperparameters()
-        super().__init__(model, checkpoint, model_kwargs, routing, 1, model_spec)
+        super().__init__(model, checkpoint, model_kwargs, pretrained_cfg, routing, 1, model_spec)
         self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
@@ -372,10 +412,15 @@ class KNNClassifier(_FrozenBackbone):
         self._build_bank()
 
     def forward(self, images: Tensor) -> Tensor:
-        votes = knn_predict(self.features(images), self.bank, self.bank_labels, self.hparams.num_classes,
-                            self.hparams.k, self.hparams.temperature)
+        votes = knn_predict(
+            self.features(images),
+            self.bank,
+            self.bank_labels,
+            self.hparams.num_classes,
+            self.hparams.k,
+            self.hparams.temperature,
+        )
         return votes / votes.sum(dim=-1, keepdim=True)
 
     def configure_optimizers(self) -> None:
         return None
-

@@ -1,0 +1,259 @@
+"""The Lightning layer on real data (image folders through ``datasets``, Fashion-MNIST IDX files) and tiny ViTs."""
+
+from __future__ import annotations
+
+import gzip
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from attnprune import Routing, count_flops, load_model, save_model
+from attnprune.lit.data import FashionMNISTDataModule, ImageFolderDataModule, ImageNetDataModule, read_idx
+from attnprune.lit.modules import DistillationClassifier, KNNClassifier, LinearProbe, PrunedClassifier
+from attnprune.paradigms import knn_predict
+from tests.conftest import TINY_CLASSIFIER, make_image_folder
+
+BACKBONE = {k: v for k, v in TINY_CLASSIFIER.items() if k != "num_classes"}
+ROUTING = {"rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5}, {"layer": 2, "r": 2, "reduce": "merge"}]}
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def fixed_batch(images: torch.Tensor, labels: torch.Tensor, steps: int) -> DataLoader:
+    """The same batch ``steps`` times: a real Trainer run on one fixed batch."""
+    return DataLoader(TensorDataset(images.repeat(steps, 1, 1, 1), labels.repeat(steps)), batch_size=len(images))
+
+
+def first_test_batch(datamodule, module) -> tuple[torch.Tensor, torch.Tensor]:
+    datamodule.trainer = trainer()
+    datamodule.trainer.strategy.connect(module)  # the transforms follow the module's data config
+    datamodule.setup()
+    return next(iter(datamodule.test_dataloader()))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def datamodule(folder, tmp_path):
+    return ImageFolderDataModule(root=str(folder), batch_size=8, val_size=6, cache_dir=str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def test_image_folder_splits_and_rgb_conversion(datamodule, folder):
+    datamodule.setup()
+    assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 18, "validation": 6, "test": 12}
+    assert datamodule.num_classes == 3
+    images, labels = first_test_batch(datamodule, PrunedClassifier(**TINY_CLASSIFIER))
+    assert images.shape == (8, 3, 16, 16)  # grayscale and CMYK files converted to the model's RGB input
+    assert labels.tolist() == [0] * 4 + [1] * 4
+    # in the RGB and CMYK files (not the grayscale ones, every third) the class's colour channel dominates
+    coloured = [0, 2, 3, 4, 6, 7]
+    assert images[coloured].mean(dim=(2, 3)).argmax(dim=1).tolist() == labels[coloured].tolist()
+
+
+def test_validation_carve_out_is_deterministic(folder, tmp_path):
+    def validation_files(seed):
+        dm = ImageFolderDataModule(root=str(folder), val_size=6, seed=seed, cache_dir=str(tmp_path))
+        dm.prepare_splits()
+        return sorted(np.asarray(image).sum() for image in dm.splits["validation"]["image"])
+
+    assert validation_files(0) == validation_files(0)
+    assert validation_files(0) != validation_files(1)
+
+
+def test_fashion_mnist_reads_the_debian_idx_files():
+    dm = FashionMNISTDataModule(
+        data_config={"input_size": (1, 28, 28), "mean": (0.286,), "std": (0.353,), "crop_pct": 1.0}
+    )
+    dm.setup()
+    assert {k: len(v) for k, v in dm.splits.items()} == {"train": 55_000, "validation": 5_000, "test": 10_000}
+    assert dm.num_classes == 10
+    assert dm.splits["test"][0]["label"] == 9  # the first test image is an ankle boot
+    images, labels = next(iter(dm.test_dataloader()))
+    assert images.shape == (64, 1, 28, 28) and labels.shape == (64,)
+
+
+def test_idx_reader_checks_the_header(tmp_path):
+    good = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(good, "wb") as f:
+        f.write(bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 2]) + bytes(range(8)))
+    assert read_idx(good).tolist() == [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
+    bad = tmp_path / "bad-idx3-ubyte"
+    bad.write_bytes(bytes([1, 2, 8, 3]) + bytes(12))
+    with pytest.raises(ValueError, match="is not an IDX file"):
+        read_idx(bad)
+
+
+def test_missing_data_says_how_to_provide_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*zalando-datasets"):
+        FashionMNISTDataModule(root=str(tmp_path)).prepare_splits()
+    with pytest.raises(FileNotFoundError, match=r"has no train/ subfolder"):
+        ImageFolderDataModule(root=str(tmp_path)).prepare_splits()
+    with pytest.raises(FileNotFoundError, match=r"local folder with train/.*val/"):
+        ImageNetDataModule(source="ILSVRC/imagenet-1k", cache_dir=str(tmp_path)).prepare_splits()
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+def test_micro_averaged_accuracy_by_hand():
+    module = PrunedClassifier(**TINY_CLASSIFIER)
+    # 4 of class 0, all right; 1 of class 1, wrong: micro 4/5 = 0.8 (macro would be (1 + 0) / 2 = 0.5)
+    logits = torch.tensor([[5.0, 0, 0]] * 4 + [[5.0, 0, 0]])
+    module.val_metrics.update(logits, torch.tensor([0, 0, 0, 0, 1]))
+    assert module.val_metrics.compute()["val/top1"].item() == pytest.approx(0.8)
+
+
+def test_loss_falls_on_a_fixed_batch_and_metrics_are_in_range(datamodule):
+    module = PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING, lr=3e-3)
+    images, labels = first_test_batch(datamodule, module)
+    before = module.compute_loss(images, labels).item()
+    trainer(max_epochs=1).fit(module, fixed_batch(images, labels, 25))
+    after = module.compute_loss(images, labels).item()
+    assert after < 0.5 * before
+    metrics = trainer().validate(module, datamodule, verbose=False)[0]
+    assert 0.0 <= metrics["val/top1"] <= 1.0 and "val/top5" not in metrics  # top-5 only with 5 classes or more
+    assert metrics["val/gflops"] == pytest.approx(count_flops(module.model, Routing.from_dict(ROUTING)) / 1e9)
+
+
+class _FirstStep(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.first = getattr(self, "first", trainer.global_step)
+
+
+def test_checkpoint_reloads_and_resumes(datamodule, tmp_path):
+    module = PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    trainer(max_steps=4, callbacks=[checkpoints], enable_checkpointing=True, limit_val_batches=0).fit(
+        module, datamodule
+    )
+    last = tmp_path / "last.ckpt"
+    assert last.is_file()
+    x = torch.randn(2, 3, 16, 16)
+    reloaded = PrunedClassifier.load_from_checkpoint(last)
+    module.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded(x), module(x))
+    assert reloaded.routing == module.routing
+    # load_model gives the bare (unpruned) timm network with the same weights
+    plain = load_model(last)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in module.model.state_dict().items())
+    first = _FirstStep()
+    resumed = trainer(max_steps=6, callbacks=[first], enable_checkpointing=True, limit_val_batches=0)
+    resumed.fit(PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING), datamodule, ckpt_path=last)
+    assert first.first == 4 and resumed.global_step == 6
+
+
+def test_mae_paradigm_pools_and_decays_learning_rate_by_layer():
+    module = PrunedClassifier(**TINY_CLASSIFIER, paradigm="mae", layer_decay=0.5, routing=ROUTING)
+    assert module.model.global_pool == "avg" and not isinstance(module.model.fc_norm, torch.nn.Identity)
+    module.trainer = trainer(max_steps=1)
+    optimizer = module.configure_optimizers()["optimizer"]
+    scales = sorted({group["lr_scale"] for group in optimizer.param_groups})
+    assert len(scales) == len(module.model.blocks) + 2 and scales[-1] == 1.0 and scales[0] == 0.5**5
+
+
+def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):
+    teacher = PrunedClassifier(**TINY_CLASSIFIER).model
+    teacher_path = save_model(
+        teacher, tmp_path / "teacher.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+    )
+    student = {k: v for k, v in TINY_CLASSIFIER.items() if k != "model"}
+    module = DistillationClassifier(
+        teacher=str(teacher_path), model="deit_tiny_distilled_patch16_224", **student, routing=ROUTING, lr=3e-3
+    )
+    images, labels = first_test_batch(datamodule, module)
+    teacher_labels = load_model(teacher_path)(images).argmax(-1)
+    module.train()
+    before = module.compute_loss(images, labels).item()
+    trainer(max_epochs=1).fit(module, fixed_batch(images, labels, 25))
+    module.train()
+    after = module.compute_loss(images, labels).item()
+    assert after < 0.5 * before
+    _, distillation_logits = module.model(images)
+    assert (distillation_logits.argmax(-1) == teacher_labels).float().mean() >= 0.9
+    module.eval()
+    assert module(images).shape == (len(images), 3)  # eval: the two heads averaged into one prediction
+    assert all(not p.requires_grad for p in module.teacher.parameters()) and not module.teacher.training
+    with pytest.raises(ValueError, match="no distillation token"):
+        DistillationClassifier(teacher=str(teacher_path), **TINY_CLASSIFIER)
+
+
+def test_linear_probe_trains_only_its_head(datamodule):
+    probe = LinearProbe(num_classes=3, **BACKBONE, routing=ROUTING, n_last_blocks=4, lr=0.1)
+    assert probe.head.in_features == 4 * 32
+    backbone = {k: v.clone() for k, v in probe.model.state_dict().items()}
+    head = probe.head.weight.clone()
+    trainer(max_steps=3, limit_val_batches=1).fit(probe, datamodule)
+    assert all(torch.equal(v, probe.model.state_dict()[k]) for k, v in backbone.items())
+    assert not torch.equal(head, probe.head.weight)
+
+
+def test_knn_predict_by_hand():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    votes = knn_predict(torch.tensor([[1.0, 0.05]]), bank, torch.tensor([0, 0, 1]), num_classes=2, k=2)
+    assert votes.argmax().item() == 0 and votes[0, 1] == 0  # both nearest neighbours are class 0
+
+
+def test_knn_classifier_validates(datamodule):
+    knn = KNNClassifier(num_classes=3, **BACKBONE, k=3, routing=ROUTING)
+    metrics = trainer().validate(knn, datamodule, verbose=False)[0]
+    assert knn.bank.shape == (18, 32)
+    assert 0.0 <= metrics["val/top1"] <= 1.0
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def test_unknown_paradigm():
+    with pytest.raises(ValueError, match=r"unknown paradigm 'clip' \(known: supervised, distilled, dino, mae\)"):
+        PrunedClassifier(**TINY_CLASSIFIER, paradigm="clip")
+
+
+def test_routing_that_does_not_fit_the_model():
+    with pytest.raises(ValueError, match=r"routing rule 0: field 'layer' is 9 but the model has 4 blocks"):
+        PrunedClassifier(**TINY_CLASSIFIER, routing={"rules": [{"layer": 9, "score": "std", "keep": 0.5}]})
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    small = PrunedClassifier(**TINY_CLASSIFIER).model
+    path = tmp_path / "weights.pth"
+    torch.save(small.state_dict(), path)
+    wide = {**TINY_CLASSIFIER["model_kwargs"], "embed_dim": 64}
+    with pytest.raises(
+        ValueError, match=r"weights.pth does not fit architecture 'vit_tiny_patch16_224'.*shape mismatch"
+    ):
+        PrunedClassifier(**{**TINY_CLASSIFIER, "model_kwargs": wide}, checkpoint=str(path))
+    with pytest.raises(ValueError, match="carries no architecture"):
+        load_model(path)
+    saved = save_model(
+        small, tmp_path / "w.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+    )
+    with pytest.raises(ValueError, match=r"holds a 'vit_tiny_patch16_224' but architecture 'deit_small_patch16_224'"):
+        load_model(saved, architecture="deit_small_patch16_224")
+
+
+def test_load_model_round_trip_and_offline_hub_error(tmp_path):
+    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    path = save_model(
+        model, tmp_path / "m.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+    )
+    loaded = load_model(path)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert tuple(loaded.pretrained_cfg["input_size"]) == (3, 16, 16) and not loaded.training
+    with pytest.raises(OSError, match=r"Offline, pass a local file instead"):
+        load_model("deit_tiny_patch16_224.fb_in1k")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        load_model(tmp_path / "missing.safetensors")
