@@ -11,7 +11,6 @@ Every module takes an optional routing, logs ``stage/name`` metrics and stores a
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -25,6 +24,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from attnprune.flops import count_flops
+from attnprune.lit.optim import warmup_cosine
 from attnprune.paradigms import build_from_spec, build_model, get_paradigm, knn_predict, load_model
 from attnprune.paradigms import model_spec as build_spec
 from attnprune.routing import Routing
@@ -36,7 +36,6 @@ __all__ = [
     "LinearProbe",
     "KNNClassifier",
     "load_routing",
-    "warmup_cosine_schedule",
 ]
 
 
@@ -49,18 +48,6 @@ def load_routing(spec: str | dict | Routing | None) -> Routing:
     if isinstance(spec, dict):
         return Routing.from_dict(spec)
     return Routing.from_yaml(spec)
-
-
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up to the base learning rate, then cosine decay to zero, stepped every optimizer step."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
@@ -141,12 +128,6 @@ class _PrunedModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log("test/gflops", self.gflops())
-
-    def _schedule(self, optimizer: torch.optim.Optimizer, warmup_epochs: float) -> dict[str, Any]:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
-        scheduler = warmup_cosine_schedule(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class PrunedClassifier(_PrunedModule):
@@ -229,7 +210,7 @@ class PrunedClassifier(_PrunedModule):
             weight_decay=self.hparams.weight_decay,
             layer_decay=self.hparams.layer_decay,
         )
-        return self._schedule(optimizer, self.hparams.warmup_epochs)
+        return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)
 
 
 class DistillationClassifier(PrunedClassifier):
@@ -357,7 +338,7 @@ class LinearProbe(_FrozenBackbone):
             momentum=self.hparams.momentum,
             weight_decay=self.hparams.weight_decay,
         )
-        return self._schedule(optimizer, 0.0)
+        return warmup_cosine(optimizer, self.trainer, 0.0)
 
 
 class KNNClassifier(_FrozenBackbone):

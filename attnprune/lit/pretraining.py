@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from attnprune.lit.optim import cosine, warmup_cosine
+
 __all__ = [
     "DINOHead",
     "DINONetwork",
@@ -306,31 +308,6 @@ class MaskedAutoencoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _cosine(step: float, total: float, start: float, end: float) -> float:
-    """Cosine interpolation from ``start`` (step 0) to ``end`` (step ``total`` and after)."""
-    progress = min(step / total, 1.0) if math.isfinite(total) and total > 0 else 0.0
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _warmup_cosine(warmup_steps: int, total_steps: float) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return _cosine(step - warmup_steps, total_steps - warmup_steps, 1.0, 0.0)
-
-    return factor
-
-
-def _steps_per_epoch(trainer: L.Trainer) -> int:
-    batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        trainer.fit_loop.setup_data()  # what Trainer.estimated_stepping_batches does when the loader is not set up
-        batches = trainer.num_training_batches
-    if not math.isfinite(batches):
-        raise ValueError("warmup_epochs needs a train dataloader with a length; set warmup_epochs=0")
-    return math.ceil(batches / trainer.accumulate_grad_batches)
-
-
 def _adamw_warmup_cosine(
     module: L.LightningModule,
     params: nn.Module,
@@ -348,10 +325,7 @@ def _adamw_warmup_cosine(
             (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
-    total = module.trainer.estimated_stepping_batches
-    warmup = round(warmup_epochs * _steps_per_epoch(module.trainer)) if warmup_epochs > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, total))
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}, total
+    return warmup_cosine(optimizer, module.trainer, warmup_epochs), module.trainer.estimated_stepping_batches
 
 
 def _detached_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -431,7 +405,7 @@ class DINOPretraining(L.LightningModule):
 
     def ema_momentum(self, step: int) -> float:
         """Teacher EMA momentum for optimizer step ``step`` (0-based)."""
-        return _cosine(step, self._total_steps, self.hparams.ema_momentum, 1.0)
+        return cosine(step, self._total_steps, self.hparams.ema_momentum, 1.0)
 
     def training_step(self, batch: tuple[Sequence[Tensor], Any], batch_idx: int) -> Tensor:
         crops, _ = batch
