@@ -18,6 +18,7 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch.utils.data import DataLoader
@@ -187,9 +188,17 @@ class ImageDataModule(L.LightningDataModule):
         streaming = isinstance(data, datasets.IterableDataset)
         batch = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = None
+        if split != "train" and not streaming and self.trainer is not None and self.trainer.world_size > 1:
+            # Evaluate every image exactly once across processes: the default sampler pads the last shard with
+            # repeated images, which changes the top-1 of a DDP run.
+            sampler = UnrepeatedDistributedSampler(
+                data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+            )
         return DataLoader(
             data,
             batch_size=batch,
+            sampler=sampler,
             shuffle=shuffle and not streaming,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_images,

@@ -1,0 +1,108 @@
+"""train.py and evaluate.py run end to end as a user runs them: subprocesses, YAML configs, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_CLASSIFIER, make_image_folder
+from tests.wandb_records import logged_keys
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUTING = {"name": "l2-then-merge", "rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5},
+                                              {"layer": 2, "r": 2, "reduce": "merge"}]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    make_image_folder(root / "data", train_per_class=8, test_per_class=5)  # 15 test images: odd, for DDP
+    (root / "routing.yaml").write_text(yaml.safe_dump(ROUTING))
+    return root
+
+
+def config(workdir: Path, **trainer: object) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
+                       "init_args": {"project": "attnprune-test", "save_dir": str(workdir / "runs")}},
+            **trainer,
+        },
+        "model": {"class_path": "attnprune.lit.modules.PrunedClassifier", "init_args": dict(TINY_CLASSIFIER)},
+        "data": {"class_path": "attnprune.lit.data.ImageFolderDataModule",
+                 "init_args": {"root": str(workdir / "data"), "batch_size": 4, "val_size": 6,
+                               "cache_dir": str(workdir / "hf-cache")}},
+    }
+
+
+def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WANDB_API_KEY", None)  # no key: the logger must go offline by itself
+    env.pop("WANDB_MODE", None)
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def run_dirs(workdir: Path) -> list[Path]:
+    return sorted((workdir / "runs" / "wandb").glob("offline-run-*"))
+
+
+def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
+    cfg = config(workdir, max_epochs=2, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1)
+    cfg["model"]["init_args"]["routing"] = str(workdir / "routing.yaml")
+    cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt"), "monitor": "val/top1", "mode": "max"}
+    (workdir / "train.yaml").write_text(yaml.safe_dump(cfg))
+    before = set(run_dirs(workdir))
+    run("train.py", ["fit", "--config", str(workdir / "train.yaml")], workdir)
+    assert (workdir / "ckpt" / "last.ckpt").is_file()
+    (new_run,) = set(run_dirs(workdir)) - before
+    keys = logged_keys(new_run)
+    assert {"train/loss", "val/top1", "val/loss", "val/gflops", "trainer/global_step"} <= keys
+    assert any(key.startswith("lr-") for key in keys)
+
+
+def test_evaluate_prints_table_and_writes_files(workdir):
+    (workdir / "evaluate.yaml").write_text(yaml.safe_dump(config(workdir)))
+    before = set(run_dirs(workdir))
+    out = workdir / "results"
+    result = run("evaluate.py", ["--config", str(workdir / "evaluate.yaml"), "--routings",
+                                 f"[unpruned, {workdir / 'routing.yaml'}]", "--output_dir", str(out),
+                                 "--throughput_repeats", "2"], workdir)
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("routing"))
+    assert lines[header].split() == ["routing", "GFLOPs", "top-1", "top-5", "images/s"]
+    assert lines[header + 1].split()[0] == "unpruned" and lines[header + 2].split()[0] == "l2-then-merge"
+    rows = json.loads((out / "results.json").read_text())
+    assert [row["routing"] for row in rows] == ["unpruned", "l2-then-merge"]
+    assert rows[1]["gflops"] < rows[0]["gflops"] and all(0 <= row["top1"] <= 1 for row in rows)
+    assert all(row["images_per_s"] > 0 for row in rows)
+    assert (out / "results.csv").read_text().splitlines()[0] == "routing,gflops,top1,top5,images_per_s"
+    (new_run,) = set(run_dirs(workdir)) - before
+    assert {"test/top1", "test/gflops"} <= logged_keys(new_run)
+
+
+def test_evaluate_with_two_ddp_processes_matches_one(workdir):
+    cfg = config(workdir)
+    cfg["trainer"]["logger"] = False
+    (workdir / "single.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["trainer"].update(strategy="ddp", devices=2)
+    (workdir / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    top1 = {}
+    for name in ("single", "ddp"):
+        out = workdir / f"results-{name}"
+        run("evaluate.py", ["--config", str(workdir / f"{name}.yaml"), "--routings",
+                            f"[{workdir / 'routing.yaml'}]", "--output_dir", str(out), "--throughput_repeats", "0"],
+            workdir)
+        top1[name] = json.loads((out / "results.json").read_text())[0]["top1"]
+    assert top1["ddp"] == pytest.approx(top1["single"], abs=1e-6)
