@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from types import MethodType
 
+import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -96,7 +97,10 @@ def _plans(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
 
 
 def forward_tokens(
-    model: VisionTransformer, x: Tensor, block_outputs: dict[int, Tensor] | None = None
+    model: VisionTransformer,
+    x: Tensor,
+    block_outputs: dict[int, Tensor] | None = None,
+    sources: list[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Embed images and run the (pruned) blocks; works on pruned and unpruned models alike.
 
@@ -104,6 +108,8 @@ def forward_tokens(
         model: a timm ViT, pruned or not.
         x: images ``[B, C, H, W]``.
         block_outputs: if given, filled with every block's output tokens (before the final norm) by block index.
+        sources: if given, filled with one ``[B, T, T0]`` tensor per block: entry (t, j) > 0 when token t stands
+            for (or was averaged from) input token j (prefix tokens included), for drawing what each routing keeps.
 
     Returns:
         The normed tokens (prefix first) and their sizes (None while every token stands for one patch).
@@ -113,14 +119,19 @@ def forward_tokens(
     routing: Routing = getattr(model, "routing", None) or Routing()
     plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
     size = None
+    source = (
+        torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(len(x), -1, -1) if sources is not None else None
+    )
     for i, block in enumerate(model.blocks):
         plan = plans.get(i)
         if plan is None and (size is None or not routing.prop_attn):
             x = block(x)
         else:
-            x, size = pruned_block_forward(block, x, size, plan, routing, num_prefix, i)
+            x, size, source = pruned_block_forward(block, x, size, plan, routing, num_prefix, i, source)
         if block_outputs is not None:
             block_outputs[i] = x
+        if sources is not None:
+            sources.append(source)
     return model.norm(x), size
 
 
@@ -141,27 +152,29 @@ def _forward(self: VisionTransformer, x: Tensor) -> Tensor:
     return self.head(self.head_drop(self.fc_norm(pooled)))
 
 
-def pruned_block_forward(
-    block: Block,
-    x: Tensor,
-    size: Tensor | None,
-    plan: LayerPlan | None,
-    routing: Routing,
-    num_prefix: int,
-    layer: int,
-) -> tuple[Tensor, Tensor | None]:
-    """timm's ``Block.forward`` with proportional attention and token reduction between attention and MLP."""
+def attend(
+    block: Block, x: Tensor, bias: Tensor | None = None, need_probs: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The attention half of timm's pre-norm ``Block``: ``x`` plus the attention output (the pruning point).
+
+    Args:
+        block: a timm ``Block`` with ``Attention``.
+        x: tokens ``[B, T, C]``.
+        bias: additive attention-logit bias ``[B, 1, 1, T]`` (proportional attention) or None.
+        need_probs: materialise the attention probabilities instead of using the fused kernel.
+
+    Returns:
+        The tokens after the attention residual, the queries and keys ``[B, H, T, d]`` (after qk-norm) and the
+        attention probabilities ``[B, H, T, T]`` (None unless ``need_probs``).
+    """
     attn: Attention = block.attn
     h = block.norm1(x)
     batch, tokens, _ = h.shape
     gate = attn.gate(h).sigmoid() if attn.gate is not None else None
     q, k, v = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = size.log().to(q.dtype).view(batch, 1, 1, tokens) if size is not None and routing.prop_attn else None
-
-    scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
     probs = None
-    if scorer is not None and scorer.needs_attention:
+    if need_probs:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         probs = (logits if bias is None else logits + bias).softmax(dim=-1)
         out = attn.attn_drop(probs) @ v
@@ -171,12 +184,40 @@ def pruned_block_forward(
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q, k, probs
 
+
+def feed_forward(block: Block, x: Tensor) -> Tensor:
+    """The MLP half of timm's pre-norm ``Block``."""
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def pruned_block_forward(
+    block: Block,
+    x: Tensor,
+    size: Tensor | None,
+    plan: LayerPlan | None,
+    routing: Routing,
+    num_prefix: int,
+    layer: int,
+    source: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """timm's ``Block.forward`` with proportional attention and token reduction between attention and MLP.
+
+    ``source`` (``[B, T, T0]`` token membership, see :func:`forward_tokens`) is reduced along with the tokens.
+    """
+    tokens = x.shape[1]
+    bias = size.log().to(x.dtype).view(len(x), 1, 1, tokens) if size is not None and routing.prop_attn else None
+    scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
+    x, q, k, probs = attend(block, x, bias, need_probs=scorer is not None and scorer.needs_attention)
     if plan is not None and plan.n_out != plan.n_in:
-        ctx = ScoreContext(q, k, attn.scale, num_prefix, bias, probs, layer, routing.seed)
+        ctx = ScoreContext(q, k, block.attn.scale, num_prefix, bias, probs, layer, routing.seed)
         scores = scorer(x, ctx) if scorer is not None else None
         metric = ctx.key_metric if plan.rule.reduce == "merge" else None
+        width = x.shape[-1]
+        if source is not None:  # every reducer gathers, sums or averages: membership survives the same operations
+            x = torch.cat([x, source], dim=-1)
         x, size = REDUCERS[plan.rule.reduce](x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return x, size
+        if source is not None:
+            x, source = x[..., :width], x[..., width:]
+    return feed_forward(block, x), size, source

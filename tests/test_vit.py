@@ -131,3 +131,29 @@ def test_training_mode_backpropagates(images):
     )
     model(images).sum().backward()
     assert model.blocks[3].mlp.fc1.weight.grad.abs().sum() > 0
+
+
+def test_sources_track_which_input_tokens_each_token_stands_for(images):
+    from attnprune.vit import forward_tokens
+
+    model = prune(
+        tiny_vit(),
+        Routing.from_dict(
+            {
+                "rules": [
+                    {"layer": 0, "score": "l2_norm", "keep": 48, "reduce": "drop"},
+                    {"layer": 1, "r": 8, "reduce": "merge"},
+                    {"layer": 2, "score": "cls_attention", "keep": 20, "reduce": "fuse"},
+                ]
+            }
+        ),
+    )
+    sources = []
+    with torch.no_grad():
+        _, size = forward_tokens(model, images, sources=sources)
+    membership = [s > 0 for s in sources]
+    assert [m.shape[1] for m in membership] == [49, 41, 22, 22]
+    assert membership[0].sum(dim=1).amax() == 1 and (membership[0].sum(dim=1) == 0).sum(dim=1).tolist() == [16] * 4
+    assert membership[1].sum(dim=(1, 2)).tolist() == [49] * 4  # merging loses no input token
+    assert torch.equal(membership[3].sum(dim=2).float(), size[..., 0])  # a token's size counts its input patches
+    assert membership[3][:, 0, 0].all() and membership[3][:, 0].sum(dim=1).tolist() == [1] * 4  # CLS stays itself
