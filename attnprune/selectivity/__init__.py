@@ -5,6 +5,7 @@ Every metric exists as a stateless function in :mod:`attnprune.selectivity.funct
 """
 
 from attnprune.selectivity import functional
+from attnprune.selectivity.analysis import SelectivityAnalyzer, layer_states, oracle_importance
 from attnprune.selectivity.metrics import (
     EffectiveShare,
     Gini,
@@ -14,6 +15,7 @@ from attnprune.selectivity.metrics import (
     NormalizedEntropy,
     RankStability,
     TopKMass,
+    TopKOverlap,
 )
 
 __all__ = [
@@ -26,4 +28,8 @@ __all__ = [
     "MaxWeight",
     "HeadAgreement",
     "RankStability",
+    "TopKOverlap",
+    "SelectivityAnalyzer",
+    "layer_states",
+    "oracle_importance",
 ]

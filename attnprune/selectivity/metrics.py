@@ -23,6 +23,7 @@ from attnprune.selectivity.functional import (
     normalized_entropy,
     rank_stability,
     topk_mass,
+    topk_overlap,
 )
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "MaxWeight",
     "HeadAgreement",
     "RankStability",
+    "TopKOverlap",
 ]
 
 
@@ -203,3 +205,23 @@ class RankStability(MeanOverRows):
         """
         self._check_heads(scores_a, "scores_a")
         self._accumulate(rank_stability(scores_a, scores_b))
+
+
+class TopKOverlap(MeanOverRows):
+    """Mean share of the top ``fraction`` of tokens two scorings have in common (see
+    :func:`functional.topk_overlap`): what a prune keeping that fraction keeps of an oracle's choice."""
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    def __init__(self, fraction: float = 0.5, num_heads: int | None = None, **kwargs: Any) -> None:
+        super().__init__(num_heads=num_heads, **kwargs)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+
+    def update(self, scores_a: Tensor, scores_b: Tensor) -> None:
+        """Accumulate one overlap per row of ``[..., N]`` scores."""
+        self._check_heads(scores_a, "scores_a")
+        self._accumulate(topk_overlap(scores_a, scores_b, _topk_count(self.fraction, scores_a.shape[-1])))

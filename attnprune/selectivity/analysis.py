@@ -1,0 +1,243 @@
+"""Per-layer selectivity of a timm ViT: how concentrated, how stable and how reliable its attention is.
+
+:class:`SelectivityAnalyzer` runs the (unpruned) model with attention materialised, and accumulates, for every
+block, torchmetrics from :mod:`attnprune.selectivity.metrics`:
+
+- concentration of the class token's attention over the patch tokens (``cls_*``) and of every query's (``all_*``):
+  normalized entropy, Gini, top-10% mass, effective share, max weight;
+- stability: agreement between heads, rank correlation with a noisy copy of the image and with its horizontal
+  mirror (tokens re-aligned), and with the previous layer's ranking;
+- reliability: for every registered scorer, Spearman correlation and top-k overlap with an oracle importance, the
+  change of the model's output when the token is removed at that layer (leave-one-out, batched).
+
+Only analysis pays for the attention matrix: the pruned forward of :mod:`attnprune.vit` never materialises it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from attnprune.scoring import SCORERS, ScoreContext
+from attnprune.selectivity.metrics import (
+    EffectiveShare,
+    Gini,
+    HeadAgreement,
+    MaxWeight,
+    MeanOverRows,
+    NormalizedEntropy,
+    RankStability,
+    TopKMass,
+    TopKOverlap,
+)
+from attnprune.vit import attend, feed_forward
+
+__all__ = [
+    "CONCENTRATION",
+    "LayerState",
+    "SelectivityAnalyzer",
+    "attention_transition_depth",
+    "layer_states",
+    "oracle_importance",
+]
+
+CONCENTRATION = {
+    "normalized_entropy": NormalizedEntropy,
+    "gini": Gini,
+    "topk_mass": TopKMass,
+    "effective_share": EffectiveShare,
+    "max_weight": MaxWeight,
+}
+
+
+@dataclass
+class LayerState:
+    """One block at its pruning point: ``tokens`` after attention (before the MLP) and what the scorers read."""
+
+    tokens: Tensor
+    ctx: ScoreContext
+
+
+@torch.no_grad()
+def layer_states(model: VisionTransformer, images: Tensor) -> tuple[list[LayerState], Tensor]:
+    """Run the unpruned model with attention materialised; returns every block's state and the model output."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    states = []
+    for i, block in enumerate(model.blocks):
+        x, q, k, probs = attend(block, x, need_probs=True)
+        states.append(LayerState(x, ScoreContext(q, k, block.attn.scale, model.num_prefix_tokens, None, probs, i)))
+        x = feed_forward(block, x)
+    return states, model.forward_head(model.norm(x))
+
+
+def _output_change(model: VisionTransformer, reference: Tensor, output: Tensor) -> Tensor:
+    """KL(reference || output) of the class distributions, or 1 - cosine of features for headless models."""
+    if model.num_classes > 0:
+        return F.kl_div(output.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return 1.0 - F.cosine_similarity(output, reference, dim=-1)
+
+
+@torch.no_grad()
+def oracle_importance(
+    model: VisionTransformer, states: list[LayerState], layer: int, output: Tensor, chunk: int = 2048
+) -> Tensor:
+    """How much the output changes when each patch token is removed at ``layer``'s pruning point.
+
+    All leave-one-out sequences of the batch run as one batch (in chunks of ``chunk`` sequences) through the rest of
+    the network: ``B * N`` sequences, not ``N`` forwards.
+
+    Args:
+        model: the unpruned timm ViT.
+        states: :func:`layer_states` of the batch.
+        layer: block index.
+        output: the model output on the full sequences.
+        chunk: sequences per forward.
+
+    Returns:
+        ``[B, N]`` importance of each patch token (KL divergence of the logits, or 1 - cosine of features).
+    """
+    tokens = states[layer].tokens
+    batch, total, width = tokens.shape
+    prefix = model.num_prefix_tokens
+    n = total - prefix
+    keep = torch.arange(total, device=tokens.device).expand(n, total)
+    keep = keep[keep != (torch.arange(n, device=tokens.device) + prefix)[:, None]].view(n, total - 1)
+    sequences = tokens[:, keep].reshape(batch * n, total - 1, width)
+    reference = output.repeat_interleave(n, dim=0)
+    changes = []
+    for start in range(0, batch * n, chunk):
+        x = feed_forward(model.blocks[layer], sequences[start : start + chunk])
+        for block in model.blocks[layer + 1 :]:
+            x = block(x)
+        changes.append(_output_change(model, reference[start : start + chunk], model.forward_head(model.norm(x))))
+    return torch.cat(changes).view(batch, n)
+
+
+def _patch_rows(attn: Tensor, prefix: int) -> Tensor:
+    """Attention rows restricted to the patch tokens and renormalised: ``[..., T] -> [..., N]``."""
+    rows = attn[..., prefix:]
+    return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _unflip(scores: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Scores of a horizontally mirrored image's patches, put back in the original image's patch order."""
+    return scores.unflatten(-1, grid).flip(-1).flatten(-2)
+
+
+class SelectivityAnalyzer(nn.Module):
+    """Accumulates per-layer selectivity metrics over batches (and DDP ranks, via torchmetrics).
+
+    Args:
+        depth: blocks of the analysed model.
+        class_token: the model has a class token (the ``cls_*``, head-agreement and stability metrics read it).
+        scorers: scorer names whose reliability is measured (default: every registered scorer).
+        oracle: measure reliability against the leave-one-out oracle (the costly part).
+        keep: fraction of tokens of the top-k overlap.
+        noise_std: standard deviation of the Gaussian noise of the perturbation test (inputs are normalised).
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        class_token: bool = True,
+        scorers: list[str] | None = None,
+        oracle: bool = True,
+        keep: float = 0.5,
+        noise_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.depth, self.class_token, self.oracle, self.noise_std = depth, class_token, oracle, noise_std
+        names = scorers if scorers is not None else sorted(SCORERS)
+        self.scorers = [s for s in names if class_token or not SCORERS[s].needs_class_token]
+        metrics: dict[str, MeanOverRows] = {}
+        for layer in range(depth):
+            for name, cls in CONCENTRATION.items():
+                metrics[f"all_{name}/layer_{layer}"] = cls()
+                if class_token:
+                    metrics[f"cls_{name}/layer_{layer}"] = cls()
+            if class_token:
+                metrics[f"head_agreement/layer_{layer}"] = HeadAgreement()
+                metrics[f"noise_stability/layer_{layer}"] = RankStability()
+                metrics[f"flip_stability/layer_{layer}"] = RankStability()
+                if layer > 0:
+                    metrics[f"layer_stability/layer_{layer}"] = RankStability()
+            if oracle:
+                for scorer in self.scorers:
+                    metrics[f"reliability_spearman_{scorer}/layer_{layer}"] = RankStability()
+                    metrics[f"reliability_overlap_{scorer}/layer_{layer}"] = TopKOverlap(keep)
+        self.metrics = nn.ModuleDict({key.replace("/", "__"): metric for key, metric in metrics.items()})
+        self.oracle_sequences = 0
+
+    def _metric(self, key: str) -> MeanOverRows:
+        return self.metrics[key.replace("/", "__")]
+
+    @torch.no_grad()
+    def update(self, model: VisionTransformer, images: Tensor) -> None:
+        """Analyse one batch of preprocessed images with the unpruned ``model``."""
+        prefix = model.num_prefix_tokens
+        states, output = layer_states(model, images)
+        if self.class_token:
+            grid = model.patch_embed.dynamic_feat_size(images.shape[-2:])
+            noisy, _ = layer_states(model, images + self.noise_std * torch.randn_like(images))
+            mirrored, _ = layer_states(model, images.flip(-1))
+        previous = None
+        for layer, state in enumerate(states):
+            for name in CONCENTRATION:
+                self._metric(f"all_{name}/layer_{layer}").update(_patch_rows(state.ctx.attention, prefix))
+            if self.class_token:
+                heads = _patch_rows(state.ctx.cls_attention, prefix)  # [B, H, N]
+                ranking = heads.mean(dim=1)
+                for name in CONCENTRATION:
+                    self._metric(f"cls_{name}/layer_{layer}").update(heads)
+                if heads.shape[1] > 1:
+                    self._metric(f"head_agreement/layer_{layer}").update(heads)
+                noisy_ranking = _patch_rows(noisy[layer].ctx.cls_attention, prefix).mean(dim=1)
+                mirrored_ranking = _patch_rows(mirrored[layer].ctx.cls_attention, prefix).mean(dim=1)
+                self._metric(f"noise_stability/layer_{layer}").update(ranking, noisy_ranking)
+                self._metric(f"flip_stability/layer_{layer}").update(ranking, _unflip(mirrored_ranking, grid))
+                if previous is not None:
+                    self._metric(f"layer_stability/layer_{layer}").update(ranking, previous)
+                previous = ranking
+            if self.oracle:
+                importance = oracle_importance(model, states, layer, output)
+                self.oracle_sequences += importance.numel()
+                for scorer in self.scorers:
+                    scores = SCORERS[scorer](state.tokens, state.ctx)
+                    self._metric(f"reliability_spearman_{scorer}/layer_{layer}").update(scores, importance)
+                    self._metric(f"reliability_overlap_{scorer}/layer_{layer}").update(scores, importance)
+
+    def compute(self) -> dict[str, list[float]]:
+        """``{metric: [value at layer 0, 1, ...]}`` (NaN where a metric is undefined, e.g. layer_stability at 0)."""
+        results: dict[str, list[float]] = {}
+        for key, metric in self.metrics.items():
+            name, layer = key.split("__")
+            values = results.setdefault(name, [math.nan] * self.depth)
+            values[int(layer.removeprefix("layer_"))] = float(metric.compute()) if metric.update_count else math.nan
+        return results
+
+    def reset(self) -> None:
+        for metric in self.metrics.values():
+            metric.reset()
+        self.oracle_sequences = 0
+
+
+def attention_transition_depth(results: dict[str, list[float]], attention: str = "cls_attention") -> int | None:
+    """First layer at which ``attention``'s oracle agreement (Spearman) exceeds every non-attention scorer's."""
+    family = {name: scorer.family for name, scorer in SCORERS.items()}
+    ours = results.get(f"reliability_spearman_{attention}")
+    others = [
+        v
+        for k, v in results.items()
+        if k.startswith("reliability_spearman_") and family.get(k.removeprefix("reliability_spearman_")) != "attention"
+    ]
+    if ours is None or not others:
+        return None
+    for layer, value in enumerate(ours):
+        if all(value > other[layer] for other in others):
+            return layer
+    return None
