@@ -1,0 +1,168 @@
+"""Train the shipped offline models on Fashion-MNIST and export them to checkpoints/ with their model cards.
+
+One model per training paradigm, all with the same backbone shape (configs/fashion_mnist/). Each is trained with
+train.py on the training split (validation held out), the best epoch on validation is exported as safetensors with
+the metadata attnprune.load_model needs, and its model card records the commands, seed, wall time, split and test
+top-1. Not part of CI: run it on a quiet machine, one training at a time.
+
+    .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
+    .venv/bin/python scripts/make_checkpoints.py supervised           # one
+    .venv/bin/python scripts/make_checkpoints.py supervised --export-only   # re-export after an interrupted run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attnprune import count_flops, save_model  # noqa: E402
+from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
+from attnprune.lit.modules import DistillationClassifier, LinearProbe, PrunedClassifier  # noqa: E402
+
+CONFIGS = ROOT / "configs" / "fashion_mnist"
+RUNS = ROOT / "runs"
+
+# name -> (paradigm, module class of the final stage, training stages as train.py argument lists)
+MODELS = {
+    "supervised": ("supervised", PrunedClassifier, [["--config", "supervised.yaml"]]),
+    "distilled": ("distilled", DistillationClassifier, [["--config", "distilled.yaml"]]),
+    "dino": ("dino", LinearProbe, [["--config", "dino_pretrain.yaml"], ["--config", "dino_probe.yaml"]]),
+    "mae": ("mae", PrunedClassifier, [["--config", "mae_pretrain.yaml"], ["--config", "mae_finetune.yaml"]]),
+}
+
+
+def stage_command(name: str, index: int, args: list[str]) -> list[str]:
+    config = str((CONFIGS / args[1]).relative_to(ROOT))
+    dirpath = f"runs/fmnist-{name}/stage{index}"
+    return ["python", "train.py", "fit", "--config", config, "--checkpoint.dirpath", dirpath]
+
+
+def best_checkpoint(dirpath: Path) -> Path:
+    """The checkpoint ModelCheckpoint ranked best (validation top-1), else last.ckpt."""
+    last = dirpath / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    for key, value in state.get("callbacks", {}).items():
+        if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
+            return Path(value["best_model_path"])
+    return last
+
+
+@torch.no_grad()
+def test_top1(model: torch.nn.Module, images: int | None = None) -> float:
+    """Top-1 on the Fashion-MNIST test split (the first ``images`` images, or all)."""
+    from timm.data import resolve_model_data_config
+
+    data = FashionMNISTDataModule(batch_size=256, data_config=resolve_model_data_config(model))
+    data.setup("test")
+    correct = total = 0
+    for x, y in data.test_dataloader():
+        if images is not None:
+            x, y = x[: images - total], y[: images - total]
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += len(y)
+        if images is not None and total >= images:
+            break
+    return correct / total
+
+
+def export(name: str, commands: list[list[str]], seconds: float | None) -> dict:
+    paradigm, module_class, stages = MODELS[name]
+    ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(stages) - 1}")
+    module = module_class.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    model = module.model
+    if isinstance(module, LinearProbe):
+        if module.n_last_blocks != 1:
+            raise ValueError("only a probe on the last class token folds into a timm head (n_last_blocks=1)")
+        model.reset_classifier(module.head.out_features)
+        model.head.load_state_dict(module.head.state_dict())
+    spec = module.hparams["model_spec"]
+    kwargs = {**spec["model_kwargs"], "num_classes": model.num_classes}
+    top1 = test_top1(model)
+    top1_1k = test_top1(model, 1000)
+    card = {
+        "name": f"fmnist_{name}",
+        "paradigm": paradigm,
+        "architecture": spec["architecture"],
+        "model_kwargs": kwargs,
+        "commands": [" ".join(c) for c in commands],
+        "export_command": f"python scripts/make_checkpoints.py {name}",
+        "seed": 0,
+        "train_wall_time_s": seconds,
+        "data": "Fashion-MNIST: trained on 55,000 training images; 5,000 training images held out for validation "
+        "(FashionMNISTDataModule, seed 0); tested on the 10,000 test images",
+        "source_checkpoint": str(ckpt.relative_to(ROOT)),
+        "test_top1": top1,
+        "test_top1_first_1000": top1_1k,
+        "gflops": count_flops(model) / 1e9,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    out = ROOT / "checkpoints" / f"fmnist_{name}.safetensors"
+    save_model(model, out, spec["architecture"], paradigm, kwargs, card=card)
+    (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out.with_suffix(".md"), card)
+    print(f"{name}: test top-1 {top1:.2%} (first 1,000: {top1_1k:.2%}), wrote {out}")
+    return card
+
+
+def write_card(path: Path, card: dict) -> None:
+    wall = f"{card['train_wall_time_s'] / 60:.0f} min on 2 CPU cores" if card["train_wall_time_s"] else "see the log"
+    lines = [
+        f"# {card['name']}",
+        "",
+        f"A {card['paradigm']} ViT trained on Fashion-MNIST by attnprune, shipped as an offline model.",
+        "",
+        "| field | value |",
+        "| --- | --- |",
+        f"| architecture | `{card['architecture']}` with `{json.dumps(card['model_kwargs'])}` |",
+        f"| paradigm | {card['paradigm']} |",
+        f"| test top-1 (10,000 images) | {card['test_top1']:.2%} |",
+        f"| test top-1 (first 1,000) | {card['test_top1_first_1000']:.2%} |",
+        f"| GFLOPs per image | {card['gflops']:.4f} |",
+        f"| parameters | {card['params']:,} |",
+        f"| seed | {card['seed']} |",
+        f"| training wall time | {wall} |",
+        f"| data | {card['data']} |",
+        "",
+        "Trained with (from the repository root):",
+        "",
+        "```bash",
+        *card["commands"],
+        card["export_command"] + " --export-only   # export the best validation epoch, measure test top-1",
+        "```",
+        "",
+        f"Load it with `attnprune.load_model('checkpoints/{card['name']}.safetensors')`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--export-only", action="store_true", help="export existing runs without training")
+    parser.add_argument("--wall-time-s", type=float, help="with --export-only: the measured training time to record")
+    args = parser.parse_args()
+    for name in args.names:
+        stages = MODELS[name][2]
+        commands = [stage_command(name, i, stage) for i, stage in enumerate(stages)]
+        seconds = args.wall_time_s
+        if not args.export_only:
+            start = time.perf_counter()
+            for command in commands:
+                print("$", " ".join(command), flush=True)
+                subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
+            seconds = time.perf_counter() - start
+        export(name, commands, seconds)
+
+
+if __name__ == "__main__":
+    main()
