@@ -19,7 +19,17 @@ from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS, ScoreContext
 
-__all__ = ["prune", "unprune", "num_patch_tokens"]
+__all__ = [
+    "prune",
+    "unprune",
+    "num_patch_tokens",
+    "forward_tokens",
+    "embed",
+    "run_blocks",
+    "head",
+    "attend",
+    "feed_forward",
+]
 
 _PATCHED = ("forward", "forward_features")
 
@@ -114,16 +124,41 @@ def forward_tokens(
     Returns:
         The normed tokens (prefix first) and their sizes (None while every token stands for one patch).
     """
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    x = embed(model, x)
     num_prefix = model.num_prefix_tokens
     routing: Routing = getattr(model, "routing", None) or Routing()
     plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
-    size = None
     source = (
         torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(len(x), -1, -1) if sources is not None else None
     )
-    for i, block in enumerate(model.blocks):
-        plan = plans.get(i)
+    x, size = run_blocks(model, x, None, routing, plans, 0, len(model.blocks), block_outputs, sources, source)
+    return model.norm(x), size
+
+
+def embed(model: VisionTransformer, images: Tensor) -> Tensor:
+    """Patch embedding, position embedding and prefix tokens: the input of the first block."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
+def run_blocks(
+    model: VisionTransformer,
+    x: Tensor,
+    size: Tensor | None,
+    routing: Routing,
+    plans: dict[int, LayerPlan],
+    start: int,
+    stop: int,
+    block_outputs: dict[int, Tensor] | None = None,
+    sources: list[Tensor] | None = None,
+    source: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run blocks ``start`` to ``stop - 1`` on tokens ``x`` (with sizes ``size``) under ``routing``'s ``plans``.
+
+    Blocks without a rule run timm's own forward unless proportional attention needs the token sizes.
+    """
+    num_prefix = model.num_prefix_tokens
+    for i in range(start, stop):
+        block, plan = model.blocks[i], plans.get(i)
         if plan is None and (size is None or not routing.prop_attn):
             x = block(x)
         else:
@@ -132,7 +167,20 @@ def forward_tokens(
             block_outputs[i] = x
         if sources is not None:
             sources.append(source)
-    return model.norm(x), size
+    return x, size
+
+
+def head(model: VisionTransformer, x: Tensor, size: Tensor | None) -> Tensor:
+    """The model's head on normed tokens; average pooling is weighted by token size (a merged token counts for
+    every patch it stands for)."""
+    if size is None or model.attn_pool is not None or model.global_pool not in ("avg", "avgmax"):
+        return model.forward_head(x)
+    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    tokens, weights = x[:, start:], size[:, start:]
+    pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+    if model.global_pool == "avgmax":
+        pooled = 0.5 * (pooled + tokens.amax(dim=1))
+    return model.head(model.head_drop(model.fc_norm(pooled)))
 
 
 def _forward_features(self: VisionTransformer, x: Tensor) -> Tensor:
@@ -140,16 +188,7 @@ def _forward_features(self: VisionTransformer, x: Tensor) -> Tensor:
 
 
 def _forward(self: VisionTransformer, x: Tensor) -> Tensor:
-    x, size = forward_tokens(self, x)
-    if size is None or self.attn_pool is not None or self.global_pool not in ("avg", "avgmax"):
-        return self.forward_head(x)
-    # Average pooling weighted by token size: a merged token counts for every patch it stands for.
-    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
-    tokens, weights = x[:, start:], size[:, start:]
-    pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-    if self.global_pool == "avgmax":
-        pooled = 0.5 * (pooled + tokens.amax(dim=1))
-    return self.head(self.head_drop(self.fc_norm(pooled)))
+    return head(self, *forward_tokens(self, x))
 
 
 def attend(

@@ -35,7 +35,7 @@ from attnprune.selectivity.metrics import (
     TopKMass,
     TopKOverlap,
 )
-from attnprune.vit import attend, feed_forward
+from attnprune.vit import attend, embed, feed_forward
 
 __all__ = [
     "CONCENTRATION",
@@ -66,7 +66,7 @@ class LayerState:
 @torch.no_grad()
 def layer_states(model: VisionTransformer, images: Tensor) -> tuple[list[LayerState], Tensor]:
     """Run the unpruned model with attention materialised; returns every block's state and the model output."""
-    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    x = embed(model, images)
     states = []
     for i, block in enumerate(model.blocks):
         x, q, k, probs = attend(block, x, need_probs=True)
