@@ -1,4 +1,5 @@
-"""DINO and MAE pretraining objectives and the multi-crop transform, on tiny ViTs with a real Lightning Trainer."""
+"""DINO and MAE pretraining objectives, the multi-crop transform and the hand-over of the pretrained backbones to
+the downstream modules, on tiny ViTs with a real Lightning Trainer."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from torch import Tensor
+from safetensors.torch import load_file
+from timm.optim import create_optimizer_v2
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from attnprune import load_model
+from attnprune.lit.data import ImageFolderDataModule, collate_images
+from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import DINOPretraining, MAEPretraining
-from attnprune.lit.transforms import MultiCropTransform, collate_multicrop
+from attnprune.lit.transforms import MultiCropTransform
+from tests.conftest import make_image_folder
 
 ARCH = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2, in_chans=1)  # 64 patch tokens
+CFG = {"input_size": [1, 32, 32], "mean": [0.3], "std": [0.4], "crop_pct": 1.0, "interpolation": "bicubic"}
 BATCH = 8
 
 
@@ -103,18 +111,40 @@ def _mae(**kwargs) -> MAEPretraining:
 
 def test_multicrop_gives_global_then_local_crops_and_collates():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8))
-    transform = MultiCropTransform(global_size=32, local_size=16, num_local=3, grayscale=True)
+    transform = MultiCropTransform(global_size=32, local_size=16, num_local=3)
     crops = transform(image)
-    assert [tuple(c.shape) for c in crops] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3
+    assert [tuple(c.shape) for c in crops] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 3  # an 'L' image stays 1-channel
     assert all(c.dtype == torch.float32 and c.min() >= -1 and c.max() <= 1 for c in crops)  # normalised by 0.5/0.5
     assert not torch.equal(crops[0], crops[1])  # two different random global crops
 
+    assert [c.shape[0] for c in transform(image.convert("CMYK"))] == [3] * 5  # any other mode becomes RGB
     rgb = MultiCropTransform(24, 8, num_local=1, grayscale=False)(image)
     assert [tuple(c.shape) for c in rgb] == [(3, 24, 24)] * 2 + [(3, 8, 8)]
+    gray = MultiCropTransform(24, 8, num_local=1, grayscale=True)(image.convert("RGB"))
+    assert [c.shape[0] for c in gray] == [1] * 3
 
-    views, labels = collate_multicrop([(transform(image), label) for label in range(4)])
+    views, labels = collate_images([{"image": transform(image), "label": label} for label in range(4)])
     assert [tuple(v.shape) for v in views] == [(4, 1, 32, 32)] * 2 + [(4, 1, 16, 16)] * 3
     assert labels.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_datamodule_with_multicrop_train_transform_yields_views_in_the_model_mode(tmp_path, channels):
+    # The DataModule converts each image (RGB, L and CMYK files here) to the model's mode before the transform.
+    data = ImageFolderDataModule(
+        str(make_image_folder(tmp_path / "data", train_per_class=2, test_per_class=1)),
+        cache_dir=str(tmp_path / "hf-cache"),
+        batch_size=4,
+        val_size=2,
+        data_config={"input_size": (channels, 16, 16), "mean": (0.5,) * channels, "std": (0.5,) * channels},
+        train_transform=MultiCropTransform(global_size=16, local_size=8, num_local=2),
+    )
+    data.setup("fit")
+    views, labels = next(iter(data.train_dataloader()))
+    assert [tuple(v.shape) for v in views] == [(4, channels, 16, 16)] * 2 + [(4, channels, 8, 8)] * 2
+    assert labels.shape == (4,)
+    images, _ = next(iter(data.val_dataloader()))  # evaluation keeps the single-image transform
+    assert images.shape == (2, channels, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,11 +152,11 @@ def test_multicrop_gives_global_then_local_crops_and_collates():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_dino_loss_falls_teacher_has_no_grads_and_backbone_loads_strictly():
+def test_dino_loss_falls_teacher_has_no_grads_and_backbone_loads_strictly(tmp_path):
     # With a moving center the loss on a fixed batch is not monotone: centering the near-identical outputs of a
     # random teacher makes its targets flatter, which raises the cross-entropy (it includes the teacher's entropy).
     # A frozen center (momentum 1) leaves a slowly moving teacher, which the student must learn to match.
-    module = _dino(center_momentum=1.0)
+    module = _dino(center_momentum=1.0, backbone_path=str(tmp_path / "dino" / "backbone.safetensors"))
     losses = _fit(module, _dino_batch(), steps=20)
     assert all(math.isfinite(loss) for loss in losses)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
@@ -140,6 +170,30 @@ def test_dino_loss_falls_teacher_has_no_grads_and_backbone_loads_strictly():
     with torch.no_grad():
         torch.testing.assert_close(plain(images), module.teacher.backbone.eval()(images))
         assert not torch.allclose(plain(images), module.student.backbone.eval()(images))  # the teacher, not the student
+        torch.testing.assert_close(load_model(tmp_path / "dino" / "backbone.safetensors")(images), plain(images))
+
+
+def test_dino_backbone_file_loads_alone_and_feeds_the_linear_probe(tmp_path):
+    module = _dino(pretrained_cfg=CFG)
+    assert tuple(module.data_config["input_size"]) == (1, 32, 32) and tuple(module.data_config["mean"]) == (0.3,)
+    path = module.save_backbone(tmp_path / "backbone.safetensors")
+
+    loaded = load_model(path)
+    assert not loaded.dynamic_img_size and loaded.num_classes == 0
+    spec = loaded.attnprune_spec
+    assert spec["paradigm"] == "dino" and "dynamic_img_size" not in spec["model_kwargs"]
+    assert tuple(loaded.pretrained_cfg["input_size"]) == (1, 32, 32) and tuple(loaded.pretrained_cfg["std"]) == (0.4,)
+    _plain_vit().load_state_dict(load_file(path), strict=True)  # a plain fixed-size model takes it as is
+
+    images = _dino_batch(seed=1)[0][0]
+    teacher = module.teacher.backbone.eval()
+    probe = LinearProbe(num_classes=10, checkpoint=str(path), n_last_blocks=1)
+    with torch.no_grad():
+        assert probe(images).shape == (BATCH, 10)
+        torch.testing.assert_close(probe.features(images), teacher(images))  # the teacher's normed class token
+    assert tuple(probe.data_config["input_size"]) == (1, 32, 32)
+    probe2 = LinearProbe(num_classes=10, checkpoint=str(path), n_last_blocks=2)
+    assert probe2(images).shape == (BATCH, 10) and probe2.feature_dim == 2 * 32
 
 
 def test_dino_teacher_is_ema_of_stepped_student_and_center_moves_by_one_minus_momentum():
@@ -169,10 +223,10 @@ def test_dino_rejects_a_batch_without_two_global_crops():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_mae_loss_falls_below_predicting_zero_and_backbone_loads_strictly():
+def test_mae_loss_falls_below_predicting_zero_and_backbone_loads_strictly(tmp_path):
     # One image, repeated: the decoder must place its content by position. Predicting zero for every normalised
     # pixel scores 15/16 (unbiased per-patch variance over 16 pixels); beating it shows real reconstruction.
-    module = _mae(lr=3e-3)
+    module = _mae(lr=3e-3, backbone_path=str(tmp_path / "mae" / "encoder.safetensors"))
     images = _smooth_images()[:1].expand(BATCH, -1, -1, -1).contiguous()
     losses = _fit(module, (images, torch.zeros(BATCH, dtype=torch.long)), steps=60)
     assert all(math.isfinite(loss) for loss in losses)
@@ -184,6 +238,35 @@ def test_mae_loss_falls_below_predicting_zero_and_backbone_loads_strictly():
     plain.load_state_dict(module.backbone_state_dict(), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(images), module.mae.encoder.eval()(images))
+    assert load_model(tmp_path / "mae" / "encoder.safetensors").global_pool == "avg"  # written at the end of fit
+
+
+def test_mae_encoder_file_moves_the_final_norm_to_fc_norm_for_fine_tuning(tmp_path):
+    module = _mae(pretrained_cfg=CFG)
+    encoder = module.mae.encoder.eval()
+    with torch.no_grad():  # random final-norm weights, so that the mapping is visible
+        encoder.norm.weight.normal_()
+        encoder.norm.bias.normal_()
+    path = module.save_backbone(tmp_path / "encoder.safetensors")
+
+    loaded = load_model(path)
+    assert loaded.attnprune_spec["paradigm"] == "mae" and loaded.global_pool == "avg"
+    assert isinstance(loaded.norm, nn.Identity) and isinstance(loaded.fc_norm, nn.LayerNorm)
+    torch.testing.assert_close(loaded.fc_norm.weight, encoder.norm.weight)
+    assert tuple(loaded.pretrained_cfg["input_size"]) == (1, 32, 32)
+
+    classifier = PrunedClassifier(model="auto", checkpoint=str(path), paradigm="mae", num_classes=10, layer_decay=0.65)
+    images = _smooth_images(seed=2)
+    with torch.no_grad():
+        assert classifier(images).shape == (BATCH, 10)
+        features = classifier.model.forward_head(classifier.model.forward_features(images), pre_logits=True)
+        tokens = encoder.blocks(encoder.norm_pre(encoder._pos_embed(encoder.patch_embed(images))))
+        patch_mean = tokens[:, encoder.num_prefix_tokens :].mean(dim=1)
+        torch.testing.assert_close(features, encoder.norm(patch_mean))  # the encoder's LayerNorm of the average
+        normed_mean = encoder.forward_features(images)[:, encoder.num_prefix_tokens :].mean(dim=1)
+        assert not torch.allclose(features, normed_mean, atol=1e-3)  # not the average of per-token norms
+    groups = create_optimizer_v2(classifier.model, opt="adamw", lr=1e-3, layer_decay=0.65).param_groups
+    assert min(g["lr_scale"] for g in groups) == pytest.approx(0.65 ** (TINY["depth"] + 1))
 
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.6])

@@ -234,7 +234,12 @@ class DistillationClassifier(PrunedClassifier):
         self.teacher = load_model(teacher).eval().requires_grad_(False)
 
     def on_train_start(self) -> None:
-        self.model.set_distilled_training(True)
+        # Lightning keeps every submodule's mode at fit start (models load in eval mode) and, after validation, only
+        # restores the `training` flags: both would leave timm's distilled-training switch off.
+        self.train()
+
+    def on_validation_model_train(self) -> None:
+        self.train()
 
     def on_train_end(self) -> None:
         self.model.set_distilled_training(False)

@@ -7,7 +7,11 @@
   CVPR 2022). The encoder sees a random 25% of the patches; a light decoder reconstructs the pixels of the rest.
 
 Both train a plain timm ``VisionTransformer`` and hand it over with ``backbone_state_dict()``, which loads strictly
-into ``timm.create_model(model, num_classes=0, **model_kwargs)``. The ``nn.Module`` pieces (:class:`DINOHead`,
+into ``timm.create_model(model, num_classes=0, **model_kwargs)``, and with ``save_backbone(path)`` (also run at the end
+of ``fit`` when ``backbone_path`` is set), a safetensors file that :func:`attnprune.load_model` rebuilds alone and
+that the downstream modules take as ``checkpoint``: the DINO teacher for :class:`~attnprune.lit.modules.LinearProbe`
+and :class:`~attnprune.lit.modules.KNNClassifier`, the MAE encoder for
+:class:`~attnprune.lit.modules.PrunedClassifier` with ``paradigm="mae"``. The ``nn.Module`` pieces (:class:`DINOHead`,
 :class:`DINONetwork`, :class:`MaskedAutoencoder`) and the loss functions are plain torch; the LightningModules wire
 them to optimisers, schedules and logging. Written from the papers' descriptions, not from their repositories.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,10 +29,13 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from timm.data import resolve_model_data_config
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from attnprune.lit.optim import cosine, warmup_cosine
+from attnprune.paradigms import PARADIGMS, build_model, save_model
 
 __all__ = [
     "DINOHead",
@@ -46,9 +54,13 @@ __all__ = [
 _NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
-def create_vit(model: str, model_kwargs: dict[str, Any] | None = None, **overrides: Any) -> VisionTransformer:
-    """A randomly initialised timm ViT without classifier head (``num_classes=0``)."""
-    vit = timm.create_model(model, pretrained=False, **{**(model_kwargs or {}), "num_classes": 0, **overrides})
+def create_vit(
+    model: str, model_kwargs: dict[str, Any] | None = None, pretrained_cfg: dict | None = None, **overrides: Any
+) -> VisionTransformer:
+    """A randomly initialised timm ViT without classifier head (``num_classes=0``); ``pretrained_cfg`` overlays its
+    preprocessing (``input_size``, ``mean``, ``std``, ...)."""
+    kwargs = {**(model_kwargs or {}), "num_classes": 0, **overrides}
+    vit = timm.create_model(model, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"pretraining expects a timm VisionTransformer, {model!r} is a {type(vit).__name__}")
     return vit
@@ -332,6 +344,23 @@ def _detached_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value.detach().clone() for key, value in state.items()}
 
 
+def _export(
+    state: dict[str, Tensor],
+    path: str | Path,
+    architecture: str,
+    paradigm: str,
+    model_kwargs: dict[str, Any],
+    pretrained_cfg: dict | None,
+) -> Path:
+    """Load ``state`` strictly into the plain model :func:`attnprune.load_model` will build from the file, then
+    write it with :func:`attnprune.save_model` (so a file that does not load back is never written)."""
+    model = build_model(architecture, paradigm, pretrained_cfg, **model_kwargs)
+    model.load_state_dict(state, strict=True)
+    path = save_model(model, path, architecture, paradigm, model_kwargs)
+    rank_zero_info(f"wrote the {paradigm} backbone to {path}")
+    return path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # LightningModules
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,13 +370,21 @@ class DINOPretraining(L.LightningModule):
     """DINO self-distillation of a timm ViT.
 
     Batches are ``(crops, labels)`` with ``crops`` a list ``[global1, global2, local1, ...]`` of ``[B, C, H, W]``
-    tensors (see :class:`~attnprune.lit.transforms.MultiCropTransform` and ``collate_multicrop``); labels are
+    tensors (an :class:`~attnprune.lit.data.ImageDataModule` with a
+    :class:`~attnprune.lit.transforms.MultiCropTransform` as ``train_transform`` yields them); labels are
     ignored. The teacher sees the two global crops, the student all crops. The teacher is updated by EMA right after
     every optimizer step, with a momentum rising from ``ema_momentum`` to 1 on a cosine over training.
+
+    The backbone handed over is the teacher's (DINO evaluates the teacher), saved as paradigm ``dino``
+    (``num_classes=0``) with ``model_kwargs`` as given: the backbones train with ``dynamic_img_size=True`` to take the
+    smaller local crops, which changes no weight, so the file loads strictly into the fixed-size model.
 
     Args:
         model: timm architecture name, e.g. ``"vit_tiny_patch16_224"``.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``, ...).
+        pretrained_cfg: preprocessing of the model (timm's ``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``) when it differs from the architecture's default; it travels with the saved backbone
+            and gives ``data_config``, from which the DataModule builds its evaluation transforms.
         out_dim: output dimensions of the DINO head.
         head_hidden: hidden width of the head's MLP.
         head_bottleneck: width of the head's normalised bottleneck.
@@ -360,12 +397,14 @@ class DINOPretraining(L.LightningModule):
         lr: peak learning rate.
         weight_decay: AdamW weight decay (constant).
         warmup_epochs: epochs of linear learning-rate warmup (may be fractional).
+        backbone_path: where ``on_fit_end`` writes the teacher backbone (:meth:`save_backbone`); None: nowhere.
     """
 
     def __init__(
         self,
         model: str,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained_cfg: dict | None = None,
         out_dim: int = 1024,
         head_hidden: int = 256,
         head_bottleneck: int = 64,
@@ -378,10 +417,12 @@ class DINOPretraining(L.LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.04,
         warmup_epochs: float = 1.0,
+        backbone_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        backbone = create_vit(model, model_kwargs, dynamic_img_size=True)
+        backbone = create_vit(model, model_kwargs, pretrained_cfg, dynamic_img_size=True)
+        self.data_config = resolve_model_data_config(backbone)
         head = DINOHead(backbone.num_features, out_dim, head_hidden, head_bottleneck)
         self.student = DINONetwork(backbone, head)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
@@ -447,15 +488,35 @@ class DINOPretraining(L.LightningModule):
         ``timm.create_model(model, num_classes=0, **model_kwargs)``."""
         return _detached_copy(self.teacher.backbone.state_dict())
 
+    def save_backbone(self, path: str | Path) -> Path:
+        """Write the teacher backbone with :func:`attnprune.save_model` (paradigm ``dino``, ``num_classes=0``)."""
+        hp = self.hparams
+        kwargs = {**(hp.model_kwargs or {}), "num_classes": 0}
+        return _export(self.backbone_state_dict(), path, hp.model, "dino", kwargs, hp.pretrained_cfg)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.backbone_path and self.trainer.is_global_zero:
+            self.save_backbone(self.hparams.backbone_path)
+
 
 class MAEPretraining(L.LightningModule):
     """Masked-autoencoder pretraining of a timm ViT.
 
     Batches are ``(images, labels)`` with ``images`` ``[B, C, H, W]`` at the model's input size; labels are ignored.
 
+    The encoder is handed over for MAE fine-tuning, saved as paradigm ``mae``: the model of
+    ``model_kwargs`` plus ``global_pool='avg', fc_norm=True``, which reads out ``fc_norm(mean of the patch tokens)``
+    and so has no final per-token ``norm``. The pretrained encoder's final ``norm.weight`` / ``norm.bias`` become
+    ``fc_norm.weight`` / ``fc_norm.bias`` (every other weight keeps its name): the fine-tuned model starts by
+    normalising the average of the encoder's patch tokens with the encoder's own final LayerNorm. (This is a
+    LayerNorm of the average, not the average of per-token LayerNorms; the MAE paper starts ``fc_norm`` afresh.)
+
     Args:
         model: timm architecture name, e.g. ``"vit_tiny_patch16_224"``.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``patch_size``, ``in_chans``, ...).
+        pretrained_cfg: preprocessing of the model (timm's ``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``) when it differs from the architecture's default; it travels with the saved encoder
+            and gives ``data_config``, from which the DataModule builds its transforms.
         mask_ratio: fraction of patches hidden from the encoder.
         decoder_dim: decoder width.
         decoder_depth: decoder blocks.
@@ -464,12 +525,14 @@ class MAEPretraining(L.LightningModule):
         lr: peak learning rate.
         weight_decay: AdamW weight decay.
         warmup_epochs: epochs of linear learning-rate warmup (may be fractional).
+        backbone_path: where ``on_fit_end`` writes the encoder (:meth:`save_backbone`); None: nowhere.
     """
 
     def __init__(
         self,
         model: str,
         model_kwargs: dict[str, Any] | None = None,
+        pretrained_cfg: dict | None = None,
         mask_ratio: float = 0.75,
         decoder_dim: int = 64,
         decoder_depth: int = 2,
@@ -478,12 +541,13 @@ class MAEPretraining(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         warmup_epochs: float = 1.0,
+        backbone_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.mae = MaskedAutoencoder(
-            create_vit(model, model_kwargs), mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss
-        )
+        encoder = create_vit(model, model_kwargs, pretrained_cfg)
+        self.data_config = resolve_model_data_config(encoder)
+        self.mae = MaskedAutoencoder(encoder, mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss)
 
     def training_step(self, batch: tuple[Tensor, Any], batch_idx: int) -> Tensor:
         images, _ = batch
@@ -500,3 +564,18 @@ class MAEPretraining(L.LightningModule):
         """The encoder's weights, with the keys of a plain
         ``timm.create_model(model, num_classes=0, **model_kwargs)``."""
         return _detached_copy(self.mae.encoder.state_dict())
+
+    def save_backbone(self, path: str | Path) -> Path:
+        """Write the encoder with :func:`attnprune.save_model` as paradigm ``mae`` (average-pool readout), its final
+        ``norm.*`` weights renamed ``fc_norm.*``."""
+        hp = self.hparams
+        state = {
+            f"fc_norm.{key[len('norm.') :]}" if key.startswith("norm.") else key: value
+            for key, value in self.backbone_state_dict().items()
+        }
+        kwargs = {**(hp.model_kwargs or {}), **PARADIGMS["mae"].model_kwargs, "num_classes": 0}
+        return _export(state, path, hp.model, "mae", kwargs, hp.pretrained_cfg)
+
+    def on_fit_end(self) -> None:
+        if self.hparams.backbone_path and self.trainer.is_global_zero:
+            self.save_backbone(self.hparams.backbone_path)

@@ -2,7 +2,8 @@
 Transformers", ICCV 2021).
 
 Every image gives two large *global* crops and a few small *local* crops; the teacher sees only the global crops,
-the student sees all of them. Crops of one kind share a size, so a batch stacks into one tensor per view.
+the student sees all of them. Crops of one kind share a size, so a batch stacks into one tensor per view
+(:func:`attnprune.lit.data.collate_images` turns a batch of crop lists into a list of per-view batches).
 Gaussian blur and solarization from the paper are left out: the images this project pretrains on are tiny
 (Fashion-MNIST, 28 px), where they mostly erase the signal.
 """
@@ -10,23 +11,21 @@ Gaussian blur and solarization from the paper are left out: the images this proj
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import default_collate
 from torchvision import transforms as T
 
-__all__ = ["MultiCropTransform", "collate_multicrop"]
+__all__ = ["MultiCropTransform"]
 
 
 class MultiCropTransform:
     """Two global crops then ``num_local`` local crops of one PIL image, each an augmented, normalised tensor.
 
     Each crop is RandomResizedCrop, horizontal flip, a light colour jitter (brightness and contrast only for
-    grayscale images), ToTensor and Normalize. The image is first converted to ``'L'`` (``grayscale=True``) or
-    ``'RGB'``, so the crops always have 1 or 3 channels.
+    grayscale images), ToTensor and Normalize. Given as an :class:`~attnprune.lit.data.ImageDataModule`'s
+    ``train_transform``, it receives images already converted to the model's mode (``'L'`` for a 1-channel model,
+    ``'RGB'`` otherwise), which the default ``grayscale=None`` keeps.
 
     Args:
         global_size: side of the global crops in pixels.
@@ -34,9 +33,11 @@ class MultiCropTransform:
         num_local: number of local crops (0 for global crops only).
         global_scale: area range of the global crops, as a fraction of the image.
         local_scale: area range of the local crops, as a fraction of the image.
-        mean: per-channel normalisation mean (default 0.5 for every channel).
+        mean: per-channel normalisation mean (default 0.5 for every channel); use the model's ``pretrained_cfg``
+            mean so that training crops match its evaluation transform.
         std: per-channel normalisation std (default 0.5 for every channel).
-        grayscale: produce 1-channel crops (else 3-channel).
+        grayscale: ``True`` converts every image to ``'L'`` (1-channel crops), ``False`` to ``'RGB'`` (3 channels);
+            ``None`` keeps ``'L'`` images and converts any other mode to ``'RGB'``.
     """
 
     def __init__(
@@ -48,43 +49,32 @@ class MultiCropTransform:
         local_scale: tuple[float, float] = (0.05, 0.4),
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        grayscale: bool = True,
+        grayscale: bool | None = None,
     ) -> None:
         if num_local < 0:
             raise ValueError(f"num_local must be >= 0, got {num_local}")
-        channels = 1 if grayscale else 3
-        mean = tuple(mean) if mean is not None else (0.5,) * channels
-        std = tuple(std) if std is not None else (0.5,) * channels
-        self.mode = "L" if grayscale else "RGB"
+        mean = tuple(mean) if mean is not None else (0.5,)  # one value broadcasts over the channels
+        std = tuple(std) if std is not None else (0.5,)
+        self.mode = None if grayscale is None else "L" if grayscale else "RGB"
         self.num_local = num_local
-        jitter = T.ColorJitter(0.3, 0.3) if grayscale else T.ColorJitter(0.3, 0.3, 0.2, 0.05)
-        finish = [T.RandomHorizontalFlip(), T.RandomApply([jitter], p=0.8), T.ToTensor(), T.Normalize(mean, std)]
-        self.global_crop = T.Compose([T.RandomResizedCrop(global_size, scale=global_scale), *finish])
-        self.local_crop = T.Compose([T.RandomResizedCrop(local_size, scale=local_scale), *finish])
+        self.crops: dict[str, tuple[T.Compose, T.Compose]] = {}
+        for mode, jitter in (("L", T.ColorJitter(0.3, 0.3)), ("RGB", T.ColorJitter(0.3, 0.3, 0.2, 0.05))):
+            finish = [T.RandomHorizontalFlip(), T.RandomApply([jitter], p=0.8), T.ToTensor(), T.Normalize(mean, std)]
+            self.crops[mode] = (
+                T.Compose([T.RandomResizedCrop(global_size, scale=global_scale), *finish]),
+                T.Compose([T.RandomResizedCrop(local_size, scale=local_scale), *finish]),
+            )
 
     def __call__(self, image: Image.Image) -> list[Tensor]:
         """Return ``[global1, global2, local1, ..., local_n]``, each ``[C, size, size]``."""
-        image = image.convert(self.mode)
-        crops = [self.global_crop(image), self.global_crop(image)]
-        crops += [self.local_crop(image) for _ in range(self.num_local)]
-        return crops
+        mode = self.mode or ("L" if image.mode == "L" else "RGB")
+        image = image if image.mode == mode else image.convert(mode)
+        global_crop, local_crop = self.crops[mode]
+        return [global_crop(image), global_crop(image)] + [local_crop(image) for _ in range(self.num_local)]
 
     def __repr__(self) -> str:
+        global_crop, local_crop = self.crops[self.mode or "RGB"]
         return (
-            f"{type(self).__name__}(mode={self.mode!r}, num_local={self.num_local},\n"
-            f"  global={self.global_crop},\n  local={self.local_crop})"
+            f"{type(self).__name__}(mode={self.mode or 'kept'!r}, num_local={self.num_local},\n"
+            f"  global={global_crop},\n  local={local_crop})"
         )
-
-
-def collate_multicrop(batch: Sequence[tuple[Sequence[Tensor], Any]]) -> tuple[list[Tensor], Tensor]:
-    """Collate ``(crops, label)`` samples into ``(views, labels)``.
-
-    Args:
-        batch: samples, each a list of crop tensors (same number and sizes in every sample) and a label.
-
-    Returns:
-        ``views``, one ``[B, C, H, W]`` tensor per crop position (global crops first), and the collated labels.
-    """
-    crops, labels = zip(*batch, strict=True)
-    views = [torch.stack(view) for view in zip(*crops, strict=True)]
-    return views, default_collate(list(labels))
