@@ -1,0 +1,104 @@
+"""Budgeted routing search on a tiny ViT: budgets respected, caching exact, resumable, clear errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import attnprune.search as search_module
+from attnprune import Routing, count_flops, prune
+from attnprune.search import InfeasibleBudget, SearchSpace, _Evaluator, search_routing
+from tests.conftest import tiny_vit
+
+SMALL = SearchSpace(
+    scorers=("l2_norm", "cls_attention"),
+    reducers=("drop", "fuse", "merge"),
+    keeps=(0.7,),
+    merge_keeps=(0.8,),
+    layers=(0, 1, 2),
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_vit(num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(2)]
+
+
+def test_budget_is_respected(model, data):
+    unpruned = count_flops(model, Routing())
+    rng = random.Random(0)
+    for budget in [rng.uniform(0.45, 0.95) for _ in range(4)]:
+        for strategy in ("beam", "transition"):
+            result = search_routing(model, data, budget, space=SMALL, strategy=strategy, progress=False)
+            assert count_flops(model, result.routing) <= budget * unpruned
+            assert result.report["flops_ratio"] <= budget and 0.0 <= result.report["val_top1"] <= 1.0
+            assert result.report["candidates_evaluated"] > 1 and result.report["images"] == 24
+
+
+def test_prefix_caching_gives_the_same_accuracy(model, data):
+    evaluator = _Evaluator(model, data)
+    routing = Routing.from_dict(
+        {
+            "rules": [
+                {"layer": 0, "score": "l2_norm", "keep": 0.7},
+                {"layer": 2, "r": 6, "reduce": "merge"},
+                {"layer": 3, "score": "cls_attention", "keep": 0.5, "reduce": "fuse"},
+            ]
+        }
+    )
+    prefix = Routing.from_dict({"rules": [{"layer": 0, "score": "l2_norm", "keep": 0.7}]})
+    cached = evaluator.advance(evaluator.initial(), prefix, 0, 2)
+    assert evaluator.accuracy(cached, routing, 2) == evaluator.accuracy(evaluator.initial(), routing, 0)
+    pruned = prune(tiny_vit(num_classes=4), routing)
+    with torch.no_grad():
+        direct = sum((pruned(x).argmax(-1) == y).sum().item() for x, y in data) / 24
+    assert evaluator.accuracy(evaluator.initial(), routing, 0) == direct
+
+
+def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeypatch):
+    full = search_routing(model, data, 0.7, space=SMALL, progress=False)
+    state = tmp_path / "state.json"
+    calls = {"n": 0}
+    original = search_module._checkpoint
+
+    def dies_after_two_steps(*args):
+        original(*args)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module, "_checkpoint", dies_after_two_steps)
+    with pytest.raises(KeyboardInterrupt):
+        search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
+    monkeypatch.setattr(search_module, "_checkpoint", original)
+    assert '"step": 2' in state.read_text()
+    resumed = search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
+    assert resumed.routing == full.routing and resumed.report["val_top1"] == full.report["val_top1"]
+    assert resumed.report["candidates_evaluated"] == full.report["candidates_evaluated"]
+    with pytest.raises(ValueError, match="belongs to another search"):
+        search_routing(model, data, 0.6, space=SMALL, state_path=state, progress=False)
+
+
+def test_infeasible_budget_names_the_cheapest_flops(model, data):
+    with pytest.raises(
+        InfeasibleBudget,
+        match=r"budget 0.05 .* cheapest routing the search space reaches: "
+        r"[0-9.]+ GFLOPs \([0-9.]+% of the unpruned model\)",
+    ):
+        search_routing(model, data, 0.05, space=SMALL, progress=False)
+
+
+def test_label_free_picks_a_transition_routing(model, data):
+    result = search_routing(model, data, 0.7, space=SMALL, strategy="label_free", progress=False)
+    assert result.routing.name.startswith("transition-t")
+    assert result.report["candidates_evaluated"] == 1
+    with pytest.raises(ValueError, match="unknown search strategy 'greedy'"):
+        search_routing(model, data, 0.7, strategy="greedy")
