@@ -210,6 +210,7 @@ def search_routing(
     strategy: str = "beam",
     state_path: str | Path | None = None,
     beam_width: int = 2,
+    prefix_cache: bool = True,
     progress: bool = True,
 ) -> SearchResult:
     """Find the routing with the best validation top-1 whose FLOPs are within ``budget``.
@@ -222,6 +223,8 @@ def search_routing(
         strategy: ``beam``, ``transition`` or ``label_free``.
         state_path: JSON file saving the search as it goes; rerunning with it continues where it stopped.
         beam_width: partial routings kept per layer (``beam``).
+        prefix_cache: reuse the token states of each fixed prefix (``beam``); off, every candidate runs from the
+            input (for measuring what the cache saves: the result is the same).
         progress: show a progress bar.
 
     Returns:
@@ -258,7 +261,7 @@ def search_routing(
         "seconds": 0.0,
     }
     run = {"beam": _beam, "transition": _transition, "label_free": _label_free}[strategy]
-    state = run(model, evaluator, space, target, state, path, beam_width, progress)
+    state = run(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache)
     seconds = state["seconds"] + time.perf_counter() - start
     best = state["best"]
     routing = Routing.from_dict(best["routing"])
@@ -291,7 +294,7 @@ def _checkpoint(state: dict[str, Any], evaluator: _Evaluator, path: Path | None,
     _save_state(path, state)
 
 
-def _beam(model, evaluator, space, target, state, path, beam_width, progress):
+def _beam(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache):
     depth = len(model.blocks)
     layers = list(space.layers if space.layers is not None else range(depth - 1))
     bar = tqdm(total=len(layers), initial=state["step"], desc="routing search (beam)", disable=not progress)
@@ -300,14 +303,16 @@ def _beam(model, evaluator, space, target, state, path, beam_width, progress):
         layer = layers[step]
         scored = []
         for fixed in state["beam"]:
-            prefix = Routing(tuple(fixed))
-            states = evaluator.advance(evaluator.initial(), prefix, 0, layer)  # the cached prefix, run once
+            if prefix_cache:  # the fixed prefix runs once; each candidate starts at this layer
+                states, begin = evaluator.advance(evaluator.initial(), Routing(tuple(fixed)), 0, layer), layer
+            else:
+                states, begin = evaluator.initial(), 0
             for rule in space.candidates(layer, model.has_class_token):
                 rules = fixed + ([rule] if rule is not None else [])
                 routing = _completion(model, rules, layer + 1, layers, target)
                 if routing is None:
                     continue
-                top1 = evaluator.accuracy(states, routing, layer)
+                top1 = evaluator.accuracy(states, routing, begin)
                 _consider(state, routing, top1)
                 scored.append((top1, rules))
         scored.sort(key=lambda item: -item[0])
@@ -327,7 +332,7 @@ def _transition_routing(model, layers, t, scorer, attention, reduce, keep):
     return Routing(rules, name=f"transition-t{t}-{scorer}-{reduce}")
 
 
-def _transition(model, evaluator, space, target, state, path, beam_width, progress):
+def _transition(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache):
     depth = len(model.blocks)
     layers = list(space.layers if space.layers is not None else range(depth - 1))
     low = [s for s in space.scorers if SCORERS[s].family != "attention"] or ["l2_norm"]
@@ -351,7 +356,7 @@ def _transition(model, evaluator, space, target, state, path, beam_width, progre
     return state
 
 
-def _label_free(model, evaluator, space, target, state, path, beam_width, progress, analysis_images=256):
+def _label_free(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache, analysis_images=256):
     from attnprune.selectivity import SelectivityAnalyzer
     from attnprune.selectivity.analysis import attention_transition_depth
 

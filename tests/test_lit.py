@@ -130,6 +130,20 @@ def test_loss_falls_on_a_fixed_batch_and_metrics_are_in_range(datamodule):
     assert metrics["val/gflops"] == pytest.approx(count_flops(module.model, Routing.from_dict(ROUTING)) / 1e9)
 
 
+class _ModeSpy(Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.modes = {m.training for m in module.model.modules()}
+
+
+def test_network_trains_in_train_mode(datamodule):
+    spy = _ModeSpy()
+    module = PrunedClassifier(
+        **{**TINY_CLASSIFIER, "model_kwargs": {**TINY_CLASSIFIER["model_kwargs"], "drop_path_rate": 0.1}}
+    )
+    trainer(max_steps=1, callbacks=[spy], limit_val_batches=0).fit(module, datamodule)
+    assert spy.modes == {True}  # drop-path active; a model loaded in eval mode would silently train without it
+
+
 class _FirstStep(Callback):
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.first = getattr(self, "first", trainer.global_step)

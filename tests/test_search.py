@@ -61,6 +61,11 @@ def test_prefix_caching_gives_the_same_accuracy(model, data):
     with torch.no_grad():
         direct = sum((pruned(x).argmax(-1) == y).sum().item() for x, y in data) / 24
     assert evaluator.accuracy(evaluator.initial(), routing, 0) == direct
+    cached_search = search_routing(model, data, 0.7, space=SMALL, progress=False)
+    uncached_search = search_routing(model, data, 0.7, space=SMALL, prefix_cache=False, progress=False)
+    assert cached_search.routing == uncached_search.routing
+    assert cached_search.report["val_top1"] == uncached_search.report["val_top1"]
+    assert cached_search.report["block_passes"] < uncached_search.report["block_passes"]
 
 
 def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeypatch):

@@ -95,6 +95,9 @@ class _PrunedModule(L.LightningModule):
         self.hparams["model_spec"] = build_spec(self.model, architecture, paradigm, kwargs)
         self.set_routing(load_routing(routing))
         self.data_config = resolve_model_data_config(self.model)
+        # Loaded models come in eval mode and Lightning keeps submodule modes at fit start: without this, dropout and
+        # drop-path would be silently off during training.
+        self.model.train()
 
     @property
     def backbone(self) -> nn.Module:
