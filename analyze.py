@@ -51,9 +51,7 @@ def analyze(
         token_map_images: images per token map.
     """
     network = load_model(model)
-    if data.hparams.data_config is None:
-        data.hparams.data_config = resolve_model_data_config(network)
-    data.setup("validate")
+    data.for_model(network).setup("validate")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start, seen, first = time.perf_counter(), 0, None
     with tqdm(total=num_images, desc="selectivity") as bar:

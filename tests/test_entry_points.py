@@ -15,8 +15,10 @@ from tests.conftest import TINY_CLASSIFIER, make_image_folder
 from tests.wandb_records import logged_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUTING = {"name": "l2-then-merge", "rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5},
-                                              {"layer": 2, "r": 2, "reduce": "merge"}]}
+ROUTING = {
+    "name": "l2-then-merge",
+    "rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5}, {"layer": 2, "r": 2, "reduce": "merge"}],
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,22 @@ def config(workdir: Path, **trainer: object) -> dict:
         "trainer": {
             "accelerator": "cpu",
             "enable_progress_bar": False,
-            "logger": {"class_path": "lightning.pytorch.loggers.WandbLogger",
-                       "init_args": {"project": "attnprune-test", "save_dir": str(workdir / "runs")}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"project": "attnprune-test", "save_dir": str(workdir / "runs")},
+            },
             **trainer,
         },
         "model": {"class_path": "attnprune.lit.modules.PrunedClassifier", "init_args": dict(TINY_CLASSIFIER)},
-        "data": {"class_path": "attnprune.lit.data.ImageFolderDataModule",
-                 "init_args": {"root": str(workdir / "data"), "batch_size": 4, "val_size": 6,
-                               "cache_dir": str(workdir / "hf-cache")}},
+        "data": {
+            "class_path": "attnprune.lit.data.ImageFolderDataModule",
+            "init_args": {
+                "root": str(workdir / "data"),
+                "batch_size": 4,
+                "val_size": 6,
+                "cache_dir": str(workdir / "hf-cache"),
+            },
+        },
     }
 
 
@@ -48,8 +58,9 @@ def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WANDB_API_KEY", None)  # no key: the logger must go offline by itself
     env.pop("WANDB_MODE", None)
-    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -76,9 +87,20 @@ def test_evaluate_prints_table_and_writes_files(workdir):
     (workdir / "evaluate.yaml").write_text(yaml.safe_dump(config(workdir)))
     before = set(run_dirs(workdir))
     out = workdir / "results"
-    result = run("evaluate.py", ["--config", str(workdir / "evaluate.yaml"), "--routings",
-                                 f"[unpruned, {workdir / 'routing.yaml'}]", "--output_dir", str(out),
-                                 "--throughput_repeats", "2"], workdir)
+    result = run(
+        "evaluate.py",
+        [
+            "--config",
+            str(workdir / "evaluate.yaml"),
+            "--routings",
+            f"[unpruned, {workdir / 'routing.yaml'}]",
+            "--output_dir",
+            str(out),
+            "--throughput_repeats",
+            "2",
+        ],
+        workdir,
+    )
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("routing"))
     assert lines[header].split() == ["routing", "GFLOPs", "top-1", "top-5", "images/s"]
@@ -101,8 +123,56 @@ def test_evaluate_with_two_ddp_processes_matches_one(workdir):
     top1 = {}
     for name in ("single", "ddp"):
         out = workdir / f"results-{name}"
-        run("evaluate.py", ["--config", str(workdir / f"{name}.yaml"), "--routings",
-                            f"[{workdir / 'routing.yaml'}]", "--output_dir", str(out), "--throughput_repeats", "0"],
-            workdir)
+        run(
+            "evaluate.py",
+            [
+                "--config",
+                str(workdir / f"{name}.yaml"),
+                "--routings",
+                f"[{workdir / 'routing.yaml'}]",
+                "--output_dir",
+                str(out),
+                "--throughput_repeats",
+                "0",
+            ],
+            workdir,
+        )
         top1[name] = json.loads((out / "results.json").read_text())[0]["top1"]
     assert top1["ddp"] == pytest.approx(top1["single"], abs=1e-6)
+
+
+def test_search_command_writes_a_routing_within_budget(workdir):
+    from attnprune import Routing, count_flops, load_model, save_model
+    from attnprune.lit.modules import PrunedClassifier
+
+    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    weights = save_model(
+        model, workdir / "tiny.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+    )
+    out = workdir / "search" / "routing.yaml"
+    run(
+        "search.py",
+        [
+            "--model",
+            str(weights),
+            "--data.class_path",
+            "attnprune.lit.data.ImageFolderDataModule",
+            "--data.init_args.root",
+            str(workdir / "data"),
+            "--data.init_args.val_size",
+            "6",
+            "--data.init_args.cache_dir",
+            str(workdir / "hf-cache"),
+            "--budget",
+            "0.7",
+            "--val_images",
+            "6",
+            "--output",
+            str(out),
+        ],
+        workdir,
+    )
+    routing = Routing.from_yaml(out)
+    report = json.loads(out.with_suffix(".json").read_text())
+    loaded = load_model(weights)
+    assert count_flops(loaded, routing) <= 0.7 * count_flops(loaded) and report["images"] == 6

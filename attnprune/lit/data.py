@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    create_transform,
+    resolve_data_config,
+    resolve_model_data_config,
+)
 from torch.utils.data import DataLoader
 
 __all__ = [
@@ -214,6 +220,24 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def for_model(self, model: torch.nn.Module) -> ImageDataModule:
+        """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self."""
+        if self.hparams.data_config is None:
+            self.hparams.data_config = resolve_model_data_config(model)
+        return self
+
+    def take(self, split: str, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``images`` preprocessed images of ``split`` as ``(images, labels)`` batches, in order."""
+        self.setup()
+        loader = {"validation": self.val_dataloader, "test": self.test_dataloader}[split]()
+        batches, seen = [], 0
+        for x, y in loader:
+            batches.append((x[: images - seen], y[: images - seen]))
+            seen += len(batches[-1][1])
+            if seen >= images:
+                break
+        return batches
 
     def bank_dataloader(self) -> DataLoader:
         """The training split with evaluation transforms, in order (k-NN memory banks, feature statistics)."""

@@ -1,0 +1,60 @@
+"""Search the best static routing under a FLOPs budget on validation data (never the test split).
+
+Writes the routing YAML to ``--output`` and the report (validation top-1, FLOPs, candidates evaluated, block passes,
+wall time) next to it as JSON. With ``--state_path``, rerunning the same command continues an interrupted search.
+
+    python search.py --model checkpoints/fmnist_supervised.safetensors \\
+        --data.class_path attnprune.lit.data.FashionMNISTDataModule --budget 0.6 \\
+        --state_path runs/search/supervised-0.6.json --output results/routing-0.6.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+
+from attnprune import load_model
+from attnprune.lit.data import ImageDataModule
+from attnprune.search import SearchResult, search_routing
+
+
+def search(
+    model: str,
+    data: ImageDataModule,
+    budget: float,
+    strategy: str = "beam",
+    val_images: int = 5000,
+    state_path: str | None = None,
+    output: str = "routing.yaml",
+    beam_width: int = 2,
+) -> SearchResult:
+    """Run the search.
+
+    Args:
+        model: timm hub name, weights file or Lightning checkpoint (``attnprune.load_model``).
+        data: the data module; the first ``val_images`` of its validation split are searched on.
+        budget: FLOPs budget as a fraction of the unpruned model.
+        strategy: ``beam``, ``transition`` or ``label_free``.
+        val_images: validation images used.
+        state_path: resumable search state.
+        output: routing YAML written (the report goes to the same name with ``.json``).
+        beam_width: partial routings kept per layer.
+    """
+    network = load_model(model)
+    batches = data.for_model(network).take("validation", val_images)
+    result = search_routing(network, batches, budget, strategy=strategy, state_path=state_path, beam_width=beam_width)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    result.routing.to_yaml(output)
+    report = {**result.report, "model": model, "routing": result.routing.to_dict()}
+    Path(output).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(result.routing.to_yaml())
+    print(json.dumps(result.report, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    CLI(search, as_positional=False)
