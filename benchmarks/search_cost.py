@@ -1,0 +1,69 @@
+"""Cost of one budget's routing search, with and without prefix caching, side by side in one run.
+
+Prints one table (wall time, candidates evaluated, block passes over the validation set, validation top-1) and
+writes ``benchmarks/results/search_cost.json``; both runs must find the same routing.
+
+    .venv/bin/python benchmarks/search_cost.py --model checkpoints/fmnist_supervised.safetensors --budget 0.6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from attnprune import load_model
+from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.search import search_routing
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--val-images", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_cost.json")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    model = load_model(args.model)
+    batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("validation", args.val_images)
+    runs = {
+        mode: search_routing(model, batches, args.budget, prefix_cache=mode == "cached")
+        for mode in ("cached", "uncached")
+    }
+    same = runs["cached"].routing == runs["uncached"].routing
+    print(
+        f"{args.model}, budget {args.budget:g}, {args.val_images} validation images, "
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"{'mode':10}{'wall s':>9}{'candidates':>12}{'block passes':>14}{'val top-1':>11}")
+    for mode, run in runs.items():
+        r = run.report
+        print(
+            f"{mode:10}{r['wall_time_s']:>9.1f}{r['candidates_evaluated']:>12}{r['block_passes']:>14}"
+            f"{r['val_top1']:>11.2%}"
+        )
+    speedup = runs["uncached"].report["wall_time_s"] / runs["cached"].report["wall_time_s"]
+    print(f"prefix caching: {speedup:.2f}x faster, same routing: {same}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "budget": args.budget,
+                "val_images": args.val_images,
+                "speedup": speedup,
+                "same_routing": same,
+                "runs": {m: r.report for m, r in runs.items()},
+                "routing": runs["cached"].routing.to_dict(),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
