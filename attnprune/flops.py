@@ -17,7 +17,7 @@ from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, num_patch_tokens
 
-__all__ = ["count_flops", "match_flops", "reducer_flops"]
+__all__ = ["count_flops", "match_flops", "matched_baselines", "reducer_flops"]
 
 
 def _linear_macs(module: nn.Module | None) -> int:
@@ -85,3 +85,29 @@ def match_flops(
     """
     target = ratio * count_flops(model, Routing())
     return min((make(knob) for knob in knobs), key=lambda routing: abs(count_flops(model, routing) - target))
+
+
+def baseline_layers(depth: int) -> tuple[int, ...]:
+    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks."""
+    return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def matched_baselines(model: VisionTransformer, target: float) -> dict[str, Routing]:
+    """ToMe, EViT, uniform attention top-k and random, each tuned to ``target`` FLOPs (absolute).
+
+    ToMe's r may differ by one between blocks (``[r + 1] * m + [r] * (depth - m)``) and the keep fractions move in
+    steps of 0.005, so the match is usually within 1%.
+    """
+    depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
+    keeps = [k / 1000 for k in range(200, 1001, 5)]
+    tome = [Routing.tome([r + 1] * m + [r] * (depth - m), depth) for r in range(0, 24) for m in range(depth)]
+
+    def closest(routings: Iterable[Routing]) -> Routing:
+        return min(routings, key=lambda routing: abs(count_flops(model, routing) - target))
+
+    return {
+        "tome": closest(tome),
+        "evit": closest(Routing.evit(k, layers) for k in keeps),
+        "topk_attention": closest(Routing.topk_attention(k, layers) for k in keeps),
+        "random": closest(Routing.random(k, layers, seed=0) for k in keeps),
+    }

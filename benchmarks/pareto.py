@@ -22,32 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
+from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 
 METHODS = ("searched", "tome", "evit", "topk_attention", "random")
-
-
-def baseline_layers(depth: int) -> tuple[int, ...]:
-    """EViT's three pruning layers (3, 6, 9 of 12) scaled to ``depth`` blocks."""
-    return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
-
-
-def baselines(model: torch.nn.Module, target: float) -> dict[str, Routing]:
-    """ToMe, EViT, uniform attention top-k and random, each tuned to ``target`` FLOPs."""
-    depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
-    keeps = [k / 1000 for k in range(200, 1001, 5)]
-    tome = [Routing.tome([r + 1] * m + [r] * (depth - m), depth) for r in range(0, 20) for m in range(depth)]
-
-    def closest(routings):
-        return min(routings, key=lambda routing: abs(count_flops(model, routing) - target))
-
-    return {
-        "tome": closest(tome),
-        "evit": closest(Routing.evit(k, layers) for k in keeps),
-        "topk_attention": closest(Routing.topk_attention(k, layers) for k in keeps),
-        "random": closest(Routing.random(k, layers, seed=0) for k in keeps),
-    }
 
 
 @torch.no_grad()
@@ -91,7 +70,7 @@ def main() -> None:
             strategy=args.strategy,
             state_path=args.state_dir / f"{name}-{args.strategy}-{budget:g}.json",
         )
-        routings = {"searched": found.routing, **baselines(model, count_flops(model, found.routing))}
+        routings = {"searched": found.routing, **matched_baselines(model, count_flops(model, found.routing))}
         for method, routing in routings.items():
             flops = count_flops(model, routing)
             row = {
