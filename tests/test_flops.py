@@ -52,3 +52,15 @@ def test_count_uses_attached_routing_and_image_size():
     prune(model, routing)
     assert count_flops(model) == count_flops(tiny_vit(), routing)
     assert count_flops(model, img_size=64) == pytest.approx(measured_macs(model, torch.randn(1, 3, 64, 64)), rel=0.02)
+
+
+def test_matched_baselines_are_within_one_percent():
+    from attnprune.flops import matched_baselines
+
+    model = timm.create_model("deit_small_patch16_224")
+    target = 0.6 * count_flops(model)
+    routings = matched_baselines(model, target)
+    assert set(routings) == {"tome", "evit", "topk_attention", "random"}
+    for name, routing in routings.items():
+        assert count_flops(model, routing) == pytest.approx(target, rel=0.01), name
+    assert [rule.layer for rule in routings["evit"].rules] == [3, 6, 9]
