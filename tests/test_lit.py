@@ -271,3 +271,13 @@ def test_load_model_round_trip_and_offline_hub_error(tmp_path):
         load_model("deit_tiny_patch16_224.fb_in1k")
     with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_mixup_cutmix_train_on_soft_targets(datamodule):
+    module = PrunedClassifier(**TINY_CLASSIFIER, mixup=0.8, cutmix=1.0, label_smoothing=0.1, routing=ROUTING)
+    images, labels = first_test_batch(datamodule, module)
+    mixed, soft = module.mixup(images, labels)
+    assert soft.shape == (8, 3) and torch.allclose(soft.sum(-1), torch.ones(8))
+    assert (soft > 0).sum() > 8  # labels were mixed and smoothed, not one-hot
+    trainer(max_epochs=1).fit(module, fixed_batch(images, labels, 2))
+    assert torch.isfinite(module.compute_loss(mixed, soft))
