@@ -119,7 +119,11 @@ def main() -> None:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "command": "python benchmarks/throughput.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "no_compile")),
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k not in ("out", "no_compile")
+        ),
         "routings": {name: routing.to_dict() for name, routing in routings.items()},
         "rows": rows,
     }
