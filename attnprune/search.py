@@ -85,6 +85,16 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def _batches_for(labels: list[Tensor], images: int) -> int:
+    """How many leading batches hold ``images`` images (at least one)."""
+    total = 0
+    for count, batch in enumerate(labels, start=1):
+        total += len(batch)
+        if total >= images:
+            return count
+    return len(labels)
+
+
 class _Evaluator:
     """Validation accuracy of routings, from cached token states of fixed prefixes."""
 
@@ -109,15 +119,20 @@ class _Evaluator:
         return [run_blocks(self.model, x, size, routing, plans, start, stop) for x, size in states]
 
     @torch.no_grad()
-    def accuracy(self, states: list[tuple[Tensor, Tensor | None]], routing: Routing, start: int) -> float:
-        """Top-1 of ``routing`` finishing from ``states`` at block ``start``."""
+    def accuracy(
+        self, states: list[tuple[Tensor, Tensor | None]], routing: Routing, start: int, images: int | None = None
+    ) -> float:
+        """Top-1 of ``routing`` finishing from ``states`` at block ``start``, on all images or on the batches that
+        hold the first ``images``."""
         self.candidates += 1
-        done = self.advance(states, routing, start, len(self.model.blocks))
+        count = len(states) if images is None else _batches_for(self.labels, images)
+        done = self.advance(states[:count], routing, start, len(self.model.blocks))
+        labels = self.labels[:count]
         correct = sum(
-            (head(self.model, self.model.norm(x), size).argmax(-1) == labels).sum().item()
-            for (x, size), labels in zip(done, self.labels, strict=True)
+            (head(self.model, self.model.norm(x), size).argmax(-1) == y).sum().item()
+            for (x, size), y in zip(done, labels, strict=True)
         )
-        return correct / self.images
+        return correct / sum(len(y) for y in labels)
 
     def initial(self) -> list[tuple[Tensor, Tensor | None]]:
         return [(x, None) for x in self.inputs]
@@ -211,6 +226,8 @@ def search_routing(
     state_path: str | Path | None = None,
     beam_width: int = 2,
     prefix_cache: bool = True,
+    screen_images: int = 1000,
+    finalists: int = 4,
     progress: bool = True,
 ) -> SearchResult:
     """Find the routing with the best validation top-1 whose FLOPs are within ``budget``.
@@ -225,6 +242,9 @@ def search_routing(
         beam_width: partial routings kept per layer (``beam``).
         prefix_cache: reuse the token states of each fixed prefix (``beam``); off, every candidate runs from the
             input (for measuring what the cache saves: the result is the same).
+        screen_images: ``beam`` first scores every candidate on the batches holding this many images,
+        finalists: then measures the ``finalists`` best of them (at least ``beam_width``) on all images; only those
+            full measurements rank the beam and the result.
         progress: show a progress bar.
 
     Returns:
@@ -261,7 +281,13 @@ def search_routing(
         "seconds": 0.0,
     }
     run = {"beam": _beam, "transition": _transition, "label_free": _label_free}[strategy]
-    state = run(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache)
+    options = {
+        "beam_width": beam_width,
+        "prefix_cache": prefix_cache,
+        "screen_images": screen_images,
+        "finalists": finalists,
+    }
+    state = run(model, evaluator, space, target, state, path, progress, **options)
     seconds = state["seconds"] + time.perf_counter() - start
     best = state["best"]
     routing = Routing.from_dict(best["routing"])
@@ -294,27 +320,35 @@ def _checkpoint(state: dict[str, Any], evaluator: _Evaluator, path: Path | None,
     _save_state(path, state)
 
 
-def _beam(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache):
+def _beam(model, evaluator, space, target, state, path, progress, beam_width, prefix_cache, screen_images, finalists):
     depth = len(model.blocks)
     layers = list(space.layers if space.layers is not None else range(depth - 1))
     bar = tqdm(total=len(layers), initial=state["step"], desc="routing search (beam)", disable=not progress)
+    prefixes: dict[int, tuple[list, int]] = {}
     for step in range(state["step"], len(layers)):
         started = time.perf_counter()
         layer = layers[step]
-        scored = []
-        for fixed in state["beam"]:
+        screened = []
+        for index, fixed in enumerate(state["beam"]):
             if prefix_cache:  # the fixed prefix runs once; each candidate starts at this layer
-                states, begin = evaluator.advance(evaluator.initial(), Routing(tuple(fixed)), 0, layer), layer
+                prefixes[index] = evaluator.advance(evaluator.initial(), Routing(tuple(fixed)), 0, layer), layer
             else:
-                states, begin = evaluator.initial(), 0
+                prefixes[index] = evaluator.initial(), 0
+            states, begin = prefixes[index]
             for rule in space.candidates(layer, model.has_class_token):
                 rules = fixed + ([rule] if rule is not None else [])
                 routing = _completion(model, rules, layer + 1, layers, target)
-                if routing is None:
-                    continue
-                top1 = evaluator.accuracy(states, routing, begin)
-                _consider(state, routing, top1)
-                scored.append((top1, rules))
+                if routing is not None:
+                    screened.append((evaluator.accuracy(states, routing, begin, screen_images), rules, routing, index))
+        # Every candidate is screened on the first images; the most promising are measured on all of them.
+        screened.sort(key=lambda item: -item[0])
+        scored = []
+        for _, rules, routing, index in screened[: max(beam_width, finalists)]:
+            states, begin = prefixes[index]
+            top1 = evaluator.accuracy(states, routing, begin)
+            _consider(state, routing, top1)
+            scored.append((top1, rules))
+        prefixes.clear()
         scored.sort(key=lambda item: -item[0])
         state["beam"] = [rules for _, rules in scored[:beam_width]] or state["beam"]
         state["step"] = step + 1
@@ -332,7 +366,7 @@ def _transition_routing(model, layers, t, scorer, attention, reduce, keep):
     return Routing(rules, name=f"transition-t{t}-{scorer}-{reduce}")
 
 
-def _transition(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache):
+def _transition(model, evaluator, space, target, state, path, progress, **_):
     depth = len(model.blocks)
     layers = list(space.layers if space.layers is not None else range(depth - 1))
     low = [s for s in space.scorers if SCORERS[s].family != "attention"] or ["l2_norm"]
@@ -356,7 +390,7 @@ def _transition(model, evaluator, space, target, state, path, beam_width, progre
     return state
 
 
-def _label_free(model, evaluator, space, target, state, path, beam_width, progress, prefix_cache, analysis_images=256):
+def _label_free(model, evaluator, space, target, state, path, progress, analysis_images=256, **_):
     from attnprune.selectivity import SelectivityAnalyzer
     from attnprune.selectivity.analysis import attention_transition_depth
 
