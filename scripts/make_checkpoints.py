@@ -52,7 +52,7 @@ def best_checkpoint(dirpath: Path) -> Path:
     state = torch.load(last, map_location="cpu", weights_only=False)
     for key, value in state.get("callbacks", {}).items():
         if key.startswith("ModelCheckpoint") and value.get("best_model_path"):
-            return Path(value["best_model_path"])
+            return dirpath / Path(value["best_model_path"]).name  # the run may have been moved since
     return last
 
 
@@ -74,7 +74,7 @@ def test_top1(model: torch.nn.Module, images: int | None = None) -> float:
     return correct / total
 
 
-def export(name: str, commands: list[list[str]], seconds: float | None) -> dict:
+def export(name: str, commands: list[list[str]], seconds: float | None, note: str = "") -> dict:
     paradigm, module_class, stages = MODELS[name]
     ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(stages) - 1}")
     module = module_class.load_from_checkpoint(ckpt, map_location="cpu").eval()
@@ -104,6 +104,7 @@ def export(name: str, commands: list[list[str]], seconds: float | None) -> dict:
         "test_top1_first_1000": top1_1k,
         "gflops": count_flops(model) / 1e9,
         "params": sum(p.numel() for p in model.parameters()),
+        "note": note,
     }
     out = ROOT / "checkpoints" / f"fmnist_{name}.safetensors"
     save_model(model, out, spec["architecture"], paradigm, kwargs, card=card)
@@ -141,6 +142,7 @@ def write_card(path: Path, card: dict) -> None:
         "",
         f"Load it with `attnprune.load_model('checkpoints/{card['name']}.safetensors')`.",
         "",
+        *([f"Note: {card['note']}", ""] if card.get("note") else []),
     ]
     path.write_text("\n".join(lines))
 
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--export-only", action="store_true", help="export existing runs without training")
     parser.add_argument("--wall-time-s", type=float, help="with --export-only: the measured training time to record")
+    parser.add_argument("--note", default="", help="a remark for the model card")
     args = parser.parse_args()
     for name in args.names:
         stages = MODELS[name][2]
@@ -161,7 +164,7 @@ def main() -> None:
                 print("$", " ".join(command), flush=True)
                 subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
             seconds = time.perf_counter() - start
-        export(name, commands, seconds)
+        export(name, commands, seconds, args.note)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,9 @@ def test_checkpoint_reloads_and_resumes(datamodule, tmp_path):
     plain = load_model(last)
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in module.model.state_dict().items())
     first = _FirstStep()
-    resumed = trainer(max_steps=6, callbacks=[first], enable_checkpointing=True, limit_val_batches=0)
+    resumed = trainer(
+        max_steps=6, callbacks=[first], enable_checkpointing=True, limit_val_batches=0, default_root_dir=tmp_path
+    )
     resumed.fit(PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING), datamodule, ckpt_path=last)
     assert first.first == 4 and resumed.global_step == 6
 
