@@ -141,7 +141,7 @@ class _Evaluator:
 def _fingerprint(model: VisionTransformer, budget: float, space: SearchSpace, strategy: str, images: int) -> str:
     first = next(model.parameters())
     text = json.dumps(
-        [budget, asdict(space), strategy, images, float(first.sum()), sum(p.numel() for p in model.parameters())],
+        [budget, asdict(space), strategy, images, float(first.detach().sum()), sum(p.numel() for p in model.parameters())],
         sort_keys=True,
         default=str,
     )
