@@ -126,8 +126,9 @@ def _upsample(grid_values: Tensor, like: Tensor) -> Tensor:
 
 @torch.no_grad()
 def plot_token_maps(model: nn.Module, images: Tensor, routing: Routing, path: Path, mean: Any, std: Any) -> Path:
-    """One row per image, one column per pruning layer: patches that survive as themselves are shown, dropped
-    patches are dark, and patches merged or fused into a shared token are tinted with that token's colour."""
+    """One row per image, one column per pruning layer: patches that survive as themselves are shown as they are,
+    dropped patches are dark red, and patches merged or fused into a shared token are tinted with that token's
+    colour."""
     pruned = prune(copy.deepcopy(model).eval(), routing)
     sources: list[Tensor] = []
     forward_tokens(pruned, images, sources=sources)
@@ -150,7 +151,8 @@ def plot_token_maps(model: nn.Module, images: Tensor, routing: Routing, path: Pa
             tint = colours[owner.clamp_min(0) % len(colours)]  # [h, w, 3]
             rgb = picture[..., None].repeat(1, 1, 3)
             rgb = torch.where(_upsample(shared, rgb)[..., None], 0.45 * rgb + 0.55 * _upsample(tint, rgb), rgb)
-            rgb = torch.where(_upsample(owner < 0, rgb)[..., None], 0.15 * rgb, rgb)
+            dropped = torch.tensor([0.55, 0.0, 0.0])  # dark red, visible on black backgrounds too
+            rgb = torch.where(_upsample(owner < 0, rgb)[..., None], 0.3 * rgb + 0.7 * dropped, rgb)
             axes[row, col].imshow(rgb.clamp(0, 1))
             if row == 0:
                 kept = sources[layer].shape[1] - pruned.num_prefix_tokens
