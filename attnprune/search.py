@@ -141,7 +141,14 @@ class _Evaluator:
 def _fingerprint(model: VisionTransformer, budget: float, space: SearchSpace, strategy: str, images: int) -> str:
     first = next(model.parameters())
     text = json.dumps(
-        [budget, asdict(space), strategy, images, float(first.detach().sum()), sum(p.numel() for p in model.parameters())],
+        [
+            budget,
+            asdict(space),
+            strategy,
+            images,
+            float(first.detach().sum()),
+            sum(p.numel() for p in model.parameters()),
+        ],
         sort_keys=True,
         default=str,
     )
@@ -280,6 +287,7 @@ def search_routing(
         "block_passes": 0,
         "seconds": 0.0,
     }
+    previous_seconds = state["seconds"]  # time spent before an interruption, when resuming
     run = {"beam": _beam, "transition": _transition, "label_free": _label_free}[strategy]
     options = {
         "beam_width": beam_width,
@@ -288,7 +296,7 @@ def search_routing(
         "finalists": finalists,
     }
     state = run(model, evaluator, space, target, state, path, progress, **options)
-    seconds = state["seconds"] + time.perf_counter() - start
+    seconds = previous_seconds + time.perf_counter() - start
     best = state["best"]
     routing = Routing.from_dict(best["routing"])
     flops = count_flops(model, routing)
