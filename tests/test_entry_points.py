@@ -55,9 +55,10 @@ def config(workdir: Path, **trainer: object) -> dict:
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("WANDB_API_KEY", None)  # no key: the logger must go offline by itself
-    env.pop("WANDB_MODE", None)
+    # No W&B variables at all: no key, so the logger must go offline by itself, and no handle on a wandb service
+    # that an in-process test of this session started.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

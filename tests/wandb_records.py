@@ -8,8 +8,10 @@ length, type: 1 full, 2 first, 3 middle, 4 last) and a protobuf ``Record`` paylo
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -40,17 +42,24 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def _settled_records(run_dir: Path, attempts: int = 5) -> list[wandb_internal_pb2.Record]:
+    """The run's records, read again after a pause if wandb's writer process was still finishing the file."""
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    for attempt in range(attempts):
+        try:
+            return read_records(path)
+        except DecodeError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    return []
+
+
 def logged_keys(run_dir: Path) -> set[str]:
     """Every metric key in the history and summary records of the run in ``run_dir``."""
-    (path,) = Path(run_dir).glob("run-*.wandb")
     keys = set()
-    for record in read_records(path):
+    for record in _settled_records(run_dir):
         kind = record.WhichOneof("record_type")
         items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
         keys.update(item.key or "/".join(item.nested_key) for item in items)
     return keys
-
-
-def config_keys(run_dir: Path) -> set[str]:
-    (path,) = Path(run_dir).glob("run-*.wandb")
-    return {item.key for r in read_records(path) if r.WhichOneof("record_type") == "config" for item in r.config.update}
