@@ -6,6 +6,7 @@ searched routing's FLOPs (within 1% where the knob allows). Prints one table, wr
 ``benchmarks/results/pareto_<model>.json`` and a PNG plot of top-1 against GFLOPs, one line per method.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
+    .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 
 METHODS = ("searched", "tome", "evit", "topk_attention", "random")
+LABELS = {
+    "searched": "searched",
+    "tome": "ToMe",
+    "evit": "EViT",
+    "topk_attention": "attention top-k",
+    "random": "random",
+}
 
 
 @torch.no_grad()
@@ -39,14 +47,26 @@ def top1(model: torch.nn.Module, routing: Routing, batches: list) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="weights file or hub name (attnprune.load_model)")
+    parser.add_argument("--model", help="weights file or hub name (attnprune.load_model)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--val-images", type=int, default=5000)
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--strategy", default="beam")
     parser.add_argument("--state-dir", type=Path, default=Path("runs/search"))
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="instead of running: combine earlier results into one table and figure (pareto_all.png)",
+    )
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize, args.out_dir / "pareto_all.png")
+        return
+    if not args.model:
+        parser.error("--model is required unless --summarize is given")
 
     torch.set_grad_enabled(False)
     model = load_model(args.model)
@@ -89,9 +109,24 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"pareto_{name}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"\n{name}: unpruned {result['unpruned']['gflops']:.4f} GFLOPs, top-1 {result['unpruned']['top1']:.2%}")
+    print_table(result)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot(result, ax)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def print_table(result: dict) -> None:
+    """One row per budget: each method's test top-1 and FLOPs ratio, and whether the search beat every baseline."""
+    budgets = sorted({r["budget"] for r in result["results"]}, reverse=True)
+    print(
+        f"\n{result['model']}: unpruned {result['unpruned']['gflops']:.4f} GFLOPs, "
+        f"top-1 {result['unpruned']['top1']:.2%}"
+    )
     print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in METHODS) + "   searched >= all baselines")
-    for budget in args.budgets:
+    for budget in budgets:
         rows = {r["method"]: r for r in result["results"] if r["budget"] == budget}
         wins = all(rows["searched"]["top1"] >= rows[m]["top1"] for m in METHODS[1:])
         print(
@@ -99,23 +134,61 @@ def main() -> None:
             + "".join(f"{rows[m]['top1']:>9.2%} {rows[m]['flops_ratio']:>5.0%}" for m in METHODS)
             + f"   {'yes' if wins else 'NO'}"
         )
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+
+def markdown_table(results: list[dict]) -> str:
+    """All models in one Markdown table (the README's), the best top-1 of each row in bold."""
+    lines = [
+        "| model (unpruned top-1) | budget | FLOPs used | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " |",
+    ]
+    for result in results:
+        budgets = sorted({r["budget"] for r in result["results"]}, reverse=True)
+        for budget in budgets:
+            rows = {r["method"]: r for r in result["results"] if r["budget"] == budget}
+            best = max(r["top1"] for r in rows.values())
+            cells = [
+                f"**{rows[m]['top1']:.2%}**" if rows[m]["top1"] == best else f"{rows[m]['top1']:.2%}" for m in METHODS
+            ]
+            model = f"`{result['model']}` ({result['unpruned']['top1']:.2%})"
+            lines.append(
+                f"| {model} | {budget:.0%} | {rows['searched']['flops_ratio']:.0%} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: dict, ax: plt.Axes) -> None:
+    """Test top-1 against GFLOPs, one line per method, the unpruned model as a dotted line."""
     for method in METHODS:
         rows = sorted((r for r in result["results"] if r["method"] == method), key=lambda r: r["gflops"])
         ax.plot(
             [r["gflops"] for r in rows],
             [100 * r["top1"] for r in rows],
             marker="o",
-            label=method,
+            label=LABELS[method],
             linewidth=2.2 if method == "searched" else 1.2,
         )
     ax.axhline(100 * result["unpruned"]["top1"], color="gray", linestyle=":", label="unpruned")
-    ax.set(xlabel="GFLOPs per image", ylabel="test top-1 (%)", title=f"{name}: accuracy at equal FLOPs")
+    ax.set(xlabel="GFLOPs per image", ylabel="test top-1 (%)", title=f"{result['model']}: accuracy at equal FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend()
+
+
+def summarize(paths: list[Path], out: Path) -> None:
+    """Several models' results: print the README table and write one figure with a panel per model."""
+    results = [json.loads(p.read_text()) for p in paths]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
+    for result, ax in zip(results, axes.flat[: len(results)], strict=True):
+        plot(result, ax)
+    for ax in axes.flat[len(results) :]:
+        ax.remove()
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    fig.savefig(out, dpi=110)
+    print(markdown_table(results))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
