@@ -77,7 +77,10 @@ def test_top1(model: torch.nn.Module, images: int | None = None) -> float:
 def export(name: str, commands: list[list[str]], seconds: float | None, note: str = "") -> dict:
     paradigm, module_class, stages = MODELS[name]
     ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(stages) - 1}")
-    module = module_class.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    # The paradigm is the script's, not the checkpoint's: the first distilled run was started when train.py's default
+    # for DistillationClassifier was still "supervised" (same network, only the recorded label differed).
+    overrides = {} if module_class is LinearProbe else {"paradigm": paradigm}
+    module = module_class.load_from_checkpoint(ckpt, map_location="cpu", **overrides).eval()
     model = module.model
     if isinstance(module, LinearProbe):
         if module.n_last_blocks != 1:

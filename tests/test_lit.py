@@ -183,6 +183,7 @@ def test_mae_paradigm_pools_and_decays_learning_rate_by_layer():
 
 
 def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):
+    torch.manual_seed(0)
     teacher = PrunedClassifier(**TINY_CLASSIFIER).model
     teacher_path = save_model(
         teacher, tmp_path / "teacher.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
@@ -204,6 +205,9 @@ def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):
     module.eval()
     assert module(images).shape == (len(images), 3)  # eval: the two heads averaged into one prediction
     assert all(not p.requires_grad for p in module.teacher.parameters()) and not module.teacher.training
+    assert module.hparams["teacher"] == str(teacher_path)
+    assert module.hparams["model_spec"]["paradigm"] == "distilled"  # what checkpoints/ exports record
+    assert module.hparams["model_spec"]["architecture"] == "deit_tiny_distilled_patch16_224"
     with pytest.raises(ValueError, match="no distillation token"):
         DistillationClassifier(teacher=str(teacher_path), **TINY_CLASSIFIER)
 

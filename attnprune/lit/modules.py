@@ -226,10 +226,17 @@ class DistillationClassifier(PrunedClassifier):
         **kwargs: see :class:`PrunedClassifier`.
     """
 
-    def __init__(self, teacher: str, model: str = "deit_tiny_distilled_patch16_224", **kwargs: Any) -> None:
-        kwargs.setdefault("paradigm", "distilled")
-        super().__init__(model=model, **kwargs)
-        self.save_hyperparameters()
+    def __init__(
+        self,
+        teacher: str,
+        model: str = "deit_tiny_distilled_patch16_224",
+        paradigm: str = "distilled",
+        **kwargs: Any,
+    ) -> None:
+        # `paradigm` is a named argument so that LightningCLI's default is "distilled", not PrunedClassifier's
+        # "supervised"; PrunedClassifier's save_hyperparameters already records `teacher` (Lightning collects the
+        # arguments of every __init__ on the stack), and a second call here would erase `model_spec`.
+        super().__init__(model=model, paradigm=paradigm, **kwargs)
         if not hasattr(self.model, "set_distilled_training"):
             raise ValueError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
         if self.mixup is not None:
