@@ -1,5 +1,7 @@
 """Quickstart: a shipped Fashion-MNIST ViT, unpruned and pruned by ToMe, EViT, uniform attention top-k and a
-layer-wise routing at matched FLOPs, evaluated on the test split: GFLOPs, top-1 and measured images/s.
+layer-wise routing at matched FLOPs, evaluated on the test split: GFLOPs, top-1 and measured images/s. Where
+``configs/routing/searched/<model>-<ratio>.yaml`` exists (written by benchmarks/pareto.py), the routing searched on
+validation images for that budget is evaluated too.
 
     bash scripts/quickstart.sh                          # set up, then run this
     .venv/bin/python quickstart.py --model checkpoints/fmnist_mae.safetensors --ratio 0.5
@@ -23,6 +25,7 @@ from attnprune.flops import baseline_layers, matched_baselines
 from attnprune.lit.data import FashionMNISTDataModule
 
 SHIPPED = Path(__file__).parent / "checkpoints" / "fmnist_supervised.safetensors"
+SEARCHED = Path(__file__).parent / "configs" / "routing" / "searched"
 
 
 def layerwise(depth: int, keep: float) -> Routing:
@@ -60,6 +63,9 @@ def main() -> None:
     routings["layerwise"] = match_flops(
         model, lambda k: layerwise(depth, k), [k / 100 for k in range(20, 91)], args.ratio
     )
+    searched = SEARCHED / f"{Path(args.model).stem}-{args.ratio:g}.yaml"
+    if shipped and searched.is_file():  # found on validation images by benchmarks/pareto.py
+        routings["searched"] = Routing.from_yaml(searched)
     models = {
         name: prune(load_model(args.model) if shipped else timm.create_model("deit_small_patch16_224").eval(), routing)
         for name, routing in routings.items()
@@ -87,6 +93,8 @@ def main() -> None:
             f"{key:16}{flops / 1e9:>9.4f}{flops / base:>7.0%}{tokens:>13}{top1:>9}"
             f"{len(images) / seconds[key]:>10.0f}{seconds['unpruned'] / seconds[key]:>9.2f}"
         )
+    if "searched" in routings:
+        print(f"searched: {searched.relative_to(Path(__file__).parent)} (benchmarks/pareto.py, validation images)")
     print(f"done in {time.perf_counter() - start:.0f} s")
 
 

@@ -3,7 +3,8 @@
 For every budget, the routing is searched on validation images (``attnprune.search``), then evaluated on the test
 split together with ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the
 searched routing's FLOPs (within 1% where the knob allows). Prints one table, writes
-``benchmarks/results/pareto_<model>.json`` and a PNG plot of top-1 against GFLOPs, one line per method.
+``benchmarks/results/pareto_<model>.json`` and a PNG plot of top-1 against GFLOPs, one line per method; the searched
+routings also go to ``configs/routing/searched/<model>-<budget>.yaml``.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
@@ -27,6 +28,7 @@ from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 
+SEARCHED_ROUTINGS = Path(__file__).parents[1] / "configs" / "routing" / "searched"
 METHODS = ("searched", "tome", "evit", "topk_attention", "random")
 LABELS = {
     "searched": "searched",
@@ -55,6 +57,12 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("runs/search"))
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
+        "--routing-dir",
+        type=Path,
+        default=SEARCHED_ROUTINGS,
+        help="where each searched routing is written as <model>-<budget>.yaml (the quickstart reads them)",
+    )
+    parser.add_argument(
         "--summarize",
         type=Path,
         nargs="+",
@@ -74,6 +82,8 @@ def main() -> None:
     data = FashionMNISTDataModule(batch_size=500).for_model(model)
     val, test = data.take("validation", args.val_images), data.take("test", args.test_images)
     unpruned = count_flops(model)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.routing_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "model": name,
         "checkpoint": args.model,
@@ -103,10 +113,10 @@ def main() -> None:
             }
             if method == "searched":
                 row["search"] = found.report
+                found.routing.to_yaml(args.routing_dir / f"{name}-{budget:g}.yaml")
             result["results"].append(row)
         print(f"budget {budget:g}: searched in {time.perf_counter() - start:.0f} s", flush=True)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"pareto_{name}.json"
     path.write_text(json.dumps(result, indent=2))
     print_table(result)
