@@ -6,6 +6,8 @@ Three strategies:
   ToMe-style merging in the layers still undecided, with the smallest uniform ``r`` that meets the budget, so every
   candidate evaluated is a complete routing within budget. The token states of each fixed prefix are cached, so a
   candidate at layer ``l`` runs only blocks ``l`` to the end. The first candidates evaluated include ToMe itself.
+  A last pass spends what the best routing leaves of the budget, one milder rule at a time, while validation top-1
+  does not fall.
 - ``transition``: a non-attention scorer below depth ``t`` and class-token attention from ``t`` on, at every
   pruning layer, with the keep fraction tuned to the budget; searched over ``t``, the scorer and the reducer.
 - ``label_free``: ``t`` and the scorer chosen from the selectivity analysis alone (oracle agreement needs no labels),
@@ -312,6 +314,11 @@ def search_routing(
         "images": evaluator.images,
         "wall_time_s": seconds,
     }
+    if "before_fill" in state:
+        report["before_fill"] = {
+            "val_top1": state["before_fill"]["val_top1"],
+            "flops_ratio": state["before_fill"]["flops"] / unpruned,
+        }
     return SearchResult(routing, report)
 
 
@@ -363,7 +370,49 @@ def _beam(model, evaluator, space, target, state, path, progress, beam_width, pr
         _checkpoint(state, evaluator, path, started)
         bar.update(1)
     bar.close()
+    if not state.get("filled"):
+        started = time.perf_counter()
+        _fill_budget(model, evaluator, space, target, state)
+        state["filled"] = True
+        _checkpoint(state, evaluator, path, started)
     return state
+
+
+def _milder(rule: dict[str, Any], space: SearchSpace) -> dict[str, Any] | None:
+    """The next milder version of ``rule`` (fewer tokens removed); None: no rule at that layer."""
+    if "r" in rule:
+        return {**rule, "r": rule["r"] - 1} if rule["r"] > 1 else None
+    keeps = [k for k in (space.merge_keeps if rule["reduce"] == "merge" else space.keeps) if k > rule["keep"]]
+    return {**rule, "keep": min(keeps)} if keeps else None
+
+
+def _fill_budget(model, evaluator, space, target, state) -> None:
+    """Spend the budget the best routing leaves: make one rule milder at a time (the move with the best validation
+    top-1, ties to the more FLOPs), as long as top-1 does not fall and the routing stays within budget.
+
+    A beam step that prunes hard early can leave nothing for the ToMe completion to remove, so the best routing
+    found may use far less than the budget; with noisy validation accuracy, giving tokens back rarely hurts.
+    """
+    best = Routing.from_dict(state["best"]["routing"])
+    top1 = state["best"]["top1"]
+    state["before_fill"] = {"val_top1": top1, "flops": count_flops(model, best)}
+    while True:
+        moves = []
+        for index in range(len(best.rules)):
+            rules = [r.to_dict() for r in best.rules]
+            milder = _milder(rules[index], space)
+            rules[index : index + 1] = [milder] if milder is not None else []
+            routing = Routing.from_dict({**best.to_dict(), "rules": rules})
+            flops = count_flops(model, routing)
+            if flops <= target:
+                moves.append((evaluator.accuracy(evaluator.initial(), routing, 0), flops, routing))
+        if not moves:
+            break
+        accuracy, _, routing = max(moves, key=lambda move: move[:2])
+        if accuracy < top1:
+            break
+        best, top1 = routing, accuracy
+    state["best"] = {"routing": best.to_dict(), "top1": top1}
 
 
 def _transition_routing(model, layers, t, scorer, attention, reduce, keep):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -41,6 +42,29 @@ def test_budget_is_respected(model, data):
             assert count_flops(model, result.routing) <= budget * unpruned
             assert result.report["flops_ratio"] <= budget and 0.0 <= result.report["val_top1"] <= 1.0
             assert result.report["candidates_evaluated"] > 1 and result.report["images"] == 24
+
+
+def test_beam_spends_the_budget_left_without_losing_accuracy(model, data):
+    evaluator, space = _Evaluator(model, data), SearchSpace(keeps=(0.5, 0.7, 0.9))
+    harsh = Routing.from_dict({"rules": [{"layer": 0, "score": "l2_norm", "keep": 0.5, "reduce": "drop"}]})
+    target = 0.99 * count_flops(model, Routing())  # removing the rule would cost 100%: keep 0.9 is the mildest
+
+    def fill(top1: float) -> Routing:
+        state = {"best": {"routing": harsh.to_dict(), "top1": top1}}
+        search_module._fill_budget(model, evaluator, space, target, state)
+        assert state["best"]["top1"] >= top1 and state["before_fill"]["val_top1"] == top1
+        return Routing.from_dict(state["best"]["routing"])
+
+    assert fill(top1=1.0) == harsh  # no milder routing can match a perfect score: nothing changes
+    filled = fill(top1=0.0)  # the first move cannot lose top-1; later ones only while top-1 does not fall
+    assert filled.rules[0].keep in (0.7, 0.9) and count_flops(model, harsh) < count_flops(model, filled) <= target
+    if filled.rules[0].keep == 0.7:
+        mildest = Routing.from_dict({"rules": [{**filled.rules[0].to_dict(), "keep": 0.9}]})
+        accuracy = partial(evaluator.accuracy, evaluator.initial(), start=0)
+        assert accuracy(mildest) < accuracy(filled)
+    result = search_routing(model, data, 0.9, space=SMALL, progress=False)
+    before = result.report["before_fill"]
+    assert result.report["flops_ratio"] >= before["flops_ratio"] and result.report["val_top1"] >= before["val_top1"]
 
 
 def test_prefix_caching_gives_the_same_accuracy(model, data):
