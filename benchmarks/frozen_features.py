@@ -1,0 +1,68 @@
+"""How much a self-supervised backbone learned: k-NN and least-squares linear readouts of its frozen features, beside
+the same network at random initialisation (the baseline), on Fashion-MNIST validation images.
+
+    .venv/bin/python benchmarks/frozen_features.py --backbone runs/fmnist-dino/backbone.safetensors
+
+Prints one table and writes ``benchmarks/results/frozen_features_<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attnprune import load_model
+from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.paradigms import build_from_spec, knn_predict
+
+
+def readouts(model: torch.nn.Module, bank: list, val: list) -> dict[str, float]:
+    """k-NN (k=20) and least-squares linear top-1 on ``val``, fitted on ``bank``."""
+    train_x, train_y = torch.cat([model(x) for x, _ in bank]), torch.cat([y for _, y in bank])
+    val_x, val_y = torch.cat([model(x) for x, _ in val]), torch.cat([y for _, y in val])
+    knn = (knn_predict(val_x, train_x, train_y, 10).argmax(-1) == val_y).float().mean().item()
+    ones = torch.ones(len(train_x), 1)
+    weights = torch.linalg.lstsq(torch.cat([train_x, ones], 1), F.one_hot(train_y, 10).float()).solution
+    linear = ((torch.cat([val_x, torch.ones(len(val_x), 1)], 1) @ weights).argmax(-1) == val_y).float().mean().item()
+    return {"knn_top1": knn, "linear_lstsq_top1": linear}
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True, help="a headless backbone file (DINO: backbone.safetensors)")
+    parser.add_argument("--bank-images", type=int, default=5000, help="training images the readouts are fitted on")
+    parser.add_argument("--val-images", type=int, default=2000)
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    trained = load_model(args.backbone)
+    random_init = build_from_spec(trained.attnprune_spec).eval()
+    data = FashionMNISTDataModule(batch_size=500).for_model(trained)
+    data.setup()
+    bank = list(itertools.islice(data.bank_dataloader(), -(-args.bank_images // 500)))
+    val = data.take("validation", args.val_images)
+    result = {
+        "backbone": args.backbone,
+        "bank_images": sum(len(y) for _, y in bank),
+        "val_images": sum(len(y) for _, y in val),
+        "trained": readouts(trained, bank, val),
+        "random_init": readouts(random_init, bank, val),
+    }
+    print(f"{'features':14}{'k-NN top-1':>12}{'linear top-1':>14}")
+    for name in ("trained", "random_init"):
+        print(f"{name:14}{result[name]['knn_top1']:>12.2%}{result[name]['linear_lstsq_top1']:>14.2%}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"frozen_features_{Path(args.backbone).parent.name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
