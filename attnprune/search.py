@@ -370,10 +370,9 @@ def _beam(model, evaluator, space, target, state, path, progress, beam_width, pr
         _checkpoint(state, evaluator, path, started)
         bar.update(1)
     bar.close()
-    if not state.get("filled"):
+    if "before_fill" not in state:  # saved only together with the filled routing, so an interrupted fill reruns
         started = time.perf_counter()
         _fill_budget(model, evaluator, space, target, state)
-        state["filled"] = True
         _checkpoint(state, evaluator, path, started)
     return state
 

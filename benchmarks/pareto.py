@@ -128,16 +128,20 @@ def main() -> None:
     print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
+def by_budget(result: dict) -> list[tuple[float, dict[str, dict]]]:
+    """``(budget, {method: row})`` pairs, largest budget first."""
+    budgets = sorted({r["budget"] for r in result["results"]}, reverse=True)
+    return [(b, {r["method"]: r for r in result["results"] if r["budget"] == b}) for b in budgets]
+
+
 def print_table(result: dict) -> None:
     """One row per budget: each method's test top-1 and FLOPs ratio, and whether the search beat every baseline."""
-    budgets = sorted({r["budget"] for r in result["results"]}, reverse=True)
     print(
         f"\n{result['model']}: unpruned {result['unpruned']['gflops']:.4f} GFLOPs, "
         f"top-1 {result['unpruned']['top1']:.2%}"
     )
     print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in METHODS) + "   searched >= all baselines")
-    for budget in budgets:
-        rows = {r["method"]: r for r in result["results"] if r["budget"] == budget}
+    for budget, rows in by_budget(result):
         wins = all(rows["searched"]["top1"] >= rows[m]["top1"] for m in METHODS[1:])
         print(
             f"{budget:>7.0%}"
@@ -153,9 +157,7 @@ def markdown_table(results: list[dict]) -> str:
         "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " |",
     ]
     for result in results:
-        budgets = sorted({r["budget"] for r in result["results"]}, reverse=True)
-        for budget in budgets:
-            rows = {r["method"]: r for r in result["results"] if r["budget"] == budget}
+        for budget, rows in by_budget(result):
             best = max(r["top1"] for r in rows.values())
             cells = [
                 f"**{rows[m]['top1']:.2%}**" if rows[m]["top1"] == best else f"{rows[m]['top1']:.2%}" for m in METHODS
