@@ -30,6 +30,7 @@ def search(
     state_path: str | None = None,
     output: str = "routing.yaml",
     beam_width: int = 2,
+    holdout: float = 0.0,
 ) -> SearchResult:
     """Run the search.
 
@@ -42,10 +43,14 @@ def search(
         state_path: resumable search state.
         output: routing YAML written (the report goes to the same name with ``.json``).
         beam_width: partial routings kept per layer.
+        holdout: fraction of the validation images kept out of the search to check the routing found against the
+            best baseline within budget (returned instead if it scores higher on them).
     """
     network = load_model(model)
     batches = data.for_model(network).take("validation", val_images)
-    result = search_routing(network, batches, budget, strategy=strategy, state_path=state_path, beam_width=beam_width)
+    result = search_routing(
+        network, batches, budget, strategy=strategy, state_path=state_path, beam_width=beam_width, holdout=holdout
+    )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     result.routing.to_yaml(output)
     report = {**result.report, "model": model, "routing": result.routing.to_dict()}

@@ -92,22 +92,28 @@ def baseline_layers(depth: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
 
 
-def matched_baselines(model: VisionTransformer, target: float) -> dict[str, Routing]:
+def matched_baselines(model: VisionTransformer, target: float, within: bool = False) -> dict[str, Routing]:
     """ToMe, EViT, uniform attention top-k and random, each tuned to ``target`` FLOPs (absolute).
 
     ToMe's r may differ by one between blocks (``[r + 1] * m + [r] * (depth - m)``) and the keep fractions move in
-    steps of 0.005, so the match is usually within 1%.
+    steps of 0.005, so the match is usually within 1%. With ``within``, each is the routing with the most FLOPs not
+    above ``target`` instead of the closest, and a method that cannot get under ``target`` is left out.
     """
     depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
     keeps = [k / 1000 for k in range(200, 1001, 5)]
-    tome = [Routing.tome([r + 1] * m + [r] * (depth - m), depth) for r in range(0, 24) for m in range(depth)]
-
-    def closest(routings: Iterable[Routing]) -> Routing:
-        return min(routings, key=lambda routing: abs(count_flops(model, routing) - target))
-
-    return {
-        "tome": closest(tome),
-        "evit": closest(Routing.evit(k, layers) for k in keeps),
-        "topk_attention": closest(Routing.topk_attention(k, layers) for k in keeps),
-        "random": closest(Routing.random(k, layers, seed=0) for k in keeps),
+    families = {
+        "tome": [Routing.tome([r + 1] * m + [r] * (depth - m), depth) for r in range(0, 24) for m in range(depth)],
+        "evit": [Routing.evit(k, layers) for k in keeps],
+        "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
+        "random": [Routing.random(k, layers, seed=0) for k in keeps],
     }
+    tuned = {}
+    for method, routings in families.items():
+        flops = [(count_flops(model, routing), routing) for routing in routings]
+        if within:
+            fitting = [item for item in flops if item[0] <= target]
+            if fitting:
+                tuned[method] = max(fitting, key=lambda item: item[0])[1]
+        else:
+            tuned[method] = min(flops, key=lambda item: abs(item[0] - target))[1]
+    return tuned

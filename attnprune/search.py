@@ -13,6 +13,11 @@ Three strategies:
 - ``label_free``: ``t`` and the scorer chosen from the selectivity analysis alone (oracle agreement needs no labels),
   keep tuned to the budget; labels, if present, only report its accuracy.
 
+With ``holdout``, part of the validation set is kept out of the search. The routing found is checked on it against
+the best of the baselines within budget (ToMe, EViT, attention top-k): searching hundreds of candidates on the same
+images rewards lucky ones, and the held-out images tell whether the winner's lead is real. If the baseline scores
+higher there, the search returns the baseline.
+
 The search is resumable: with ``state_path``, the state is saved after every step and a rerun continues from it.
 """
 
@@ -33,7 +38,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from attnprune.flops import count_flops
+from attnprune.flops import count_flops, matched_baselines
 from attnprune.routing import Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, embed, head, num_patch_tokens, run_blocks
@@ -237,6 +242,7 @@ def search_routing(
     prefix_cache: bool = True,
     screen_images: int = 1000,
     finalists: int = 4,
+    holdout: float = 0.0,
     progress: bool = True,
 ) -> SearchResult:
     """Find the routing with the best validation top-1 whose FLOPs are within ``budget``.
@@ -254,11 +260,15 @@ def search_routing(
         screen_images: ``beam`` first scores every candidate on the batches holding this many images,
         finalists: then measures the ``finalists`` best of them (at least ``beam_width``) on all images; only those
             full measurements rank the beam and the result.
+        holdout: fraction of the validation batches (the last ones) kept out of the search, to check the routing
+            found against the best baseline within budget; the baseline is returned if it scores higher on them.
+            0 searches on every batch and checks nothing.
         progress: show a progress bar.
 
     Returns:
-        The routing and a report: validation top-1, FLOPs, FLOPs ratio, candidates evaluated, block passes
-        (blocks run over the validation set), images, wall time.
+        The routing and a report: validation top-1 (on the images searched), FLOPs, FLOPs ratio, candidates
+        evaluated, block passes (blocks run over the validation set), images, wall time, and with ``holdout`` the
+        check (``check``: the baseline, both top-1s on the held-out images, which routing was returned).
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
@@ -277,7 +287,13 @@ def search_routing(
         )
     start = time.perf_counter()
     batches = [(images, labels) for images, labels in dataloader]
-    evaluator = _Evaluator(model, batches)
+    held_out = round(holdout * len(batches))
+    if not 0 <= holdout < 1 or (holdout > 0 and not 0 < held_out < len(batches)):
+        raise ValueError(
+            f"holdout {holdout:g} of {len(batches)} validation batches leaves {len(batches) - held_out} to search on "
+            f"and {held_out} to check on; it must be in [0, 1) and leave at least one batch for each"
+        )
+    evaluator = _Evaluator(model, batches[: len(batches) - held_out])
     path = Path(state_path) if state_path is not None else None
     fingerprint = _fingerprint(model, budget, space, strategy, evaluator.images)
     state = _load_state(path, fingerprint) or {
@@ -298,14 +314,15 @@ def search_routing(
         "finalists": finalists,
     }
     state = run(model, evaluator, space, target, state, path, progress, **options)
+    routing, top1 = Routing.from_dict(state["best"]["routing"]), state["best"]["top1"]
+    if held_out:
+        routing, top1, check = _check(model, evaluator, _Evaluator(model, batches[-held_out:]), routing, top1, target)
     seconds = previous_seconds + time.perf_counter() - start
-    best = state["best"]
-    routing = Routing.from_dict(best["routing"])
     flops = count_flops(model, routing)
     report = {
         "strategy": strategy,
         "budget": budget,
-        "val_top1": best["top1"],
+        "val_top1": top1,
         "flops": flops,
         "flops_ratio": flops / unpruned,
         "candidates_evaluated": state["candidates"] + evaluator.candidates,
@@ -319,7 +336,32 @@ def search_routing(
             "val_top1": state["before_fill"]["val_top1"],
             "flops_ratio": state["before_fill"]["flops"] / unpruned,
         }
+    if held_out:
+        report["check"] = check
     return SearchResult(routing, report)
+
+
+def _check(model, evaluator, held_out, routing, top1, target) -> tuple[Routing, float, dict[str, Any]]:
+    """The routing found against the baseline within budget that scores best on the searched images, both measured
+    on the held-out images; the baseline wins only if it scores higher there."""
+    baselines = {m: r for m, r in matched_baselines(model, target, within=True).items() if m != "random"}
+    searched = {m: evaluator.accuracy(evaluator.initial(), r, 0) for m, r in baselines.items()}
+    method = max(searched, key=searched.get)
+    ours = held_out.accuracy(held_out.initial(), routing, 0)
+    theirs = held_out.accuracy(held_out.initial(), baselines[method], 0)
+    evaluator.candidates += held_out.candidates
+    evaluator.block_passes += held_out.block_passes
+    check = {
+        "baseline": method,
+        "baseline_val_top1": searched[method],
+        "holdout_images": held_out.images,
+        "holdout_top1": ours,
+        "baseline_holdout_top1": theirs,
+        "returned": "searched" if ours >= theirs else method,
+    }
+    if theirs > ours:
+        return baselines[method], searched[method], check
+    return routing, top1, check
 
 
 def _consider(state: dict[str, Any], routing: Routing, top1: float) -> None:

@@ -1,10 +1,11 @@
 """Accuracy against FLOPs: the searched routing and the baselines at matched FLOPs, on the test split.
 
-For every budget, the routing is searched on validation images (``attnprune.search``), then evaluated on the test
-split together with ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the
-searched routing's FLOPs (within 1% where the knob allows). Prints one table, writes
-``benchmarks/results/pareto_<model>.json`` and a PNG plot of top-1 against GFLOPs, one line per method; the searched
-routings also go to ``configs/routing/searched/<model>-<budget>.yaml``.
+For every budget, the routing is searched on validation images (``attnprune.search``; by default on the first half,
+the second half checking it against the best baseline within budget), then evaluated on the test split together with
+ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the searched routing's
+FLOPs (within 1% where the knob allows). Prints one table, writes ``benchmarks/results/pareto_<model>.json`` and a PNG
+plot of top-1 against GFLOPs, one line per method; the searched routings also go to
+``configs/routing/searched/<model>-<budget>.yaml``.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
@@ -52,6 +53,12 @@ def main() -> None:
     parser.add_argument("--model", help="weights file or hub name (attnprune.load_model)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--val-images", type=int, default=5000)
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.5,
+        help="fraction of the validation images kept out of the search to check its routing against the baselines",
+    )
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--strategy", default="beam")
     parser.add_argument("--state-dir", type=Path, default=Path("runs/search"))
@@ -98,6 +105,7 @@ def main() -> None:
             val,
             budget,
             strategy=args.strategy,
+            holdout=args.holdout,
             state_path=args.state_dir / f"{name}-{args.strategy}-{budget:g}.json",
         )
         routings = {"searched": found.routing, **matched_baselines(model, count_flops(model, found.routing))}
@@ -134,24 +142,31 @@ def by_budget(result: dict) -> list[tuple[float, dict[str, dict]]]:
     return [(b, {r["method"]: r for r in result["results"] if r["budget"] == b}) for b in budgets]
 
 
+def returned(row: dict) -> str:
+    """What the search returned: "searched", or the baseline that won the held-out check."""
+    return row.get("search", {}).get("check", {}).get("returned", "searched")
+
+
 def print_table(result: dict) -> None:
-    """One row per budget: each method's test top-1 and FLOPs ratio, and whether the search beat every baseline."""
+    """One row per budget: each method's test top-1 and FLOPs ratio, whether the search beat every baseline, and
+    which routing the search returned."""
     print(
         f"\n{result['model']}: unpruned {result['unpruned']['gflops']:.4f} GFLOPs, "
         f"top-1 {result['unpruned']['top1']:.2%}"
     )
-    print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in METHODS) + "   searched >= all baselines")
+    print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in METHODS) + "   searched >= all baselines   returned")
     for budget, rows in by_budget(result):
         wins = all(rows["searched"]["top1"] >= rows[m]["top1"] for m in METHODS[1:])
         print(
             f"{budget:>7.0%}"
             + "".join(f"{rows[m]['top1']:>9.2%} {rows[m]['flops_ratio']:>5.0%}" for m in METHODS)
-            + f"   {'yes' if wins else 'NO'}"
+            + f"   {'yes' if wins else 'NO':<26}   {returned(rows['searched'])}"
         )
 
 
 def markdown_table(results: list[dict]) -> str:
-    """All models in one Markdown table (the README's), the best top-1 of each row in bold."""
+    """All models in one Markdown table (the README's), the best top-1 of each row in bold; a searched cell names the
+    baseline the search returned when that baseline won the held-out check."""
     lines = [
         "| model (unpruned top-1) | budget | FLOPs used | " + " | ".join(LABELS[m] for m in METHODS) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " |",
@@ -162,6 +177,8 @@ def markdown_table(results: list[dict]) -> str:
             cells = [
                 f"**{rows[m]['top1']:.2%}**" if rows[m]["top1"] == best else f"{rows[m]['top1']:.2%}" for m in METHODS
             ]
+            if returned(rows["searched"]) != "searched":
+                cells[0] += f" (= {LABELS[returned(rows['searched'])]})"
             model = f"`{result['model']}` ({result['unpruned']['top1']:.2%})"
             lines.append(
                 f"| {model} | {budget:.0%} | {rows['searched']['flops_ratio']:.0%} | " + " | ".join(cells) + " |"

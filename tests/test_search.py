@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import attnprune.search as search_module
-from attnprune import Routing, count_flops, prune
+from attnprune import Routing, count_flops, prune, unprune
+from attnprune.flops import matched_baselines
 from attnprune.search import InfeasibleBudget, SearchSpace, _Evaluator, search_routing
 from tests.conftest import tiny_vit
 
@@ -131,3 +132,27 @@ def test_label_free_picks_a_transition_routing(model, data):
     assert result.report["candidates_evaluated"] == 1
     with pytest.raises(ValueError, match="unknown search strategy 'greedy'"):
         search_routing(model, data, 0.7, strategy="greedy")
+
+
+def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(model):
+    """Labels are ToMe's own predictions, so ToMe is the best baseline and scores 100% on the held-out half: the
+    searched routing survives the check only by matching that."""
+    budget = 0.6
+    tome = matched_baselines(model, budget * count_flops(model, Routing()), within=True)["tome"]
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(12, 3, 32, 32, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        prune(model, tome)
+        data = [(x, model(x).argmax(-1)) for x in images]
+        unprune(model)
+    result = search_routing(model, data, budget, space=SMALL, holdout=0.5, progress=False)
+    check = result.report["check"]
+    assert result.report["images"] == 24 and check["holdout_images"] == 24
+    assert check["baseline"] == "tome" and check["baseline_val_top1"] == check["baseline_holdout_top1"] == 1.0
+    assert check["holdout_top1"] < 1.0 and check["returned"] == "tome"
+    assert result.routing == tome and result.report["val_top1"] == 1.0
+
+
+def test_holdout_must_leave_batches_to_search_and_to_check(model, data):
+    with pytest.raises(ValueError, match=r"holdout 0.1 of 2 validation batches leaves 2 to search on and 0 to check"):
+        search_routing(model, data, 0.7, space=SMALL, holdout=0.1, progress=False)
