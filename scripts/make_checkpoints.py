@@ -33,7 +33,11 @@ RUNS = ROOT / "runs"
 
 # name -> (paradigm, module class of the final stage, training stages as train.py argument lists)
 MODELS = {
-    "supervised": ("supervised", PrunedClassifier, [["--config", "supervised.yaml"]]),
+    "supervised": (
+        "supervised",
+        PrunedClassifier,
+        [["--config", "supervised.yaml"], ["--config", "supervised_continue.yaml"]],
+    ),
     "distilled": ("distilled", DistillationClassifier, [["--config", "distilled.yaml"]]),
     "dino": ("dino", LinearProbe, [["--config", "dino_pretrain.yaml"], ["--config", "dino_probe.yaml"]]),
     "mae": ("mae", PrunedClassifier, [["--config", "mae_pretrain.yaml"], ["--config", "mae_finetune.yaml"]]),

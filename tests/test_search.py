@@ -135,8 +135,8 @@ def test_label_free_picks_a_transition_routing(model, data):
 
 
 def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(model):
-    """Labels are ToMe's own predictions, so ToMe is the best baseline and scores 100% on the held-out half: the
-    searched routing survives the check only by matching that."""
+    """Labels are ToMe's own predictions, so ToMe scores 100% on the held-out half: the searched routing survives
+    the check only by matching that."""
     budget = 0.6
     tome = matched_baselines(model, budget * count_flops(model, Routing()), within=True)["tome"]
     g = torch.Generator().manual_seed(1)
@@ -148,8 +148,8 @@ def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(
     result = search_routing(model, data, budget, space=SMALL, holdout=0.5, progress=False)
     check = result.report["check"]
     assert result.report["images"] == 24 and check["holdout_images"] == 24
-    assert check["baseline"] == "tome" and check["baseline_val_top1"] == check["baseline_holdout_top1"] == 1.0
-    assert check["holdout_top1"] < 1.0 and check["returned"] == "tome"
+    assert set(check["holdout_top1"]) == {"searched", "tome", "evit", "topk_attention"}
+    assert check["holdout_top1"]["tome"] == 1.0 > check["holdout_top1"]["searched"] and check["returned"] == "tome"
     assert result.routing == tome and result.report["val_top1"] == 1.0
 
 
