@@ -268,7 +268,8 @@ def search_routing(
     Returns:
         The routing and a report: validation top-1 (on the images searched), FLOPs, FLOPs ratio, candidates
         evaluated, block passes (blocks run over the validation set), images, wall time, and with ``holdout`` the
-        check (``check``: each candidate's top-1 on the held-out images, and which was returned).
+        check (``check``: each candidate's top-1 on the held-out images, which was returned, and the routing the
+        search found, whether returned or not).
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
@@ -353,7 +354,8 @@ def _check(model, held_out, routing, target) -> tuple[Routing, dict[str, Any]]:
     candidates.pop("random")
     scores = {m: held_out.accuracy(held_out.initial(), r, 0) for m, r in candidates.items()}
     method = max(scores, key=scores.get)  # the first maximum: the routing found wins ties
-    return candidates[method], {"holdout_images": held_out.images, "holdout_top1": scores, "returned": method}
+    check = {"holdout_images": held_out.images, "holdout_top1": scores, "returned": method}
+    return candidates[method], {**check, "searched_routing": routing.to_dict()}
 
 
 def _consider(state: dict[str, Any], routing: Routing, top1: float) -> None:

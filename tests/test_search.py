@@ -151,6 +151,12 @@ def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(
     assert set(check["holdout_top1"]) == {"searched", "tome", "evit", "topk_attention"}
     assert check["holdout_top1"]["tome"] == 1.0 > check["holdout_top1"]["searched"] and check["returned"] == "tome"
     assert result.routing == tome and result.report["val_top1"] == 1.0
+    found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
+    with torch.no_grad():
+        prune(model, found)
+        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in data[2:])
+        unprune(model)
+    assert check["holdout_top1"]["searched"] == correct / 24
 
 
 def test_holdout_must_leave_batches_to_search_and_to_check(model, data):
