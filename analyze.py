@@ -83,9 +83,11 @@ def analyze(
         plot_token_maps(
             network, first[:token_map_images], routing, out / f"tokens_{routing.name}.png", cfg["mean"], cfg["std"]
         )
+    depth = meta["attention_transition_depth"]
+    where = f"from layer {depth}" if depth is not None else "at no layer"
     print(
         f"analysed {seen} images in {seconds:.1f} s ({analyzer.oracle_sequences} oracle sequences); "
-        f"attention beats every non-attention scorer from layer {meta['attention_transition_depth']}"
+        f"attention beats every non-attention scorer {where}"
     )
     print(f"wrote {out}/selectivity.json, selectivity.csv and the plots")
     return meta
