@@ -43,7 +43,7 @@ from attnprune.routing import Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, embed, head, num_patch_tokens, run_blocks
 
-__all__ = ["SearchSpace", "SearchResult", "search_routing", "InfeasibleBudget"]
+__all__ = ["SearchSpace", "SearchResult", "search_routing", "split_holdout", "InfeasibleBudget"]
 
 
 class InfeasibleBudget(ValueError):
@@ -288,13 +288,8 @@ def search_routing(
         )
     start = time.perf_counter()
     batches = [(images, labels) for images, labels in dataloader]
-    held_out = round(holdout * len(batches))
-    if not 0 <= holdout < 1 or (holdout > 0 and not 0 < held_out < len(batches)):
-        raise ValueError(
-            f"holdout {holdout:g} of {len(batches)} validation batches leaves {len(batches) - held_out} to search on "
-            f"and {held_out} to check on; it must be in [0, 1) and leave at least one batch for each"
-        )
-    evaluator = _Evaluator(model, batches[: len(batches) - held_out])
+    searched, held_out = split_holdout(batches, holdout)
+    evaluator = _Evaluator(model, searched)
     path = Path(state_path) if state_path is not None else None
     fingerprint = _fingerprint(model, budget, space, strategy, evaluator.images)
     state = _load_state(path, fingerprint) or {
@@ -317,7 +312,7 @@ def search_routing(
     state = run(model, evaluator, space, target, state, path, progress, **options)
     routing, top1 = Routing.from_dict(state["best"]["routing"]), state["best"]["top1"]
     if held_out:
-        checker = _Evaluator(model, batches[-held_out:])
+        checker = _Evaluator(model, held_out)
         routing, check = _check(model, checker, routing, target)
         if check["returned"] != "searched":  # report the baseline's top-1 on the searched images too
             top1 = evaluator.accuracy(evaluator.initial(), routing, 0)
@@ -345,6 +340,17 @@ def search_routing(
     if held_out:
         report["check"] = check
     return SearchResult(routing, report)
+
+
+def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
+    """The validation batches searched on and the last ``holdout`` fraction of them kept out to check the result."""
+    count = round(holdout * len(batches))
+    if not 0 <= holdout < 1 or (holdout > 0 and not 0 < count < len(batches)):
+        raise ValueError(
+            f"holdout {holdout:g} of {len(batches)} validation batches leaves {len(batches) - count} to search on "
+            f"and {count} to check on; it must be in [0, 1) and leave at least one batch for each"
+        )
+    return batches[: len(batches) - count], batches[len(batches) - count :]
 
 
 def _check(model, held_out, routing, target) -> tuple[Routing, dict[str, Any]]:

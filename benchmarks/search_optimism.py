@@ -19,6 +19,7 @@ from pareto import top1
 
 from attnprune import Routing, load_model
 from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.search import split_holdout
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -40,8 +41,7 @@ def main() -> None:
     first = rows[0]["search"]
     images = first["images"] + first["check"]["holdout_images"]
     batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("validation", images)
-    searched = batches[: len(batches) - round(len(batches) * first["check"]["holdout_images"] / images)]
-    held_out = batches[len(searched) :]
+    searched, held_out = split_holdout(batches, first["check"]["holdout_images"] / images)
     result = {
         "model": name,
         "unpruned": {"searched": top1(model, Routing(), searched), "held_out": top1(model, Routing(), held_out)},
