@@ -1,11 +1,12 @@
 """Throughput of pruned DeiT-S against the unpruned model, at equal FLOPs across methods.
 
 Every routing is tuned to about ``--ratio`` of the unpruned FLOPs, then all are timed side by side in one process
-(warm-up, interleaved rounds, median), eager and under ``torch.compile``, at every batch size of ``--batches``.
-Prints one table and writes ``benchmarks/results/throughput.json``.
+(warm-up, interleaved rounds, median), eager and under ``torch.compile``, at every batch size of ``--batches`` and
+every weight/activation dtype of ``--dtypes``. Prints one table and writes ``benchmarks/results/throughput.json``.
 
     .venv/bin/python benchmarks/throughput.py                 # CPU, float32, batches 1, 8, 32
-    .venv/bin/python benchmarks/throughput.py --device cuda   # on a GPU
+    .venv/bin/python benchmarks/throughput.py --device cuda --dtypes float32 bfloat16 --batches 1 64 256 \
+        --no-compile --out benchmarks/results/throughput_gpu.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
     args = parser.parse_args()
@@ -76,45 +78,49 @@ def main() -> None:
 
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     rows = []
-    for mode in modes:
-        models = {}
-        for name, routing in routings.items():
-            model = prune(timm.create_model(args.model, pretrained=False).eval().to(device), routing)
-            models[name] = torch.compile(model) if mode == "compiled" else model
-        for batch in args.batches:
-            x = torch.randn(batch, 3, *reference.patch_embed.img_size, device=device)
-            seconds = time_interleaved(models, x, warmup=args.warmup, repeats=args.repeats)
-            for name in routings:
-                flops_ratio = base_flops / flops[name]
-                speedup = seconds["unpruned"] / seconds[name]
-                rows.append(
-                    {
-                        "mode": mode,
-                        "batch": batch,
-                        "routing": name,
-                        "gflops": flops[name] / 1e9,
-                        "flops_ratio": flops[name] / base_flops,
-                        "images_per_s": batch / seconds[name],
-                        "latency_ms": 1e3 * seconds[name],
-                        "speedup": speedup,
-                        "speedup_over_flops_reduction": speedup / flops_ratio,
-                    }
-                )
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for mode in modes:
+            models = {}
+            for name, routing in routings.items():
+                model = prune(timm.create_model(args.model, pretrained=False).eval().to(device, dtype), routing)
+                models[name] = torch.compile(model) if mode == "compiled" else model
+            for batch in args.batches:
+                x = torch.randn(batch, 3, *reference.patch_embed.img_size, device=device, dtype=dtype)
+                seconds = time_interleaved(models, x, warmup=args.warmup, repeats=args.repeats)
+                for name in routings:
+                    flops_ratio = base_flops / flops[name]
+                    speedup = seconds["unpruned"] / seconds[name]
+                    rows.append(
+                        {
+                            "dtype": dtype_name,
+                            "mode": mode,
+                            "batch": batch,
+                            "routing": name,
+                            "gflops": flops[name] / 1e9,
+                            "flops_ratio": flops[name] / base_flops,
+                            "images_per_s": batch / seconds[name],
+                            "latency_ms": 1e3 * seconds[name],
+                            "speedup": speedup,
+                            "speedup_over_flops_reduction": speedup / flops_ratio,
+                        }
+                    )
 
-    header = f"{'mode':9}{'batch':>6}  {'routing':10}{'GFLOPs':>8}{'FLOPs':>7}{'img/s':>9}{'ms/batch':>10}"
+    header = f"{'dtype':10}{'mode':9}{'batch':>6}  {'routing':10}{'GFLOPs':>8}{'FLOPs':>7}{'img/s':>9}{'ms/batch':>10}"
     header += f"{'speedup':>9}{'speedup/FLOPs-reduction':>25}"
-    print(f"{args.model}, float32, {device_name(device)}")
+    print(f"{args.model}, {device_name(device)}")
     print(header)
     for row in rows:
         print(
-            f"{row['mode']:9}{row['batch']:>6}  {row['routing']:10}{row['gflops']:>8.2f}{row['flops_ratio']:>7.0%}"
+            f"{row['dtype']:10}{row['mode']:9}{row['batch']:>6}  {row['routing']:10}"
+            f"{row['gflops']:>8.2f}{row['flops_ratio']:>7.0%}"
             f"{row['images_per_s']:>9.1f}{row['latency_ms']:>10.1f}{row['speedup']:>9.2f}"
             f"{row['speedup_over_flops_reduction']:>25.2f}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "model": args.model,
-        "dtype": "float32",
+        "dtypes": args.dtypes,
         "device": device_name(device),
         "torch": torch.__version__,
         "timm": timm.__version__,
@@ -123,7 +129,8 @@ def main() -> None:
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
             if k not in ("out", "no_compile")
-        ),
+        )
+        + (" --no-compile" if args.no_compile else ""),
         "routings": {name: routing.to_dict() for name, routing in routings.items()},
         "rows": rows,
     }

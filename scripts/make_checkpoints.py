@@ -5,15 +5,21 @@ train.py on the training split (validation held out), the best epoch on validati
 the metadata attnprune.load_model needs, and its model card records the commands, seed, wall time, split and test
 top-1. Not part of CI: run it on a quiet machine, one training at a time.
 
+Two recipes: ``cpu`` (the default; sized to train each model in under an hour on 2 CPU cores) and ``gpu`` (longer
+schedules, larger batches and more loader workers, from overlay configs in configs/fashion_mnist/gpu/). Arguments
+not known to this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:05:00``).
+
     .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
     .venv/bin/python scripts/make_checkpoints.py supervised           # one
     .venv/bin/python scripts/make_checkpoints.py supervised --export-only   # re-export after an interrupted run
+    python scripts/make_checkpoints.py supervised distilled --recipe gpu  # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,23 +37,43 @@ from attnprune.lit.modules import DistillationClassifier, LinearProbe, PrunedCla
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 RUNS = ROOT / "runs"
 
-# name -> (paradigm, module class of the final stage, training stages as train.py argument lists)
+# name -> (paradigm, module class of the final stage)
 MODELS = {
-    "supervised": (
-        "supervised",
-        PrunedClassifier,
-        [["--config", "supervised.yaml"], ["--config", "supervised_continue.yaml"]],
-    ),
-    "distilled": ("distilled", DistillationClassifier, [["--config", "distilled.yaml"]]),
-    "dino": ("dino", LinearProbe, [["--config", "dino_pretrain.yaml"], ["--config", "dino_probe.yaml"]]),
-    "mae": ("mae", PrunedClassifier, [["--config", "mae_pretrain.yaml"], ["--config", "mae_finetune.yaml"]]),
+    "supervised": ("supervised", PrunedClassifier),
+    "distilled": ("distilled", DistillationClassifier),
+    "dino": ("dino", LinearProbe),
+    "mae": ("mae", PrunedClassifier),
+}
+# recipe -> name -> training stages, each a list of configs (a later config overrides an earlier one)
+RECIPES = {
+    "cpu": {
+        "supervised": [["supervised.yaml"], ["supervised_continue.yaml"]],
+        "distilled": [["distilled.yaml"]],
+        "dino": [["dino_pretrain.yaml"], ["dino_probe.yaml"]],
+        "mae": [["mae_pretrain.yaml"], ["mae_finetune.yaml"]],
+    },
+    "gpu": {
+        "supervised": [["supervised.yaml", "gpu/supervised.yaml"]],
+        "distilled": [["distilled.yaml", "gpu/distilled.yaml"]],
+        "dino": [["dino_pretrain.yaml", "gpu/dino_pretrain.yaml"], ["dino_probe.yaml", "gpu/dino_probe.yaml"]],
+        "mae": [["mae_pretrain.yaml", "gpu/mae_pretrain.yaml"], ["mae_finetune.yaml", "gpu/mae_finetune.yaml"]],
+    },
 }
 
 
-def stage_command(name: str, index: int, args: list[str]) -> list[str]:
-    config = str((CONFIGS / args[1]).relative_to(ROOT))
-    dirpath = f"runs/fmnist-{name}/stage{index}"
-    return ["python", "train.py", "fit", "--config", config, "--checkpoint.dirpath", dirpath]
+def stage_command(name: str, index: int, configs: list[str], extra: list[str]) -> list[str]:
+    """The train.py command of one stage; its checkpoints go to runs/fmnist-<name>/stage<index>."""
+    command = ["python", "train.py", "fit"]
+    for config in configs:
+        command += ["--config", str((CONFIGS / config).relative_to(ROOT))]
+    return [*command, "--checkpoint.dirpath", f"runs/fmnist-{name}/stage{index}", *extra]
+
+
+def hardware(recipe: str) -> str:
+    """What trained the model, for the card."""
+    if recipe == "gpu" and torch.cuda.is_available():
+        return f"one {torch.cuda.get_device_name(0)} GPU"
+    return f"{os.cpu_count()} CPU cores"
 
 
 def best_checkpoint(dirpath: Path) -> Path:
@@ -78,9 +104,11 @@ def test_top1(model: torch.nn.Module, images: int | None = None) -> float:
     return correct / total
 
 
-def export(name: str, commands: list[list[str]], seconds: float | None, note: str = "") -> dict:
-    paradigm, module_class, stages = MODELS[name]
-    ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(stages) - 1}")
+def export(
+    name: str, recipe: str, commands: list[list[str]], seconds: float | None, hardware: str, note: str = ""
+) -> dict:
+    paradigm, module_class = MODELS[name]
+    ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(commands) - 1}")
     # The paradigm is the script's, not the checkpoint's: the first distilled run was started when train.py's default
     # for DistillationClassifier was still "supervised" (same network, only the recorded label differed).
     overrides = {} if module_class is LinearProbe else {"paradigm": paradigm}
@@ -101,9 +129,10 @@ def export(name: str, commands: list[list[str]], seconds: float | None, note: st
         "architecture": spec["architecture"],
         "model_kwargs": kwargs,
         "commands": [" ".join(c) for c in commands],
-        "export_command": f"python scripts/make_checkpoints.py {name}",
+        "export_command": f"python scripts/make_checkpoints.py {name} --recipe {recipe}",
         "seed": 0,
         "train_wall_time_s": seconds,
+        "hardware": hardware,
         "data": "Fashion-MNIST: trained on 55,000 training images; 5,000 training images held out for validation "
         "(FashionMNISTDataModule, seed 0); tested on the 10,000 test images",
         "source_checkpoint": str(ckpt.relative_to(ROOT)),
@@ -122,7 +151,8 @@ def export(name: str, commands: list[list[str]], seconds: float | None, note: st
 
 
 def write_card(path: Path, card: dict) -> None:
-    wall = f"{card['train_wall_time_s'] / 60:.0f} min on 2 CPU cores" if card["train_wall_time_s"] else "see the log"
+    hardware = card.get("hardware", "2 CPU cores")
+    wall = f"{card['train_wall_time_s'] / 60:.0f} min on {hardware}" if card["train_wall_time_s"] else "see the log"
     lines = [
         f"# {card['name']}",
         "",
@@ -157,13 +187,15 @@ def write_card(path: Path, card: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--recipe", default="cpu", choices=list(RECIPES))
     parser.add_argument("--export-only", action="store_true", help="export existing runs without training")
     parser.add_argument("--wall-time-s", type=float, help="with --export-only: the measured training time to record")
+    parser.add_argument("--hardware", help="with --export-only: what trained the model (default: this machine)")
     parser.add_argument("--note", default="", help="a remark for the model card")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
     for name in args.names:
-        stages = MODELS[name][2]
-        commands = [stage_command(name, i, stage) for i, stage in enumerate(stages)]
+        stages = RECIPES[args.recipe][name]
+        commands = [stage_command(name, i, configs, extra) for i, configs in enumerate(stages)]
         seconds = args.wall_time_s
         if not args.export_only:
             start = time.perf_counter()
@@ -171,7 +203,7 @@ def main() -> None:
                 print("$", " ".join(command), flush=True)
                 subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
             seconds = time.perf_counter() - start
-        export(name, commands, seconds, args.note)
+        export(name, args.recipe, commands, seconds, args.hardware or hardware(args.recipe), args.note)
 
 
 if __name__ == "__main__":
