@@ -47,7 +47,12 @@ MODELS = {
 # recipe -> name -> training stages, each a list of configs (a later config overrides an earlier one)
 RECIPES = {
     "cpu": {
-        "supervised": [["supervised.yaml"], ["supervised_continue.yaml"]],
+        "supervised": [
+            ["supervised.yaml"],
+            ["supervised_continue.yaml"],
+            ["supervised_continue.yaml", "supervised_continue2.yaml"],  # a GPU stage: 2 CPU cores would take 70 min
+            ["supervised_continue.yaml", "supervised_continue3.yaml"],
+        ],
         "distilled": [["distilled.yaml"]],
         "dino": [["dino_pretrain.yaml"], ["dino_probe.yaml"]],
         "mae": [["mae_pretrain.yaml"], ["mae_finetune.yaml"]],
