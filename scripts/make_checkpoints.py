@@ -5,9 +5,12 @@ train.py on the training split (validation held out), the best epoch on validati
 the metadata attnprune.load_model needs, and its model card records the commands, seed, wall time, split and test
 top-1. Not part of CI: run it on a quiet machine, one training at a time.
 
-Two recipes: ``cpu`` (the default; sized to train each model in under an hour on 2 CPU cores) and ``gpu`` (longer
-schedules, larger batches and more loader workers, from overlay configs in configs/fashion_mnist/gpu/). Arguments
-not known to this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:05:00``).
+Two recipes, each a list of stages per model (every stage's config names its accelerator): ``cpu`` (the default;
+stages sized to train in under an hour on 2 CPU cores, except supervised_continue2.yaml, a GPU stage) and ``gpu``
+(longer schedules and more loader workers, from overlay configs in configs/fashion_mnist/gpu/; distilled_continue.yaml
+is a CPU stage). The shipped supervised model followed ``cpu``, the other three ``gpu``; each card lists the commands
+that made it. Arguments not
+known to this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:05:00``).
 
     .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
     .venv/bin/python scripts/make_checkpoints.py supervised           # one
@@ -59,7 +62,10 @@ RECIPES = {
     },
     "gpu": {
         "supervised": [["supervised.yaml", "gpu/supervised.yaml"]],
-        "distilled": [["distilled.yaml", "gpu/distilled.yaml"]],
+        "distilled": [
+            ["distilled.yaml", "gpu/distilled.yaml"],
+            ["distilled.yaml", "distilled_continue.yaml"],  # on the CPU: a warm restart, with the shipped teacher
+        ],
         "dino": [["dino_pretrain.yaml", "gpu/dino_pretrain.yaml"], ["dino_probe.yaml", "gpu/dino_probe.yaml"]],
         "mae": [["mae_pretrain.yaml", "gpu/mae_pretrain.yaml"], ["mae_finetune.yaml", "gpu/mae_finetune.yaml"]],
     },
