@@ -9,8 +9,8 @@ Two recipes, each a list of stages per model (every stage's config names its acc
 stages sized to train in under an hour on 2 CPU cores, except supervised_continue2.yaml, a GPU stage) and ``gpu``
 (longer schedules and more loader workers, from overlay configs in configs/fashion_mnist/gpu/; distilled_continue.yaml
 is a CPU stage). The shipped supervised model followed ``cpu``, the other three ``gpu``; each card lists the commands
-that made it. Arguments not
-known to this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:05:00``).
+that made it. Arguments not known to this script are passed to every train.py stage (e.g. ``--trainer.max_time
+00:00:05:00``).
 
     .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
     .venv/bin/python scripts/make_checkpoints.py supervised           # one
@@ -80,11 +80,10 @@ def stage_command(name: str, index: int, configs: list[str], extra: list[str]) -
     return [*command, "--checkpoint.dirpath", f"runs/fmnist-{name}/stage{index}", *extra]
 
 
-def hardware(recipe: str) -> str:
-    """What trained the model, for the card."""
-    if recipe == "gpu" and torch.cuda.is_available():
-        return f"one {torch.cuda.get_device_name(0)} GPU"
-    return f"{os.cpu_count()} CPU cores"
+def this_machine() -> str:
+    """This machine's GPU and CPU cores, for the card."""
+    cores = f"{os.cpu_count()} CPU cores"
+    return f"one {torch.cuda.get_device_name(0)} GPU, {cores}" if torch.cuda.is_available() else cores
 
 
 def best_checkpoint(dirpath: Path) -> Path:
@@ -201,7 +200,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="cpu", choices=list(RECIPES))
     parser.add_argument("--export-only", action="store_true", help="export existing runs without training")
     parser.add_argument("--wall-time-s", type=float, help="with --export-only: the measured training time to record")
-    parser.add_argument("--hardware", help="with --export-only: what trained the model (default: this machine)")
+    parser.add_argument("--hardware", help="what trained the model (default: this machine)")
     parser.add_argument("--note", default="", help="a remark for the model card")
     args, extra = parser.parse_known_args()
     for name in args.names:
@@ -214,7 +213,7 @@ def main() -> None:
                 print("$", " ".join(command), flush=True)
                 subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True)
             seconds = time.perf_counter() - start
-        export(name, args.recipe, commands, seconds, args.hardware or hardware(args.recipe), args.note)
+        export(name, args.recipe, commands, seconds, args.hardware or this_machine(), args.note)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,7 @@ def test_stage_command_passes_configs_in_order_and_extra_arguments_last():
         "--checkpoint.dirpath", "runs/fmnist-dino/stage1",
         "--trainer.max_time", "00:00:01:00",
     ]  # fmt: skip
+
+
+def test_cards_name_the_cpu_cores_of_the_machine_that_trained():
+    assert make_checkpoints.this_machine().endswith(f"{os.cpu_count()} CPU cores")
