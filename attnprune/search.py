@@ -145,21 +145,15 @@ class _Evaluator:
         return [(x, None) for x in self.inputs]
 
 
-def _fingerprint(model: VisionTransformer, budget: float, space: SearchSpace, strategy: str, images: int) -> str:
-    first = next(model.parameters())
-    text = json.dumps(
-        [
-            budget,
-            asdict(space),
-            strategy,
-            images,
-            float(first.detach().sum()),
-            sum(p.numel() for p in model.parameters()),
-        ],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _fingerprint(
+    model: VisionTransformer, budget: float, space: SearchSpace, strategy: str, evaluator: _Evaluator
+) -> str:
+    """Identifies a search: its settings, every weight of the model and the searched images and labels, so that a
+    state saved for another model (even one differing only in its head) or other data is never resumed."""
+    digest = hashlib.sha256(json.dumps([budget, asdict(space), strategy], sort_keys=True, default=str).encode())
+    for tensor in [*model.state_dict().values(), *evaluator.raw, *evaluator.labels]:
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _completion(
@@ -291,7 +285,7 @@ def search_routing(
     searched, held_out = split_holdout(batches, holdout)
     evaluator = _Evaluator(model, searched)
     path = Path(state_path) if state_path is not None else None
-    fingerprint = _fingerprint(model, budget, space, strategy, evaluator.images)
+    fingerprint = _fingerprint(model, budget, space, strategy, evaluator)
     state = _load_state(path, fingerprint) or {
         "fingerprint": fingerprint,
         "step": 0,

@@ -39,13 +39,13 @@ def test_stage_configs_exist_and_name_an_accelerator(recipe, name, index, config
 
 def test_stage_command_passes_configs_in_order_and_extra_arguments_last():
     command = make_checkpoints.stage_command(
-        "dino", 1, ["dino_probe.yaml", "gpu/dino_probe.yaml"], ["--trainer.max_time", "00:00:01:00"]
+        "dino", 0, ["dino_pretrain.yaml", "gpu/dino_pretrain.yaml"], ["--trainer.max_time", "00:00:01:00"]
     )
     assert command == [
         "python", "train.py", "fit",
-        "--config", "configs/fashion_mnist/dino_probe.yaml",
-        "--config", "configs/fashion_mnist/gpu/dino_probe.yaml",
-        "--checkpoint.dirpath", "runs/fmnist-dino/stage1",
+        "--config", "configs/fashion_mnist/dino_pretrain.yaml",
+        "--config", "configs/fashion_mnist/gpu/dino_pretrain.yaml",
+        "--checkpoint.dirpath", "runs/fmnist-dino/stage0",
         "--trainer.max_time", "00:00:01:00",
     ]  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from functools import partial
 
@@ -115,6 +116,11 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     assert resumed.report["candidates_evaluated"] == full.report["candidates_evaluated"]
     with pytest.raises(ValueError, match="belongs to another search"):
         search_routing(model, data, 0.6, space=SMALL, state_path=state, progress=False)
+    retrained_head = copy.deepcopy(model)  # same backbone, another classifier: the saved state no longer applies
+    with torch.no_grad():
+        retrained_head.head.bias[0] += 1.0
+    with pytest.raises(ValueError, match="belongs to another search"):
+        search_routing(retrained_head, data, 0.7, space=SMALL, state_path=state, progress=False)
 
 
 def test_infeasible_budget_names_the_cheapest_flops(model, data):
