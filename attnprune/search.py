@@ -19,6 +19,7 @@ lucky ones, and the held-out images tell whether the winner's lead is real. If a
 search returns that baseline.
 
 The search is resumable: with ``state_path``, the state is saved after every step and a rerun continues from it.
+A state is tied to the settings, every weight of the model and the searched images: any other search refuses it.
 """
 
 from __future__ import annotations
