@@ -121,6 +121,9 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
         retrained_head.head.bias[0] += 1.0
     with pytest.raises(ValueError, match="belongs to another search"):
         search_routing(retrained_head, data, 0.7, space=SMALL, state_path=state, progress=False)
+    relabelled = [(images, (labels + 1) % 4) for images, labels in data]  # same images, other labels
+    with pytest.raises(ValueError, match="belongs to another search"):
+        search_routing(model, relabelled, 0.7, space=SMALL, state_path=state, progress=False)
 
 
 def test_infeasible_budget_names_the_cheapest_flops(model, data):
