@@ -23,12 +23,14 @@ from attnprune import load_model
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.paradigms import build_from_spec, knn_predict
 
+CLASSES = len(FashionMNISTDataModule.CLASSES)
+
 
 def logistic_top1(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor) -> float:
     """Top-1 of a multinomial logistic regression on standardised features, fitted by L-BFGS."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    classifier = torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1)
+    classifier = torch.nn.Linear(train_x.shape[1], CLASSES)
     optimizer = torch.optim.LBFGS(classifier.parameters(), max_iter=500, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
@@ -46,9 +48,9 @@ def readouts(model: torch.nn.Module, bank: list, val: list) -> dict[str, float]:
     """k-NN (k=20), least-squares linear and logistic-regression top-1 on ``val``, fitted on ``bank``."""
     train_x, train_y = torch.cat([model(x) for x, _ in bank]), torch.cat([y for _, y in bank])
     val_x, val_y = torch.cat([model(x) for x, _ in val]), torch.cat([y for _, y in val])
-    knn = (knn_predict(val_x, train_x, train_y, 10).argmax(-1) == val_y).float().mean().item()
+    knn = (knn_predict(val_x, train_x, train_y, CLASSES).argmax(-1) == val_y).float().mean().item()
     ones = torch.ones(len(train_x), 1)
-    weights = torch.linalg.lstsq(torch.cat([train_x, ones], 1), F.one_hot(train_y, 10).float()).solution
+    weights = torch.linalg.lstsq(torch.cat([train_x, ones], 1), F.one_hot(train_y, CLASSES).float()).solution
     linear = ((torch.cat([val_x, torch.ones(len(val_x), 1)], 1) @ weights).argmax(-1) == val_y).float().mean().item()
     logistic = logistic_top1(train_x, train_y, val_x, val_y)
     return {"knn_top1": knn, "linear_lstsq_top1": linear, "logistic_top1": logistic}
