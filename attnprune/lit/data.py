@@ -8,16 +8,23 @@ source's held-out split (final numbers only). Transforms come from timm's data c
 
 from __future__ import annotations
 
+import csv
 import gzip
+import math
+import os
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
+import huggingface_hub
 import lightning as L
 import numpy as np
+import pyarrow.compute as pc
 import torch
+import yaml
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
 from timm.data import (
@@ -76,7 +83,8 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: training batch size (per device).
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         num_workers: DataLoader workers.
-        val_size: images (int) or fraction (float) of the source's training split held out as ``validation``.
+        val_size: images (int) or fraction (float) of the source's training split held out as ``validation``; at
+            least one image must stay on each side.
         seed: seed of the validation carve-out and the training shuffle.
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``); default
             the trained module's ``data_config``, else timm's ImageNet defaults.
@@ -107,28 +115,69 @@ class ImageDataModule(L.LightningDataModule):
         """The source's own splits: ``train`` and, when it has one, ``test`` (or ``validation``, used as test)."""
         raise NotImplementedError
 
+    HELD_OUT = ("test", "validation")  # the source's split used as our test split, first found first
+
     @property
     def num_classes(self) -> int:
         """Classes of the label column (a ``ClassLabel``)."""
         if not self.splits:
             self.prepare_splits()
-        return self.splits["train"].features["label"].num_classes
+        return next(iter(self.splits.values())).features["label"].num_classes
+
+    def layouts_hint(self) -> str:
+        """What the error messages add about the layouts this module reads."""
+        return ""
+
+    def validation_count(self, train_images: int | None) -> int:
+        """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
+        val_size = self.hparams.val_size
+        default = getattr(self, "DEFAULT_VAL_IMAGES", None)
+        if train_images is None:  # streaming: the length is unknown
+            count = default if val_size is None else val_size
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ValueError(f"val_size must be an image count with streaming data, got {val_size!r}")
+            return count
+        if val_size is None:
+            count = min(default or train_images, max(1, round(0.1 * train_images)))
+        elif isinstance(val_size, float):
+            if not 0.0 < val_size < 1.0:
+                raise ValueError(f"val_size as a fraction must be in (0, 1), got {val_size}")
+            count = math.ceil(val_size * train_images)
+        else:
+            count = val_size
+        if not 1 <= count < train_images:
+            raise ValueError(
+                f"val_size={val_size!r} holds out {count} of the {train_images} training images of "
+                f"{self.describe_source()}; at least one image must stay on each side. Give a smaller count or a "
+                "fraction (val_size=0.1)"
+            )
+        return count
 
     def prepare_splits(self) -> None:
-        """Load the source and carve ``validation`` out of its training split (deterministic in ``seed``)."""
+        """Load the source and carve ``validation`` out of its training split (deterministic in ``seed``).
+
+        A source without training images gives only the ``test`` split (evaluation); ``fit`` then fails in
+        :meth:`setup`.
+        """
         source = self.load_source()
-        train = source["train"]
-        val_size = self.hparams.val_size
+        self.splits = {}
+        train = source.get("train")
         if isinstance(train, datasets.IterableDataset):
-            if not isinstance(val_size, int):
-                raise ValueError(f"val_size must be an image count with streaming data, got {val_size!r}")
-            self.splits = {"train": train.skip(val_size), "validation": train.take(val_size)}
-        else:
-            parts = train.train_test_split(test_size=val_size, seed=self.hparams.seed, shuffle=True)
+            count = self.validation_count(None)
+            self.splits = {"train": train.skip(count), "validation": train.take(count)}
+        elif train is not None:
+            count = self.validation_count(len(train))
+            parts = train.train_test_split(test_size=count, seed=self.hparams.seed, shuffle=True)
             self.splits = {"train": parts["train"], "validation": parts["test"]}
-        held_out = source.get("test", source.get("validation"))
-        if held_out is not None:
-            self.splits["test"] = held_out
+        for name in self.HELD_OUT:
+            if name in source and _labelled(source[name]):
+                self.splits["test"] = source[name]
+                break
+        if not self.splits:
+            raise FileNotFoundError(
+                f"{self.describe_source()} has no labelled split (found: {', '.join(source) or 'none'}). "
+                f"{self.layouts_hint()}".strip()
+            )
 
     # ----------------------------------------------------------------------------------------- transforms
     def resolved_data_config(self) -> dict[str, Any]:
@@ -167,14 +216,22 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.prepare_splits()
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            raise ValueError(
+                f"{self.describe_source()} has no training split, which `{stage}` needs (the validation split is "
+                f"carved out of it); it has only the held-out split, which `test` (evaluate.py) reads. "
+                f"{self.layouts_hint()}".strip()
+            )
         self._transforms = {split: self.make_transform(split == "train") for split in ("train", "validation", "test")}
         self._transforms["bank"] = self._transforms["test"]
 
     def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
-        if split not in self.splits and split != "bank":
+        needed = "train" if split == "bank" else split
+        if needed not in self.splits:
+            what = "held-out split (add a test/ or val/ folder)" if split == "test" else "training split"
             raise ValueError(
-                f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no held-out "
-                "split (add a test/ or val/ folder)"
+                f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no {what}. "
+                f"{self.layouts_hint()}".strip()
             )
         transform = self._transforms[split]
 
@@ -244,10 +301,78 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("bank", shuffle=False)
 
 
-class ImageFolderDataModule(ImageDataModule):
-    """Any folder of class subfolders, read with ``datasets``' ``imagefolder`` builder.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("val", "validation", "valid"), "test": ("test",)}
+WNID = re.compile(r"n\d{8}")
+FLAT_VAL = re.compile(r"ILSVRC2012_val_\d+", re.IGNORECASE)
+VAL_SOLUTION = "LOC_val_solution.csv"
+IMAGENET_LAYOUTS = (
+    "class folders: <root>/train/<wnid>/*.JPEG and/or <root>/val/<wnid>/*.JPEG (or test/), or <root>/<wnid>/*.JPEG "
+    "alone for evaluation",
+    f"the official flat validation folder: ILSVRC2012_val_*.JPEG with Kaggle's {VAL_SOLUTION} beside the images "
+    "or in their parent folder (Kaggle's ILSVRC/Data/CLS-LOC tree included)",
+    "a datasets save_to_disk folder (dataset_dict.json or state.json)",
+    "a folder of parquet files in the hub's layout: <root>/data/{train,validation,test}-*.parquet",
+    "a hub dataset id such as ILSVRC/imagenet-1k (read from the local Hugging Face cache when offline)",
+)
 
-    ``root/train/<class>/*.jpg`` is required; ``root/test/`` or ``root/val/`` (ImageNet's layout) is the test split.
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sorted names of the subfolders holding images (torchvision's ``ImageFolder`` order)."""
+    return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+
+
+def _class_folder_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    """Image paths and labels of ``folder/<class>/**``, walked in torchvision's ``ImageFolder`` order."""
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for root, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            for file in sorted(files):
+                if _is_image(Path(root) / file):
+                    paths.append(str(Path(root) / file))
+                    labels.append(label)
+    return paths, labels
+
+
+def _image_dataset(paths: list[str], labels: list[int], classes: list[str]) -> datasets.Dataset:
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=features)
+
+
+def _is_flat_val(folder: Path) -> bool:
+    return folder.is_dir() and any(FLAT_VAL.match(entry.name) for entry in folder.iterdir() if _is_image(entry))
+
+
+def read_val_solution(path: Path) -> dict[str, str]:
+    """Kaggle's ``LOC_val_solution.csv``: image id (``ILSVRC2012_val_00000001``) -> wnid (the first box's class)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise ValueError(f"{path} is not Kaggle's {VAL_SOLUTION}: expected the columns ImageId,PredictionString")
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
+
+
+def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
+    """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
+    if not isinstance(data, datasets.Dataset) or len(data) == 0:
+        return True
+    labels = data.data.column("label")
+    return pc.max(labels).as_py() is not None and pc.max(labels).as_py() >= 0
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any folder of class subfolders, read as torchvision's ``ImageFolder`` reads it (classes are the sorted folder
+    names, so ImageNet's wnids come out in timm's class order).
+
+    ``root/train/<class>/*.jpg`` is the training split; ``root/test/`` or ``root/val/`` (ImageNet's layout) the test
+    split. Either may be missing: evaluation needs no training images, and ``fit`` fails only then.
 
     Args:
         root: the folder.
@@ -263,50 +388,238 @@ class ImageFolderDataModule(ImageDataModule):
         return f"image folder {self.root}"
 
     def load_source(self) -> dict[str, datasets.Dataset]:
-        if not (self.root / "train").is_dir():
+        folders = self._split_folders(self.root)
+        if not folders:
             raise FileNotFoundError(
-                f"image folder {self.root} has no train/ subfolder. Provide the data as "
+                f"image folder {self.root} has no train/ subfolder and no val/ or test/ subfolder. Provide the data as "
                 f"{self.root}/train/<class>/*.jpg with {self.root}/val/<class>/*.jpg (or test/) for the held-out split"
             )
-        return dict(datasets.load_dataset("imagefolder", data_dir=str(self.root), cache_dir=self.cache_dir))
+        return self._class_folder_splits(folders)
+
+    @staticmethod
+    def _split_folders(root: Path) -> dict[str, Path]:
+        found = {}
+        for split, names in SPLIT_FOLDERS.items():
+            for name in names:
+                if (root / name).is_dir():
+                    found[split] = root / name
+                    break
+        return found
+
+    @staticmethod
+    def _class_folder_splits(folders: dict[str, Path], classes: list[str] | None = None) -> dict[str, datasets.Dataset]:
+        """One dataset per split folder; the classes are the union of every split's class folders, sorted."""
+        if classes is None:
+            classes = sorted(set().union(*(_class_folders(folder) for folder in folders.values())))
+        splits = {}
+        for split, folder in folders.items():
+            paths, labels = _class_folder_files(folder, classes)
+            if not paths:
+                raise FileNotFoundError(f"{folder} holds no images in class subfolders ({folder}/<class>/*.jpg)")
+            splits[split] = _image_dataset(paths, labels, classes)
+        return splits
 
 
 class ImageNetDataModule(ImageFolderDataModule):
-    """ImageNet-1k from the Hugging Face hub or a local ``train/`` + ``val/`` folder.
+    """ImageNet-1k in any layout users have it, with labels in timm's class order (sorted wnids).
 
-    The source's ``validation`` split (50,000 images) is the test split; ``val_size`` training images are held out
-    as our validation split.
+    Layouts (``source``):
+
+    - class folders: ``train/<wnid>/`` and/or ``val/<wnid>/`` (or ``test/``), or the ``<wnid>/`` folders alone;
+    - the official flat validation folder (``ILSVRC2012_val_*.JPEG``) with Kaggle's ``LOC_val_solution.csv`` beside
+      the images or in their parent folder, with or without ``train/<wnid>/`` beside it;
+    - a ``datasets`` ``save_to_disk`` folder;
+    - a folder of parquet files in the hub's layout (``data/validation-*.parquet``, ...);
+    - a hub dataset id (gated: ``huggingface-cli login``), read from the local Hugging Face cache when offline.
+
+    The source's validation split (50,000 images) is our test split; ``val_size`` training images are held out as
+    our validation split. Without training images only ``test`` works (``fit`` and ``validate`` raise).
 
     Args:
-        source: hub dataset id (gated: log in with ``huggingface-cli login`` or set ``HF_TOKEN``) or a local folder.
+        source: a local folder in one of the layouts above, or a hub dataset id.
         streaming: stream the hub dataset instead of downloading it (``val_size`` must then be a count).
-        val_size: training images held out for validation.
+        val_size: training images held out for validation; default 10,000 or a tenth of the training split,
+            whichever is smaller.
+        hub_cache_dir: Hugging Face hub cache searched for a hub id's files (default: ``HF_HUB_CACHE``).
         **kwargs: see :class:`ImageDataModule`.
     """
 
+    HELD_OUT = ("validation", "test")  # the hub's ImageNet test split has no labels
+    DEFAULT_VAL_IMAGES = 10_000
+
     def __init__(
-        self, source: str = "ILSVRC/imagenet-1k", streaming: bool = False, val_size: int | float = 10_000, **kwargs: Any
+        self,
+        source: str = "ILSVRC/imagenet-1k",
+        streaming: bool = False,
+        val_size: int | float | None = None,
+        hub_cache_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(root=source, val_size=val_size, **kwargs)
-        self.source, self.streaming = source, streaming
+        self.source, self.streaming, self.hub_cache_dir = source, streaming, hub_cache_dir
 
     def describe_source(self) -> str:
         return f"ImageNet source {self.source}"
 
+    def layouts_hint(self) -> str:
+        return "Supported layouts: " + "; ".join(f"({i}) {text}" for i, text in enumerate(IMAGENET_LAYOUTS, 1))
+
     def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
-        if Path(self.source).is_dir():
-            return super().load_source()
-        if self.source.startswith((".", "/", "~")):
-            raise FileNotFoundError(f"ImageNet folder {self.source} does not exist")
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return self._load_local(path)
+        if self.source.startswith((".", "/", "~")) or path.exists():
+            raise FileNotFoundError(f"ImageNet folder {self.source} does not exist. {self.layouts_hint()}")
+        return self._load_hub()
+
+    # ----------------------------------------------------------------------------------------------- local
+    def _load_local(self, root: Path) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+            # a single saved split is taken as the held-out one
+            return self._with_labels(dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"test": loaded})
+        parquet = self._parquet_files(root)
+        if parquet:
+            return self._load_parquet(root, parquet)
+        kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
+        data_root = kaggle if kaggle.is_dir() else root
+        folders = self._split_folders(data_root)
+        if not folders:
+            if _is_flat_val(data_root):
+                return {"validation": self._flat_val(data_root, extra_dirs=[root])}
+            if any(WNID.fullmatch(name) for name in _class_folders(data_root)):
+                return self._class_folder_splits({"validation": data_root})
+            raise FileNotFoundError(f"{root} is in no ImageNet layout this module reads. {self.layouts_hint()}")
+        flat = {split: folder for split, folder in folders.items() if split != "train" and _is_flat_val(folder)}
+        class_splits = {split: folder for split, folder in folders.items() if split not in flat}
+        solutions = {split: self._find_val_solution(folder, [root]) for split, folder in flat.items()}
+        wnids = set().union(*(_class_folders(folder) for folder in class_splits.values()))
+        for solution in solutions.values():
+            wnids |= set(read_val_solution(solution).values())
+        classes = sorted(wnids)
+        splits = self._class_folder_splits(class_splits, classes) if class_splits else {}
+        for split, folder in flat.items():
+            splits[split] = self._flat_val(folder, classes=classes, solution=solutions[split])
+        return splits
+
+    def _find_val_solution(self, folder: Path, extra_dirs: list[Path]) -> Path:
+        candidates = [folder / VAL_SOLUTION, folder.parent / VAL_SOLUTION] + [d / VAL_SOLUTION for d in extra_dirs]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"{folder} is ImageNet's flat validation folder (ILSVRC2012_val_*.JPEG), whose labels are in Kaggle's "
+            f"{VAL_SOLUTION}; it is in none of {', '.join(str(c.parent) for c in candidates)}. Put it beside the "
+            f"images or in their parent folder, or sort the images into val/<wnid>/ folders. {self.layouts_hint()}"
+        )
+
+    def _flat_val(
+        self,
+        folder: Path,
+        classes: list[str] | None = None,
+        solution: Path | None = None,
+        extra_dirs: list[Path] = (),
+    ) -> datasets.Dataset:
+        """The flat validation folder, labelled by ``LOC_val_solution.csv``."""
+        solution = solution or self._find_val_solution(folder, list(extra_dirs))
+        wnid_of = read_val_solution(solution)
+        classes = classes or sorted(set(wnid_of.values()))
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        files = sorted(entry for entry in folder.iterdir() if _is_image(entry) and FLAT_VAL.match(entry.name))
+        missing = [file.name for file in files if file.stem not in wnid_of]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} images of {folder} have no row in {solution} (for example {', '.join(missing[:3])})"
+            )
+        return _image_dataset([str(file) for file in files], [index[wnid_of[file.stem]] for file in files], classes)
+
+    @staticmethod
+    def _parquet_files(root: Path) -> dict[str, list[str]]:
+        """Parquet files per split: ``data/<split>-*.parquet`` (the hub's layout), ``<split>-*.parquet`` or
+        ``[data/]<split>/*.parquet``."""
+        names = {name: split for split, aliases in SPLIT_FOLDERS.items() for name in aliases}
+        found: dict[str, list[str]] = {}
+        for folder in (root / "data", root):
+            if not folder.is_dir():
+                continue
+            for file in sorted(folder.glob("*.parquet")):
+                split = names.get(re.split(r"[-_.]", file.name, maxsplit=1)[0].lower())
+                if split is not None:
+                    found.setdefault(split, []).append(str(file))
+            for name, split in names.items():
+                found.setdefault(split, []).extend(sorted(str(f) for f in (folder / name).glob("*.parquet")))
+        return {split: files for split, files in found.items() if files}
+
+    def _load_parquet(self, root: Path, files: dict[str, list[str]]) -> dict[str, Any]:
+        loaded = datasets.load_dataset("parquet", data_files=files, cache_dir=self.cache_dir, streaming=self.streaming)
+        return self._with_labels(dict(loaded), readme=root / "README.md")
+
+    def _with_labels(self, splits: dict[str, Any], readme: Path | None = None) -> dict[str, Any]:
+        """Check every split has ``image`` and ``label`` columns; a plain integer label becomes a ``ClassLabel`` (with
+        the class names of the hub card's ``dataset_info`` when there is one)."""
+        for split, data in splits.items():
+            columns = set(data.features or {})
+            if not {"image", "label"} <= columns:
+                raise ValueError(
+                    f"split {split!r} of {self.describe_source()} has columns {sorted(columns)}; an ImageNet dataset "
+                    "needs 'image' and 'label' columns"
+                )
+            if not isinstance(data.features["label"], datasets.ClassLabel):
+                names = _card_class_names(readme) if readme is not None else None
+                if names is None:  # integer labels without names: ImageNet-1k's class indices
+                    tops = [pc.max(d.data.column("label")).as_py() for d in splits.values() if hasattr(d, "data")]
+                    names = [str(i) for i in range(max([1000] + [top + 1 for top in tops if top is not None]))]
+                splits[split] = data.cast_column("label", datasets.ClassLabel(names=names))
+        return splits
+
+    # ------------------------------------------------------------------------------------------------- hub
+    def _load_hub(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        offline = datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        if offline:
+            snapshot = self._hub_snapshot()
+            if snapshot is not None:
+                return self._load_local(snapshot)
         try:
             source = datasets.load_dataset(self.source, streaming=self.streaming, cache_dir=self.cache_dir)
         except Exception as err:  # offline, gated, unknown id: all end the same way for the user
+            snapshot = None if offline else self._hub_snapshot()
+            if snapshot is not None:
+                return self._load_local(snapshot)
             raise FileNotFoundError(
-                f"could not load ImageNet from the hub id {self.source!r} ({type(err).__name__}: {err}). Provide it "
-                "as a local folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (source=/path/to/imagenet), or log "
-                "in to the Hugging Face hub (huggingface-cli login) with access to ILSVRC/imagenet-1k"
+                f"could not load ImageNet from the hub id {self.source!r} ({type(err).__name__}: {err}), and the local "
+                "Hugging Face cache has no copy of it. Provide it as a local folder with train/<wnid>/*.JPEG and "
+                "val/<wnid>/*.JPEG (source=/path/to/imagenet), or log in to the Hugging Face hub "
+                f"(huggingface-cli login) with access to ILSVRC/imagenet-1k. {self.layouts_hint()}"
             ) from err
-        return {"train": source["train"], "test": source["validation"]}
+        return {split: source[split] for split in source}
+
+    def _hub_snapshot(self) -> Path | None:
+        """The hub id's files in the local Hugging Face cache, if any were downloaded."""
+        try:
+            path = huggingface_hub.snapshot_download(
+                self.source, repo_type="dataset", cache_dir=self.hub_cache_dir, local_files_only=True
+            )
+        except Exception:  # not in the cache (LocalEntryNotFoundError), or not a valid id
+            return None
+        path = Path(path)
+        return path if self._parquet_files(path) or (path / "dataset_dict.json").is_file() else None
+
+
+def _card_class_names(readme: Path) -> list[str] | None:
+    """Class names of the ``label`` feature in a hub dataset card's YAML header, if it has them."""
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    if not text.startswith("---"):
+        return None
+    header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    infos = header.get("dataset_info", [])
+    for info in infos if isinstance(infos, list) else [infos]:
+        for feature in info.get("features", []):
+            if feature.get("name") == "label" and "class_label" in feature.get("dtype", {}):
+                names = feature["dtype"]["class_label"]["names"]
+                return [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
+    return None
 
 
 def read_idx(path: Path) -> np.ndarray:

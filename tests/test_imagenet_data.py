@@ -1,0 +1,146 @@
+"""ImageNetDataModule reads ImageNet in every layout users have it, and evaluates like torchvision's ImageFolder with
+timm's transform: the same labels (sorted wnids), the same tensors, the same top-1."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import pytest
+import timm
+import torch
+from timm.data import create_transform, resolve_model_data_config
+from torchvision.datasets import ImageFolder
+
+from attnprune.lit.data import ImageNetDataModule
+from tests.fake_imagenet import HUB_ID, WNIDS, make_fake_imagenet, val_id
+
+LAYOUTS = ("folders", "val_only", "flat", "flat_beside", "disk", "parquet", "hub_cache")
+WITH_TRAIN = {"folders", "flat", "disk", "parquet", "hub_cache"}
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> dict[str, Path]:
+    return make_fake_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+        pretrained_cfg_overlay={"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"},
+    ).eval()
+
+
+def datamodule(fake: dict[str, Path], layout: str, tmp_path: Path, **kwargs) -> ImageNetDataModule:
+    if layout == "hub_cache":
+        kwargs.update(source=HUB_ID, hub_cache_dir=str(fake["hub_cache"]))
+    else:
+        kwargs.update(source=str(fake[layout]))
+    return ImageNetDataModule(batch_size=4, cache_dir=str(tmp_path / "hf"), **kwargs)
+
+
+@torch.no_grad()
+def predictions(model, batches) -> tuple[list[tuple[int, float, int]], float]:
+    """(label, image checksum, predicted class) per image, sorted, and top-1 in percent."""
+    rows = []
+    for images, labels in batches:
+        predicted = model(images).argmax(dim=1)
+        rows += [
+            (int(y), round(float(x.double().sum()), 3), int(p))
+            for x, y, p in zip(images, labels, predicted, strict=True)
+        ]
+    return sorted(rows), 100.0 * sum(row[0] == row[2] for row in rows) / len(rows)
+
+
+@pytest.fixture(scope="module")
+def reference(fake, model) -> tuple[list, float]:
+    """torchvision's ImageFolder on val/<wnid>/ with timm's eval transform of the model."""
+    folder = ImageFolder(str(fake["reference"]), transform=create_transform(**resolve_model_data_config(model)))
+    assert folder.classes == WNIDS
+    loader = torch.utils.data.DataLoader(folder, batch_size=4)
+    return predictions(model, loader)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_matches_imagefolder_with_timms_transform(fake, model, reference, layout, tmp_path):
+    dm = datamodule(fake, layout, tmp_path).for_model(model)
+    dm.setup("test")
+    assert dm.num_classes == 5
+    expected_splits = {"train": 18, "validation": 2, "test": 15} if layout in WITH_TRAIN else {"test": 15}
+    assert {split: len(data) for split, data in dm.splits.items()} == expected_splits
+    assert Counter(dm.splits["test"]["label"]) == {label: 3 for label in range(5)}
+    images, labels = next(iter(dm.test_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    rows, top1 = predictions(model, dm.test_dataloader())
+    assert rows == reference[0]  # same labels, same tensors, same predictions
+    assert top1 == reference[1]
+
+
+def test_flat_folder_labels_come_from_the_solution_file(fake, tmp_path):
+    dm = datamodule(fake, "flat_beside", tmp_path)
+    dm.prepare_splits()
+    test = dm.splits["test"]
+    paths = test.cast_column("image", datasets.Image(decode=False))["image"]
+    names = [Path(item["path"]).stem for item in paths]
+    label_of = {val_id(label, i): label for label in range(5) for i in range(3)}
+    assert names == sorted(label_of)  # the flat folder's own order (ids interleave the classes)
+    assert test["label"] == [label_of[name] for name in names]
+    assert test.features["label"].names == WNIDS
+
+
+def test_hub_test_split_without_labels_is_not_the_test_split(fake, tmp_path):
+    dm = datamodule(fake, "hub_cache", tmp_path)
+    dm.prepare_splits()
+    assert len(dm.splits["test"]) == 15 and min(dm.splits["test"]["label"]) == 0  # validation, not the -1 test split
+
+
+def test_fit_needs_a_training_split_but_test_does_not(fake, tmp_path):
+    dm = datamodule(fake, "val_only", tmp_path)
+    dm.setup("test")
+    with pytest.raises(ValueError, match=r"has no training split, which `fit` needs.*`test` \(evaluate.py\) reads"):
+        dm.setup("fit")
+    with pytest.raises(ValueError, match=r"has no 'train' split.*has no training split"):
+        dm.train_dataloader()
+
+
+def test_val_size_default_is_capped_and_a_too_large_one_says_so(fake, tmp_path):
+    dm = datamodule(fake, "folders", tmp_path)  # default: min(10,000, a tenth of the 20 training images)
+    dm.prepare_splits()
+    assert len(dm.splits["validation"]) == 2 and len(dm.splits["train"]) == 18
+    dm = datamodule(fake, "folders", tmp_path, val_size=0.25)
+    dm.prepare_splits()
+    assert len(dm.splits["validation"]) == 5
+    with pytest.raises(ValueError, match=r"val_size=10000 holds out 10000 of the 20 training images.*fraction"):
+        datamodule(fake, "folders", tmp_path, val_size=10_000).prepare_splits()
+    with pytest.raises(ValueError, match=r"val_size as a fraction must be in \(0, 1\), got 1.5"):
+        datamodule(fake, "folders", tmp_path, val_size=1.5).prepare_splits()
+
+
+def test_unknown_layouts_name_the_supported_ones(fake, tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not images")
+    with pytest.raises(
+        FileNotFoundError, match=r"in no ImageNet layout.*class folders.*LOC_val_solution.*save_to_disk.*parquet"
+    ):
+        datamodule({"junk": tmp_path / "junk"}, "junk", tmp_path).prepare_splits()
+    no_csv = tmp_path / "no_csv"
+    no_csv.mkdir()
+    for file in sorted(fake["flat_beside"].glob("*.JPEG"))[:2]:
+        (no_csv / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(
+        FileNotFoundError, match=r"flat validation folder.*LOC_val_solution.csv.*Put it beside the images"
+    ):
+        datamodule({"x": no_csv}, "x", tmp_path).prepare_splits()
+    with pytest.raises(FileNotFoundError, match=r"ImageNet folder ./nowhere does not exist. Supported layouts"):
+        ImageNetDataModule(source="./nowhere").prepare_splits()
+    with pytest.raises(FileNotFoundError, match=r"local Hugging Face cache has no copy.*Supported layouts"):
+        ImageNetDataModule(source="someone/not-cached", hub_cache_dir=str(tmp_path)).prepare_splits()
