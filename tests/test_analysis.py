@@ -79,3 +79,25 @@ def test_transition_depth():
     }
     assert attention_transition_depth(results) == 2
     assert attention_transition_depth({"reliability_spearman_l2_norm": [1.0]}) is None
+
+
+def _mirror_symmetric_vit():
+    """A tiny ViT whose output tokens of a mirrored image are exactly the original's, mirrored: the patch kernel
+    and the position embedding are left-right symmetric."""
+    model = tiny_vit()
+    with torch.no_grad():
+        weight = model.patch_embed.proj.weight
+        weight.copy_((weight + weight.flip(-1)) / 2)
+        grid = model.pos_embed[:, 1:].unflatten(1, (8, 8))
+        model.pos_embed[:, 1:] = ((grid + grid.flip(2)) / 2).flatten(1, 2)
+    return model
+
+
+def test_flip_stability_re_aligns_the_mirrored_tokens(images):
+    model = _mirror_symmetric_vit()
+    analyzer = SelectivityAnalyzer(depth=4, scorers=[], oracle=False, noise_std=1.0)
+    analyzer.update(model, images)
+    results = analyzer.compute()
+    # the mirrored image's class attention is the original's, mirrored: re-aligned, the rankings agree exactly
+    assert results["flip_stability"] == pytest.approx([1.0] * 4, abs=1e-4)
+    assert max(results["noise_stability"]) < 0.9  # a perturbation that really changes the ranking, for contrast

@@ -64,3 +64,34 @@ def test_matched_baselines_are_within_one_percent():
     for name, routing in routings.items():
         assert count_flops(model, routing) == pytest.approx(target, rel=0.01), name
     assert [rule.layer for rule in routings["evit"].rules] == [3, 6, 9]
+
+
+def _plan(rule: dict, tokens: int = 64):
+    (plan,) = Routing.from_dict({"rules": [rule]}).resolve(4, tokens)
+    return plan
+
+
+def test_reducer_flops_by_hand():
+    from attnprune.flops import reducer_flops
+
+    # 65 tokens (class + 64 patches) of width 48, 3 heads of 16
+    fuse = _plan({"layer": 1, "score": "l2_norm", "r": 8, "reduce": "fuse"})
+    assert (fuse.n_keep, fuse.n_out) == (55, 56)
+    assert reducer_flops(fuse, 65, 48, 16) == (64 - 55) * 48  # one weighted sum of the 9 fused tokens
+    # matching: 33 set-A keys against 32 set-B keys of width 16; averaging: tokens x size and the division
+    assert reducer_flops(_plan({"layer": 1, "r": 8, "reduce": "merge"}), 65, 48, 16) == 33 * 32 * 16 + 2 * 65 * 48
+    assert reducer_flops(_plan({"layer": 1, "score": "l2_norm", "r": 8, "reduce": "drop"}), 65, 48, 16) == 0
+    assert reducer_flops(_plan({"layer": 1, "r": 0, "reduce": "merge"}), 65, 48, 16) == 0  # nothing removed
+
+
+def test_count_flops_adds_the_reducers_own_cost():
+    """Routings that leave the same tokens in every block differ by exactly the reducer's (and scorer's) cost."""
+    model = tiny_vit()
+
+    def flops(rule):
+        return count_flops(model, Routing.from_dict({"rules": [{"layer": 1, "r": 8, **rule}]}))
+
+    drop = flops({"score": "random", "reduce": "drop"})  # random scores cost nothing, dropping costs nothing
+    assert flops({"score": "random", "reduce": "fuse"}) - drop == 9 * 48
+    assert flops({"reduce": "merge"}) - drop == 33 * 32 * 16 + 2 * 65 * 48
+    assert flops({"score": "l2_norm", "reduce": "drop"}) - drop == 65 * 48  # l2_norm: one MAC per channel and token

@@ -43,3 +43,40 @@ def test_merge_picks_the_most_similar_pair():
     out, size = merge(x, None, 4, 0, metric=metric)
     assert out.flatten().tolist() == [0.0, 2.0, 3.0, 3.0]  # A unmerged (0, 2), then B: (1 + 5) / 2, 3
     assert size.flatten().tolist() == [1.0, 1.0, 2.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------- token sizes, by hand
+def test_drop_gathers_the_sizes_of_the_tokens_it_keeps():
+    x = torch.arange(5.0)[None, :, None]  # prefix token 0, patches 1..4
+    size = torch.tensor([[[1.0], [5.0], [6.0], [7.0], [8.0]]])
+    out, new_size = drop(x, size, 2, 1, scores=torch.tensor([[0.1, 0.9, 0.2, 0.8]]))
+    assert out.flatten().tolist() == [0.0, 2.0, 4.0]
+    assert new_size.flatten().tolist() == [1.0, 6.0, 8.0]  # the prefix's size, then patches 2 and 4's
+
+
+def test_fuse_weights_each_dropped_token_by_score_times_size():
+    x = torch.tensor([[[10.0], [1.0], [2.0], [3.0], [4.0]]])
+    size = torch.tensor([[[2.0], [3.0], [1.0], [2.0], [1.0]]])
+    scores = torch.tensor([[0.1, 0.3, 0.5, 0.9]])  # keep patches 3 and 4; fuse 1 (size 3) and 2 (size 1)
+    out, new_size = fuse(x, size, 3, 1, scores=scores)
+    # (0.1 * 3 * 1 + 0.3 * 1 * 2) / (0.1 * 3 + 0.3 * 1) = 0.9 / 0.6; by score alone it would be 1.75, by size 1.25
+    torch.testing.assert_close(out.flatten(), torch.tensor([10.0, 3.0, 4.0, 1.5]))
+    assert new_size.flatten().tolist() == [2.0, 2.0, 1.0, 4.0]
+
+
+def test_fuse_keeps_the_highest_scores_whatever_their_position():
+    x = torch.tensor([[[0.0], [1.0], [2.0], [3.0], [4.0], [5.0]]])
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.4]])  # keep patches 1 and 3 in token order; fuse 2, 4, 5
+    out, size = fuse(x, None, 3, 1, scores=scores)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 1.0, 3.0, (0.1 * 2 + 0.2 * 4 + 0.4 * 5) / 0.7]))
+    assert size.flatten().tolist() == [1.0, 1.0, 1.0, 3.0]
+
+
+def test_merge_averages_by_size_and_adds_the_sizes():
+    # as test_merge_picks_the_most_similar_pair, with sizes: token 4 (value 5, size 3) merges into token 1 (1, size 2)
+    metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.2], [1.0, 1.0], [0.0, 1.0]]])
+    x = torch.tensor([[[0.0], [1.0], [2.0], [3.0], [5.0]]])
+    size = torch.tensor([[[1.0], [2.0], [4.0], [1.0], [3.0]]])
+    out, new_size = merge(x, size, 4, 0, metric=metric)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 2.0, (2 * 1 + 3 * 5) / 5, 3.0]))
+    assert new_size.flatten().tolist() == [1.0, 4.0, 5.0, 1.0]

@@ -82,3 +82,23 @@ def test_every_scorer_is_non_negative_with_one_score_per_patch(name):
     scores = SCORERS[name](torch.randn(2, 7, 4, generator=torch.Generator().manual_seed(1)), ctx)
     assert scores.shape == (2, 5)
     assert (scores >= 0).all()
+
+
+def test_cls_attention_is_the_class_row_under_a_non_constant_bias():
+    ctx, _ = _context()
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 5.0, 1.0, 3.0, 1.0], [1.0, 1.0, 4.0, 1.0, 2.0, 1.0, 7.0]])
+    bias = sizes.log().view(2, 1, 1, 7)  # proportional attention: log of each key token's size
+    # the explicit T x T matrix with the bias on every row, then its class-token row
+    full = ((ctx.q * ctx.scale) @ ctx.k.transpose(-2, -1) + bias).softmax(dim=-1)
+    biased = ScoreContext(ctx.q, ctx.k, ctx.scale, 1, bias=bias)
+    torch.testing.assert_close(biased.cls_attention, full[:, :, 0])
+    assert (biased.cls_attention - ctx.cls_attention).abs().max() > 0.05  # the bias does change the answer
+    torch.testing.assert_close(SCORERS["cls_attention"](torch.zeros(2, 7, 4), biased), full[:, :, 0, 1:].mean(1))
+
+
+def test_cls_attention_reads_the_class_row_of_a_materialised_matrix():
+    q = torch.zeros(1, 1, 3, 1)
+    probs = torch.tensor([[[[0.2, 0.3, 0.5], [0.6, 0.1, 0.3], [0.1, 0.8, 0.1]]]])  # rows: queries; not symmetric
+    ctx = ScoreContext(q, q, 1.0, 1, attention=probs)
+    torch.testing.assert_close(ctx.cls_attention, torch.tensor([[[0.2, 0.3, 0.5]]]))  # the column is [0.2, 0.6, 0.1]
+    torch.testing.assert_close(SCORERS["cls_attention"](torch.zeros(1, 3, 1), ctx), torch.tensor([[0.3, 0.5]]))

@@ -157,3 +157,30 @@ def test_sources_track_which_input_tokens_each_token_stands_for(images):
     assert membership[1].sum(dim=(1, 2)).tolist() == [49] * 4  # merging loses no input token
     assert torch.equal(membership[3].sum(dim=2).float(), size[..., 0])  # a token's size counts its input patches
     assert membership[3][:, 0, 0].all() and membership[3][:, 0].sum(dim=1).tolist() == [1] * 4  # CLS stays itself
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_average_pooling_is_weighted_by_token_size(pool):
+    from attnprune.vit import head
+
+    model = tiny_vit(global_pool=pool, fc_norm=False, num_classes=0)  # head and fc_norm are identities: head = pool
+    x = torch.tensor([[[100.0, 0.0], [1.0, 2.0], [4.0, -1.0]]])  # class token (not pooled), two patch tokens
+    size = torch.tensor([[[1.0], [1.0], [3.0]]])  # the second patch token stands for 3 patches
+    weighted = torch.tensor([[(1.0 + 3 * 4.0) / 4, (2.0 - 3 * 1.0) / 4]])  # unweighted would be [2.5, 0.5]
+    expected = weighted if pool == "avg" else 0.5 * (weighted + torch.tensor([[4.0, 2.0]]))
+    torch.testing.assert_close(head(model, x, size), expected)
+    torch.testing.assert_close(head(model, x, None), model.forward_head(x))  # all sizes 1: timm's own pooling
+
+
+def test_merged_avg_pool_model_pools_by_size(images):
+    """End to end on an MAE-style model: the pruned forward equals size-weighted pooling of its own tokens."""
+    from attnprune.vit import forward_tokens
+
+    model = prune(tiny_vit(global_pool="avg", fc_norm=True), Routing.tome(8, 4))
+    with torch.no_grad():
+        tokens, size = forward_tokens(model, images)
+        patches, weights = tokens[:, 1:], size[:, 1:]
+        assert weights.amax() > 1  # merging made tokens of several patches
+        pooled = (patches * weights).sum(dim=1) / weights.sum(dim=1)
+        torch.testing.assert_close(model(images), model.head(model.fc_norm(pooled)))
+        assert (model(images) - model.head(model.fc_norm(patches.mean(dim=1)))).abs().max() > 1e-3
