@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -12,7 +13,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from attnprune import Routing, count_flops, load_model, save_model
-from attnprune.lit.data import FashionMNISTDataModule, ImageFolderDataModule, ImageNetDataModule, read_idx
+from attnprune.lit.data import (
+    FASHION_MNIST_DIR,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    ImageNetDataModule,
+    read_idx,
+)
 from attnprune.lit.modules import DistillationClassifier, KNNClassifier, LinearProbe, PrunedClassifier
 from attnprune.paradigms import knn_predict
 from tests.conftest import TINY_CLASSIFIER, make_image_folder
@@ -87,6 +94,27 @@ def test_fashion_mnist_reads_the_debian_idx_files():
     assert dm.splits["test"][0]["label"] == 9  # the first test image is an ankle boot
     images, labels = next(iter(dm.test_dataloader()))
     assert images.shape == (64, 1, 28, 28) and labels.shape == (64,)
+
+
+def test_fashion_mnist_validation_is_a_documented_seeded_carve_out_read_in_order():
+    """Seed 0 holds out training images ``np.random.default_rng(0).permutation(60_000)[:5_000]`` (``datasets``'
+    ``train_test_split``): the first ones are 4013, 23840, 29603, ... The validation loader reads them in that order."""
+    root = Path(FASHION_MNIST_DIR)
+    pixels = read_idx(root / "train-images-idx3-ubyte.gz")
+    labels = read_idx(root / "train-labels-idx1-ubyte.gz")
+    order = np.random.default_rng(0).permutation(60_000)
+    assert order[:8].tolist() == [4013, 23840, 29603, 43011, 58703, 2290, 55984, 52800]
+    dm = FashionMNISTDataModule(
+        data_config={"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.25,), "crop_pct": 1.0}
+    )
+    dm.setup()
+    validation = dm.splits["validation"]
+    assert np.array_equal(np.asarray(validation[:8]["image"]), pixels[order[:8]])
+    assert np.bincount(validation["label"], minlength=10).tolist() == [526, 510, 500, 464, 503, 520, 480, 517, 492, 488]
+    assert np.array_equal(np.asarray(dm.splits["train"][:2]["image"]), pixels[order[5_000:5_002]])
+    images, targets = next(iter(dm.val_dataloader()))  # not shuffled: the split's own order
+    assert targets.tolist() == labels[order[:64]].tolist()
+    torch.testing.assert_close(images[:, 0], torch.from_numpy((pixels[order[:64]] / 255.0 - 0.5) / 0.25).float())
 
 
 def test_idx_reader_checks_the_header(tmp_path):
