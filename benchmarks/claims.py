@@ -347,6 +347,32 @@ def collect(network, batches: Iterable[Tensor], num_images: int, oracle_images: 
     return stats
 
 
+def across_models(rows: list[dict]) -> dict:
+    """Claim (c) across models: the pairs of models whose transition-depth intervals are apart ("never" counting as
+    deeper than any block), and the models where attention leads at some block but not at every later one."""
+
+    def bounds(row: dict) -> tuple[float, float]:
+        return tuple(math.inf if d is None else d for d in row["claims"]["c"]["ci"])
+
+    apart = [
+        [x["model"], y["model"]]
+        for i, x in enumerate(rows)
+        for y in rows[i + 1 :]
+        if bounds(x)[1] < bounds(y)[0] or bounds(y)[1] < bounds(x)[0]
+    ]
+    return {
+        "depths": {row["model"]: row["claims"]["c"]["depth"] for row in rows},
+        "depends_on_model": bool(apart),
+        "pairs_apart": apart,
+        "lead_not_kept": [
+            row["model"]
+            for row in rows
+            if row["claims"]["c"]["first_lead"] is not None
+            and row["claims"]["c"]["first_lead"] != row["claims"]["c"]["depth"]
+        ],
+    }
+
+
 def table(rows: list[dict]) -> str:
     """The claims table in Markdown."""
 
@@ -491,6 +517,7 @@ def main(
         )
     out = {
         "models": rows,
+        "across_models": across_models(rows),
         "settings": {
             "split": "Fashion-MNIST validation (5,000 training images held out, FashionMNISTDataModule seed 0)",
             "num_images": num_images,
@@ -503,6 +530,11 @@ def main(
     }
     Path(output).write_text(json.dumps(out, indent=1) + "\n")
     print(table(rows))
+    summary = out["across_models"]
+    print(
+        f"(c) across models: depths {summary['depths']}; the depth depends on the model (two 95% intervals apart): "
+        f"{summary['depends_on_model']}; attention's lead is lost again in {summary['lead_not_kept']}"
+    )
     paths = plot(rows, Path(figure))
     print(f"wrote {output}, {', '.join(map(str, paths))}")
     return out

@@ -9,6 +9,7 @@ from attnprune.scoring import SCORERS
 from attnprune.selectivity import SelectivityAnalyzer
 from attnprune.selectivity.functional import spearman
 from benchmarks.claims import (
+    across_models,
     attention_entropy,
     bootstrap_weights,
     claim_scorers,
@@ -240,3 +241,15 @@ def test_collect_tops_up_the_oracle_to_the_same_statistics(images):
     torch.testing.assert_close(torch.cat([first["spearman"], rest["spearman"]]), full["spearman"])
     torch.testing.assert_close(rest["cls_entropy"], full["cls_entropy"])
     assert full["readout"] == "cls" and full["informative"] == [True, True, True, False]
+
+
+def test_across_models_compares_the_transition_intervals():
+    def row(name: str, depth, ci, first):
+        return {"model": name, "claims": {"c": {"depth": depth, "ci": ci, "first_lead": first}}}
+
+    rows = [row("early", 2, [1, 3], 2), row("late", 5, [4, 6], 1), row("never", None, [None, None], None)]
+    summary = across_models(rows)
+    assert summary["depends_on_model"] and summary["depths"] == {"early": 2, "late": 5, "never": None}
+    assert summary["pairs_apart"] == [["early", "late"], ["early", "never"], ["late", "never"]]
+    assert summary["lead_not_kept"] == ["late"]
+    assert not across_models([row("a", 2, [1, 4], 2), row("b", None, [3, None], 0)])["depends_on_model"]
