@@ -9,10 +9,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
 
+from attnprune import Routing, count_flops
+from attnprune.lit.data import ImageFolderDataModule
+from attnprune.lit.modules import PrunedClassifier
 from tests.conftest import TINY_CLASSIFIER, make_image_folder
-from tests.wandb_records import logged_keys
+from tests.wandb_records import _settled_records, logged_keys
+
+
+def logged_history(run_dir: Path) -> dict[str, list[float]]:
+    """Every numeric value of each metric key in the run's history records, in logging order."""
+    history: dict[str, list[float]] = {}
+    for record in _settled_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                value = json.loads(item.value_json)
+                if isinstance(value, (int, float)):
+                    history.setdefault(item.key or "/".join(item.nested_key), []).append(value)
+    return history
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTING = {
@@ -73,7 +91,7 @@ def run_dirs(workdir: Path) -> list[Path]:
 def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
     cfg = config(workdir, max_epochs=2, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1)
     cfg["model"]["init_args"]["routing"] = str(workdir / "routing.yaml")
-    cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt"), "monitor": "val/top1", "mode": "max"}
+    cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt"), "monitor": "val/top1", "mode": "max", "save_top_k": -1}
     (workdir / "train.yaml").write_text(yaml.safe_dump(cfg))
     before = set(run_dirs(workdir))
     run("train.py", ["fit", "--config", str(workdir / "train.yaml")], workdir)
@@ -82,6 +100,24 @@ def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
     keys = logged_keys(new_run)
     assert {"train/loss", "val/top1", "val/loss", "val/gflops", "trainer/global_step"} <= keys
     assert any(key.startswith("lr-") for key in keys)
+    # the values: 2 epochs of 2 steps, one validation per epoch, each redone by hand from that epoch's checkpoint
+    history = logged_history(new_run)
+    assert len(history["train/loss"]) == 4 and len(history["val/top1"]) == len(history["val/loss"]) == 2
+    for epoch, step in ((0, 2), (1, 4)):
+        module = PrunedClassifier.load_from_checkpoint(workdir / "ckpt" / f"epoch={epoch}-step={step}.ckpt").eval()
+        data = ImageFolderDataModule(
+            root=str(workdir / "data"), val_size=6, cache_dir=str(workdir / "hf-cache"), data_config=module.data_config
+        )
+        data.setup()
+        with torch.no_grad():
+            batches = [(module(images), labels) for images, labels in data.val_dataloader()]
+        logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        assert len(labels) == 6
+        top1 = (logits.argmax(-1) == labels).float().mean().item()
+        assert history["val/top1"][epoch] == pytest.approx(top1, abs=1e-6)
+        assert history["val/loss"][epoch] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
+    gflops = count_flops(module.model, Routing.from_dict(ROUTING)) / 1e9
+    assert history["val/gflops"] == [pytest.approx(gflops)] * 2
 
 
 def test_evaluate_prints_table_and_writes_files(workdir):

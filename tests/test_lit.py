@@ -146,7 +146,16 @@ def test_micro_averaged_accuracy_by_hand():
     assert module.val_metrics.compute()["val/top1"].item() == pytest.approx(0.8)
 
 
-def test_loss_falls_on_a_fixed_batch_and_metrics_are_in_range(datamodule):
+def _predictions(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every batch of ``loader``, by hand (no metric objects)."""
+    module.eval()
+    with torch.no_grad():
+        batches = [(module(images), labels) for images, labels in loader]
+    return torch.cat([logits for logits, _ in batches]), torch.cat([labels for _, labels in batches])
+
+
+def test_loss_falls_on_a_fixed_batch_and_validation_logs_its_values(datamodule):
+    torch.manual_seed(0)
     module = PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING, lr=3e-3)
     images, labels = first_test_batch(datamodule, module)
     before = module.compute_loss(images, labels).item()
@@ -154,8 +163,15 @@ def test_loss_falls_on_a_fixed_batch_and_metrics_are_in_range(datamodule):
     after = module.compute_loss(images, labels).item()
     assert after < 0.5 * before
     metrics = trainer().validate(module, datamodule, verbose=False)[0]
-    assert 0.0 <= metrics["val/top1"] <= 1.0 and "val/top5" not in metrics  # top-5 only with 5 classes or more
+    assert set(metrics) == {"val/loss", "val/top1", "val/gflops"}  # top-5 only with 5 classes or more
+    logits, targets = _predictions(module, datamodule.val_dataloader())
+    assert len(targets) == 6
+    # the 6 validation images (colour-coded classes) after 25 steps on the test batch: 4 right
+    assert metrics["val/top1"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item()) == 4 / 6
+    assert metrics["val/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    # 16 px images in 4 px patches: 16 patch tokens, 8 after block 1 and 6 after block 2
     assert metrics["val/gflops"] == pytest.approx(count_flops(module.model, Routing.from_dict(ROUTING)) / 1e9)
+    assert Routing.from_dict(ROUTING).token_counts(4, 16) == [16, 16, 8, 6, 6]
 
 
 class _ModeSpy(Callback):
@@ -256,11 +272,23 @@ def test_knn_predict_by_hand():
     assert votes.argmax().item() == 0 and votes[0, 1] == 0  # both nearest neighbours are class 0
 
 
+def _features(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        batches = [(module.features(images), labels) for images, labels in loader]
+    return torch.cat([f for f, _ in batches]), torch.cat([labels for _, labels in batches])
+
+
 def test_knn_classifier_validates(datamodule):
+    torch.manual_seed(0)
     knn = KNNClassifier(num_classes=3, **BACKBONE, k=3, routing=ROUTING)
     metrics = trainer().validate(knn, datamodule, verbose=False)[0]
     assert knn.bank.shape == (18, 32)
-    assert 0.0 <= metrics["val/top1"] <= 1.0
+    assert set(metrics) == {"val/loss", "val/top1", "val/gflops"}
+    # by hand: the 3 nearest of the 18 training images' features vote (classes are colour-coded, so all 6 are right)
+    bank, bank_labels = _features(knn, datamodule.bank_dataloader())
+    features, targets = _features(knn, datamodule.val_dataloader())
+    votes = knn_predict(features, bank, bank_labels, num_classes=3, k=3, temperature=0.07)
+    assert metrics["val/top1"] == pytest.approx((votes.argmax(-1) == targets).float().mean().item()) == 1.0
 
 
 # -------------------------------------------------------------------------------------------------- bad input
