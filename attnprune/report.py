@@ -20,7 +20,15 @@ from attnprune.routing import Routing  # noqa: E402
 from attnprune.scoring import SCORERS  # noqa: E402
 from attnprune.vit import forward_tokens, prune  # noqa: E402
 
-__all__ = ["write_tables", "plot_selectivity", "plot_reliability", "plot_token_maps", "membership_map"]
+__all__ = [
+    "write_tables",
+    "plot_selectivity",
+    "plot_reliability",
+    "plot_token_maps",
+    "plot_accuracy_vs_flops",
+    "membership_map",
+    "save_figure",
+]
 
 PANELS = {
     "concentration of CLS attention": (
@@ -44,6 +52,37 @@ PANELS = {
         "layer_stability",
     ),
 }
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 150) -> Path:
+    """Save ``fig`` as ``path`` (PNG) and as a PDF beside it (same stem), then close it; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Top-1 (%) against GFLOPs, one labelled point per routing (evaluate.py's rows); PNG and PDF."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    markers = "os^Dv<>pP*Xh"
+    colours = plt.get_cmap("tab10").colors
+    for i, row in enumerate(rows):
+        ax.scatter(
+            row["gflops"],
+            row["top1"],
+            marker=markers[i % len(markers)],
+            color=colours[i % 10],
+            s=50,
+            label=row["routing"],
+        )
+    ax.set(xlabel="GFLOPs per image (1 FLOP = 1 multiply-accumulate)", ylabel="top-1 accuracy (%)")
+    ax.set_title(title or (rows[0]["model"] if rows else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return save_figure(fig, path)
 
 
 def write_tables(results: dict[str, list[float]], out_dir: Path, meta: dict[str, Any] | None = None) -> None:

@@ -63,3 +63,16 @@ def logged_keys(run_dir: Path) -> set[str]:
         items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
         keys.update(item.key or "/".join(item.nested_key) for item in items)
     return keys
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's config (``wandb.config``) as a dict, from its config records (later updates win)."""
+    import json
+
+    config: dict = {}
+    for record in _settled_records(run_dir):
+        if record.WhichOneof("record_type") == "config":
+            for item in record.config.update:
+                key = item.key or "/".join(item.nested_key)
+                config[key] = json.loads(item.value_json)
+    return config

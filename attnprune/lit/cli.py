@@ -1,19 +1,153 @@
 """The LightningCLI behind ``train.py`` and ``evaluate.py``: YAML configs, W&B by default (offline without an API
-key), checkpoints (``last.ckpt`` for ``--ckpt_path`` resuming), learning-rate monitor and progress bar."""
+key), checkpoints (``last.ckpt`` for ``--ckpt_path`` resuming), learning-rate monitor and progress bar.
+
+The resolved config (model, data, trainer, callbacks, with every routing written out as its rules) is each run's
+hyper-parameters in every logger (the W&B run's config), and is saved as ``lightning_config.yaml`` inside the run's
+own folder (the W&B run's ``files/``, synced with it), never over another run's."""
 
 from __future__ import annotations
 
 import netrc
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-__all__ = ["AttnpruneCLI", "wandb_offline", "trainer_defaults"]
+from attnprune.flops import baseline_layers
+from attnprune.lit.modules import load_routing
+from attnprune.routing import Routing
+
+__all__ = ["AttnpruneCLI", "RunConfigCallback", "parse_routing", "wandb_offline", "trainer_defaults"]
+
+CONFIG_FILE = "lightning_config.yaml"
+PRESETS = {
+    "tome": "tome:r=<tokens merged per block>",
+    "evit": "evit:keep=<fraction>[,layers=3-6-9]",
+    "topk_attention": "topk_attention:keep=<fraction>[,layers=3-6-9]",
+    "random": "random:keep=<fraction>[,layers=3-6-9][,seed=0]",
+}
+
+
+def parse_routing(spec: str | dict | None, depth: int) -> Routing:
+    """A routing from ``unpruned`` (or None), a preset by name, a routing YAML file or a dict.
+
+    Presets take ``key=value`` arguments after a colon, separated by commas: ``tome:r=13`` (r tokens merged in every
+    block), ``evit:keep=0.7``, ``topk_attention:keep=0.7`` and ``random:keep=0.7[,seed=1]``. The last three prune
+    at EViT's layers scaled to the model's depth (3, 6 and 9 of 12 blocks) unless ``layers=2-5-8`` says otherwise.
+
+    Raises:
+        ValueError: an unknown preset, a missing or unknown argument.
+        FileNotFoundError: neither a preset nor an existing file.
+    """
+    if spec is None or isinstance(spec, (dict, Routing)) or spec == "unpruned":
+        return load_routing(spec)
+    name, colon, arguments = spec.partition(":")
+    if name not in PRESETS:
+        if colon and not Path(spec).exists() and "/" not in name:
+            raise ValueError(f"unknown routing preset {name!r} in {spec!r}; presets: {', '.join(PRESETS.values())}")
+        if not Path(spec).is_file():
+            raise FileNotFoundError(
+                f"routing {spec!r} is neither a routing file nor a preset; presets: unpruned, "
+                f"{', '.join(PRESETS.values())}"
+            )
+        return load_routing(spec)
+    args: dict[str, str] = {}
+    for item in filter(None, arguments.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ValueError(f"routing preset {spec!r}: argument {item!r} is not key=value ({PRESETS[name]})")
+        args[key.strip()] = value.strip()
+    allowed = {"tome": {"r"}, "random": {"keep", "layers", "seed"}}.get(name, {"keep", "layers"})
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"routing preset {spec!r}: unknown argument {unknown[0]!r} ({PRESETS[name]})")
+    required = "r" if name == "tome" else "keep"
+    if required not in args:
+        raise ValueError(f"routing preset {spec!r} needs {required}=... ({PRESETS[name]})")
+    try:
+        if name == "tome":
+            return Routing.tome(int(args["r"]), depth)
+        keep = float(args["keep"])
+        layers = (
+            tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else baseline_layers(depth)
+        )
+        seed = int(args.get("seed", 0))
+    except ValueError as err:
+        raise ValueError(f"routing preset {spec!r}: {err} ({PRESETS[name]})") from err
+    if name == "evit":
+        return Routing.evit(keep, layers)
+    if name == "topk_attention":
+        return Routing.topk_attention(keep, layers)
+    return Routing.random(keep, layers, seed=seed)
+
+
+def _routing_entry(spec: Any, depth: int) -> Any:
+    """A routing spec as the run config holds it: its rules, with the spec it came from."""
+    try:
+        routing = parse_routing(spec, depth)
+    except (ValueError, FileNotFoundError):
+        return spec  # the run fails on it later, with the full message
+    return {"spec": spec if isinstance(spec, str) else routing.name, **routing.to_dict()}
+
+
+def resolved_config(parser: LightningArgumentParser, config: Any, pl_module: L.LightningModule | None) -> dict:
+    """The CLI's config as a plain dict, every routing (``model.init_args.routing``, evaluate.py's ``routings``)
+    written out as its rules."""
+    resolved = yaml.safe_load(parser.dump(config, skip_none=False))
+    resolved.pop("config", None)
+    backbone = getattr(pl_module, "backbone", None)
+    depth = len(backbone.blocks) if backbone is not None and hasattr(backbone, "blocks") else 12
+    init_args = (resolved.get("model") or {}).get("init_args") or {}
+    if isinstance(init_args, dict) and "routing" in init_args:
+        init_args["routing"] = _routing_entry(init_args["routing"], depth)
+    if isinstance(resolved.get("routings"), list):
+        resolved["routings"] = [_routing_entry(spec, depth) for spec in resolved["routings"]]
+    return resolved
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Makes the resolved config every logger's hyper-parameters (the W&B run's config) and saves it as
+    ``lightning_config.yaml`` in the run's own folder: the W&B run's ``files/`` (synced with the run), else the
+    logger's versioned ``log_dir``; a name already taken gets a numbered suffix, so no run's file is overwritten.
+
+    Lightning's own logging of the module's and data module's flat hyper-parameters is switched off: the config
+    holds them, nested under ``model`` and ``data``, and they would otherwise overwrite its top-level keys.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.loggers:
+            pl_module._log_hyperparams = False
+            if trainer.datamodule is not None:
+                trainer.datamodule._log_hyperparams = False
+        super().setup(trainer, pl_module, stage)
+
+    def run_dir(self, trainer: L.Trainer) -> Path:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                return Path(logger.experiment.dir)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = resolved_config(self.parser, self.config, pl_module)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+        folder = self.run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        path, n = folder / CONFIG_FILE, 1
+        while path.exists():
+            path, n = folder / f"{Path(CONFIG_FILE).stem}-{n}.yaml", n + 1
+        self.parser.save(self.config, str(path), skip_none=False, multifile=False)
+        self.saved_path = path
 
 
 def wandb_offline() -> bool:
@@ -43,7 +177,7 @@ class AttnpruneCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", trainer_defaults())
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
         super().__init__(
             L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
         )
