@@ -1,7 +1,12 @@
 """Search the best static routing under a FLOPs budget on validation data (never the test split).
 
-Writes the routing YAML to ``--output`` and the report (validation top-1, FLOPs, candidates evaluated, block passes,
-wall time) next to it as JSON. With ``--state_path``, rerunning the same command continues an interrupted search.
+By default candidates are ranked by fidelity to the unpruned model (KL divergence of the class distributions, no
+labels needed), and 30% of the images are held out to check the routing found against ToMe, EViT and attention top-k
+within the same budget: a baseline that does better there is returned, and the report says so.
+
+Writes the routing YAML to ``--output`` and the report (objective, validation KL and top-1, FLOPs, candidates
+evaluated, block passes, wall time, held-out check) next to it as JSON. With ``--state_path``, rerunning the same
+command continues an interrupted search.
 
     python search.py --model checkpoints/fmnist_supervised.safetensors \\
         --data.class_path attnprune.lit.data.FashionMNISTDataModule --budget 0.6 \\
@@ -30,7 +35,8 @@ def search(
     state_path: str | None = None,
     output: str = "routing.yaml",
     beam_width: int = 2,
-    holdout: float = 0.0,
+    objective: str = "fidelity",
+    holdout: float = 0.3,
 ) -> SearchResult:
     """Run the search.
 
@@ -43,13 +49,22 @@ def search(
         state_path: resumable search state.
         output: routing YAML written (the report goes to the same name with ``.json``).
         beam_width: partial routings kept per layer.
+        objective: ``fidelity`` (KL divergence from the unpruned model, or cosine distance for a headless one),
+            ``kl``, ``cosine`` or ``top1``.
         holdout: fraction of the validation images kept out of the search to check the routing found against the
-            best baseline within budget (returned instead if it scores higher on them).
+            baselines within budget (the best of them there is returned); 0 checks nothing.
     """
     network = load_model(model)
     batches = data.for_model(network).take("validation", val_images)
     result = search_routing(
-        network, batches, budget, strategy=strategy, state_path=state_path, beam_width=beam_width, holdout=holdout
+        network,
+        batches,
+        budget,
+        strategy=strategy,
+        objective=objective,
+        state_path=state_path,
+        beam_width=beam_width,
+        holdout=holdout,
     )
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     result.routing.to_yaml(output)
@@ -57,6 +72,8 @@ def search(
     Path(output).with_suffix(".json").write_text(json.dumps(report, indent=2))
     print(result.routing.to_yaml())
     print(json.dumps(result.report, indent=2))
+    if "note" in result.report.get("check", {}):
+        print(result.report["check"]["note"])
     return result
 
 

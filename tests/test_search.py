@@ -1,18 +1,28 @@
-"""Budgeted routing search on a tiny ViT: budgets respected, caching exact, resumable, clear errors."""
+"""Budgeted routing search on a tiny ViT: the objective's values, budgets respected, selection, caching exact,
+the held-out check, resumable, clear errors."""
 
 from __future__ import annotations
 
 import copy
+import math
 import random
-from functools import partial
 
 import pytest
 import torch
 
-import attnprune.search as search_module
 from attnprune import Routing, count_flops, prune, unprune
 from attnprune.flops import matched_baselines
-from attnprune.search import InfeasibleBudget, SearchSpace, _Evaluator, search_routing
+from attnprune.search import (
+    Evaluator,
+    InfeasibleBudget,
+    SearchSpace,
+    cosine_distance,
+    kl_divergence,
+    search_routing,
+    split_holdout,
+)
+from attnprune.search import state as search_state
+from attnprune.search.beam import consider, fill_budget
 from tests.conftest import tiny_vit
 
 SMALL = SearchSpace(
@@ -35,42 +45,97 @@ def data():
     return [(torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(2)]
 
 
+def test_objectives_on_hand_computed_values():
+    # p = (1/2, 1/2), q = (3/4, 1/4): KL(p || q) = 1/2 ln(2/3) + 1/2 ln(2) = 1/2 ln(4/3)
+    kl = kl_divergence(torch.tensor([[0.0, 0.0], [1.0, 2.0]]), torch.tensor([[math.log(3), 0.0], [1.0, 2.0]]))
+    assert kl[0].item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-7) and kl[1].item() == pytest.approx(0.0)
+    distance = cosine_distance(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([[1.0, 1.0], [-3.0, 0.0]]))
+    assert distance.tolist() == pytest.approx([1 - 1 / math.sqrt(2), 2.0])
+
+
+def test_evaluator_measures_fidelity_and_top1_of_the_pruned_model(model, data):
+    evaluator = Evaluator(model, data, "kl")
+    unpruned = evaluator.measure(evaluator.initial(), Routing(), 0)
+    assert unpruned["kl"] == 0.0 and unpruned["loss"] == 0.0
+    with torch.no_grad():
+        reference = [model(x) for x, _ in data]
+        routing = Routing.from_dict({"rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5, "reduce": "fuse"}]})
+        prune(model, routing)
+        pruned = [model(x) for x, _ in data]
+        unprune(model)
+    expected_kl = torch.cat([kl_divergence(r, p) for r, p in zip(reference, pruned, strict=True)]).mean().item()
+    expected_top1 = sum((p.argmax(-1) == y).sum().item() for p, (_, y) in zip(pruned, data, strict=True)) / 24
+    measured = evaluator.measure(evaluator.initial(), routing, 0)
+    assert measured["kl"] == pytest.approx(expected_kl, rel=1e-5) and measured["kl"] > 1e-4
+    assert measured["top1"] == expected_top1 and measured["loss"] == measured["kl"]
+    first = evaluator.measure(evaluator.initial(), routing, 0, images=12)  # the batches holding the first 12 images
+    assert first["kl"] == pytest.approx(kl_divergence(reference[0], pruned[0]).mean().item(), rel=1e-5)
+    by_top1 = Evaluator(model, data, "top1").measure(evaluator.initial(), routing, 0)
+    assert by_top1["loss"] == pytest.approx(1 - expected_top1)
+
+
 def test_budget_is_respected(model, data):
     unpruned = count_flops(model, Routing())
     rng = random.Random(0)
-    for budget in [rng.uniform(0.45, 0.95) for _ in range(4)]:
+    for budget in [rng.uniform(0.45, 0.95) for _ in range(3)]:
         for strategy in ("beam", "transition"):
-            result = search_routing(model, data, budget, space=SMALL, strategy=strategy, progress=False)
+            result = search_routing(model, data, budget, space=SMALL, strategy=strategy, holdout=0, progress=False)
             assert count_flops(model, result.routing) <= budget * unpruned
-            assert result.report["flops_ratio"] <= budget and 0.0 <= result.report["val_top1"] <= 1.0
+            assert result.report["flops_ratio"] <= budget and result.report["objective"] == "kl"
+            assert result.report["val_loss"] == result.report["val_kl"] >= 0 and "val_top1" in result.report
             assert result.report["candidates_evaluated"] > 1 and result.report["images"] == 24
 
 
-def test_beam_spends_the_budget_left_without_losing_accuracy(model, data):
-    evaluator, space = _Evaluator(model, data), SearchSpace(keeps=(0.5, 0.7, 0.9))
+def test_selection_keeps_the_better_of_two_candidates_of_known_quality(model, data):
+    """At budget 1, "no rule" is lossless (KL 0) and the only other candidates drop half the tokens: whatever the
+    screening order or the beam's bookkeeping, the lossless routing must come out."""
+    space = SearchSpace(scorers=("l2_norm", "std"), reducers=("drop",), keeps=(0.5,), layers=(0,), shortlist=0)
+    result = search_routing(model, data, 1.0, space=space, holdout=0, beam_width=1, finalists=1, progress=False)
+    assert len(result.routing) == 0 and result.report["val_kl"] == 0.0
+    state = {"best": None}
+    worse, better = Routing.tome(2, 4), Routing.tome(1, 4)
+    consider(state, worse, {"loss": 0.5})
+    consider(state, better, {"loss": 0.25})
+    consider(state, worse, {"loss": 0.25})  # a tie keeps the earlier candidate
+    assert Routing.from_dict(state["best"]["routing"]) == better
+
+
+def test_a_routing_exactly_at_the_budget_is_within_it(model, data):
+    """The space's only routing within budget costs exactly the budget: it is feasible (<=), not refused (<)."""
+    space = SearchSpace(scorers=("l2_norm",), reducers=("drop",), keeps=(0.5,), layers=(0,), shortlist=0)
+    only = Routing.from_dict({"rules": [{"layer": 0, "score": "l2_norm", "keep": 0.5, "reduce": "drop"}]})
+    unpruned = count_flops(model, Routing())
+    budget = count_flops(model, only) / unpruned
+    assert budget * unpruned == count_flops(model, only)  # exact in floating point, so the boundary is tested
+    result = search_routing(model, data, budget, space=space, holdout=0, progress=False)
+    assert result.routing.rules == only.rules and result.report["flops"] == count_flops(model, only)
+    with pytest.raises(InfeasibleBudget):
+        search_routing(model, data, budget * (1 - 1e-9), space=space, holdout=0, progress=False)
+
+
+def test_fill_spends_the_budget_left_without_raising_the_loss(model, data):
+    evaluator, space = Evaluator(model, data, "kl"), SearchSpace(keeps=(0.5, 0.7, 0.9))
     harsh = Routing.from_dict({"rules": [{"layer": 0, "score": "l2_norm", "keep": 0.5, "reduce": "drop"}]})
     target = 0.99 * count_flops(model, Routing())  # removing the rule would cost 100%: keep 0.9 is the mildest
+    harsh_loss = evaluator.measure(evaluator.initial(), harsh, 0)["loss"]
 
-    def fill(top1: float) -> Routing:
-        state = {"best": {"routing": harsh.to_dict(), "top1": top1}}
-        search_module._fill_budget(model, evaluator, space, target, state)
-        assert state["best"]["top1"] >= top1 and state["before_fill"]["val_top1"] == top1
+    def fill(loss: float) -> Routing:
+        state = {"best": {"routing": harsh.to_dict(), "metrics": {"loss": loss}}}
+        fill_budget(model, evaluator, space, target, state)
+        assert state["best"]["metrics"]["loss"] <= loss and state["before_fill"]["metrics"]["loss"] == loss
         return Routing.from_dict(state["best"]["routing"])
 
-    assert fill(top1=1.0) == harsh  # no milder routing can match a perfect score: nothing changes
-    filled = fill(top1=0.0)  # the first move cannot lose top-1; later ones only while top-1 does not fall
+    assert fill(loss=0.0) == harsh  # no milder routing can beat a lossless score: nothing changes
+    filled = fill(loss=harsh_loss)
     assert filled.rules[0].keep in (0.7, 0.9) and count_flops(model, harsh) < count_flops(model, filled) <= target
-    if filled.rules[0].keep == 0.7:
-        mildest = Routing.from_dict({"rules": [{**filled.rules[0].to_dict(), "keep": 0.9}]})
-        accuracy = partial(evaluator.accuracy, evaluator.initial(), start=0)
-        assert accuracy(mildest) < accuracy(filled)
-    result = search_routing(model, data, 0.9, space=SMALL, progress=False)
+    assert evaluator.measure(evaluator.initial(), filled, 0)["loss"] <= harsh_loss
+    result = search_routing(model, data, 0.9, space=SMALL, holdout=0, progress=False)
     before = result.report["before_fill"]
-    assert result.report["flops_ratio"] >= before["flops_ratio"] and result.report["val_top1"] >= before["val_top1"]
+    assert result.report["flops_ratio"] >= before["flops_ratio"] and result.report["val_loss"] <= before["val_loss"]
 
 
-def test_prefix_caching_gives_the_same_accuracy(model, data):
-    evaluator = _Evaluator(model, data)
+def test_prefix_caching_gives_the_same_measurement(model, data):
+    evaluator = Evaluator(model, data, "kl")
     routing = Routing.from_dict(
         {
             "rules": [
@@ -82,15 +147,11 @@ def test_prefix_caching_gives_the_same_accuracy(model, data):
     )
     prefix = Routing.from_dict({"rules": [{"layer": 0, "score": "l2_norm", "keep": 0.7}]})
     cached = evaluator.advance(evaluator.initial(), prefix, 0, 2)
-    assert evaluator.accuracy(cached, routing, 2) == evaluator.accuracy(evaluator.initial(), routing, 0)
-    pruned = prune(tiny_vit(num_classes=4), routing)
-    with torch.no_grad():
-        direct = sum((pruned(x).argmax(-1) == y).sum().item() for x, y in data) / 24
-    assert evaluator.accuracy(evaluator.initial(), routing, 0) == direct
-    cached_search = search_routing(model, data, 0.7, space=SMALL, progress=False)
-    uncached_search = search_routing(model, data, 0.7, space=SMALL, prefix_cache=False, progress=False)
+    assert evaluator.measure(cached, routing, 2) == evaluator.measure(evaluator.initial(), routing, 0)
+    cached_search = search_routing(model, data, 0.7, space=SMALL, holdout=0, progress=False)
+    uncached_search = search_routing(model, data, 0.7, space=SMALL, holdout=0, prefix_cache=False, progress=False)
     assert cached_search.routing == uncached_search.routing
-    assert cached_search.report["val_top1"] == uncached_search.report["val_top1"]
+    assert cached_search.report["val_kl"] == uncached_search.report["val_kl"]
     assert cached_search.report["block_passes"] < uncached_search.report["block_passes"]
 
 
@@ -98,7 +159,7 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     full = search_routing(model, data, 0.7, space=SMALL, progress=False)
     state = tmp_path / "state.json"
     calls = {"n": 0}
-    original = search_module._checkpoint
+    original = search_state.checkpoint
 
     def dies_after_two_steps(*args):
         original(*args)
@@ -106,13 +167,14 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_module, "_checkpoint", dies_after_two_steps)
+    monkeypatch.setattr(search_state, "checkpoint", dies_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
         search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
-    monkeypatch.setattr(search_module, "_checkpoint", original)
+    monkeypatch.setattr(search_state, "checkpoint", original)
     assert '"step": 2' in state.read_text()
     resumed = search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
-    assert resumed.routing == full.routing and resumed.report["val_top1"] == full.report["val_top1"]
+    assert resumed.routing == full.routing and resumed.report["val_kl"] == full.report["val_kl"]
+    assert resumed.report["check"] == full.report["check"]
     assert resumed.report["candidates_evaluated"] == full.report["candidates_evaluated"]
     with pytest.raises(ValueError, match="belongs to another search"):
         search_routing(model, data, 0.6, space=SMALL, state_path=state, progress=False)
@@ -124,6 +186,11 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     relabelled = [(images, (labels + 1) % 4) for images, labels in data]  # same images, other labels
     with pytest.raises(ValueError, match="belongs to another search"):
         search_routing(model, relabelled, 0.7, space=SMALL, state_path=state, progress=False)
+    state.write_text("{not json")
+    with pytest.raises(ValueError, match=rf"search state {state} is not valid JSON"):
+        search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
+    with pytest.raises(ValueError, match=rf"state_path {tmp_path} is a directory"):
+        search_routing(model, data, 0.7, space=SMALL, state_path=tmp_path, progress=False)
 
 
 def test_infeasible_budget_names_the_cheapest_flops(model, data):
@@ -135,17 +202,56 @@ def test_infeasible_budget_names_the_cheapest_flops(model, data):
         search_routing(model, data, 0.05, space=SMALL, progress=False)
 
 
-def test_label_free_picks_a_transition_routing(model, data):
-    result = search_routing(model, data, 0.7, space=SMALL, strategy="label_free", progress=False)
-    assert result.routing.name.startswith("transition-t")
-    assert result.report["candidates_evaluated"] == 1
+def test_label_free_picks_a_transition_routing_without_labels(model, data):
+    images_only = [images for images, _ in data]
+    result = search_routing(model, images_only, 0.7, space=SMALL, strategy="label_free", holdout=0, progress=False)
+    assert result.routing.name.startswith("transition-t") and "val_top1" not in result.report
+    assert result.report["candidates_evaluated"] == 1 and result.report["val_kl"] > 0
     with pytest.raises(ValueError, match="unknown search strategy 'greedy'"):
         search_routing(model, data, 0.7, strategy="greedy")
+    with pytest.raises(ValueError, match="objective 'top1' needs labels"):
+        search_routing(model, images_only, 0.7, space=SMALL, objective="top1", progress=False)
 
 
-def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(model):
-    """Labels are ToMe's own predictions, so ToMe scores 100% on the held-out half: the searched routing survives
-    the check only by matching that."""
+def test_headless_model_is_searched_by_cosine_distance_of_its_features(data):
+    backbone = tiny_vit(num_classes=0)
+    result = search_routing(backbone, data, 0.7, space=SMALL, progress=False)
+    assert result.report["objective"] == "cosine" and 0 < result.report["val_cosine"] < 1
+    assert set(result.report["check"]["holdout"]["searched"]) == {"cosine", "loss"}
+    with pytest.raises(ValueError, match="objective 'kl' needs class logits, but the model is headless"):
+        search_routing(backbone, data, 0.7, space=SMALL, objective="kl", progress=False)
+
+
+def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_worse(model):
+    """A space of random drops of half the tokens in block 0 finds only poor routings; by default the search checks
+    them on held-out images against the baselines by the same KL objective, and returns the best baseline."""
+    g = torch.Generator().manual_seed(2)
+    data = [(torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 4, (10,), generator=g)) for _ in range(4)]
+    poor = SearchSpace(scorers=("random",), reducers=("drop",), keeps=(0.5,), layers=(0,), shortlist=0)
+    budget = 0.6
+    result = search_routing(model, data, budget, space=poor, progress=False)
+    check = result.report["check"]
+    assert result.report["images"] == 28 and check["holdout_images"] == 12 and check["objective"] == "kl"
+    assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention"}
+    losses = {method: metrics["loss"] for method, metrics in check["holdout"].items()}
+    best = min(losses, key=losses.get)
+    assert best != "searched" and check["returned"] == best and f"the baseline {best}" in check["note"]
+    baselines = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
+    assert result.routing == baselines[best]
+    found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
+    assert found.rules[0].score == "random" and found.rules[0].layer == 0
+    held_out = [(data[2][0][8:], data[2][1][8:]), data[3]]  # the last 12 of 40 images
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x, _ in held_out])
+        prune(model, found)
+        pruned = torch.cat([model(x) for x, _ in held_out])
+        unprune(model)
+    assert losses["searched"] == pytest.approx(kl_divergence(reference, pruned).mean().item(), rel=1e-5)
+
+
+def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):
+    """Labels are ToMe's own predictions, so ToMe scores 100% on the held-out images: with objective top1 the
+    searched routing survives the check only by matching that."""
     budget = 0.6
     tome = matched_baselines(model, budget * count_flops(model, Routing()), within=True)["tome"]
     g = torch.Generator().manual_seed(1)
@@ -154,20 +260,47 @@ def test_holdout_check_returns_the_baseline_that_does_better_on_held_out_images(
         prune(model, tome)
         data = [(x, model(x).argmax(-1)) for x in images]
         unprune(model)
-    result = search_routing(model, data, budget, space=SMALL, holdout=0.5, progress=False)
+    result = search_routing(model, data, budget, space=SMALL, objective="top1", holdout=0.5, progress=False)
     check = result.report["check"]
-    assert result.report["images"] == 24 and check["holdout_images"] == 24
-    assert set(check["holdout_top1"]) == {"searched", "tome", "evit", "topk_attention"}
-    assert check["holdout_top1"]["tome"] == 1.0 > check["holdout_top1"]["searched"] and check["returned"] == "tome"
-    assert result.routing == tome and result.report["val_top1"] == 1.0
-    found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
-    with torch.no_grad():
-        prune(model, found)
-        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in data[2:])
-        unprune(model)
-    assert check["holdout_top1"]["searched"] == correct / 24
+    assert check["holdout"]["tome"]["top1"] == 1.0 > check["holdout"]["searched"]["top1"]
+    assert check["returned"] == "tome" and result.routing == tome and result.report["val_top1"] == 1.0
 
 
-def test_holdout_must_leave_batches_to_search_and_to_check(model, data):
-    with pytest.raises(ValueError, match=r"holdout 0.1 of 2 validation batches leaves 2 to search on and 0 to check"):
-        search_routing(model, data, 0.7, space=SMALL, holdout=0.1, progress=False)
+def test_split_holdout_cuts_by_images():
+    batches = [(torch.arange(4).view(4, 1, 1, 1).float(), torch.arange(4)) for _ in range(3)]
+    searched, held_out = split_holdout(batches, 0.25)  # 12 images: 9 searched, the last 3 held out
+    assert [len(y) for _, y in searched] == [4, 4, 1] and [len(y) for _, y in held_out] == [3]
+    assert held_out[0][1].tolist() == [1, 2, 3]
+    everything, none = split_holdout(batches, 0)
+    assert [y.tolist() for _, y in everything] == [[0, 1, 2, 3]] * 3 and none == []
+    with pytest.raises(ValueError, match=r"holdout 0.01 of 12 validation images leaves 12 to search on and 0"):
+        split_holdout(batches, 0.01)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"budget": 1.5}, "search budget must be a fraction of the unpruned model's FLOPs in \\(0, 1\\], got 1.5"),
+        ({"budget": float("nan")}, "search budget must be .* got nan"),
+        ({"budget": 0}, "search budget must be .* got 0"),
+        ({"beam_width": 0}, "search beam_width must be a positive integer, got 0"),
+        ({"screen_images": -5}, "search screen_images must be a positive integer, got -5"),
+        ({"objective": "accuracy"}, "objective 'accuracy' is not one of fidelity, kl, cosine, top1"),
+        ({"holdout": 1.0}, "holdout 1 of 24 validation images"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(model, data, kwargs, message):
+    settings = {"budget": 0.7, **kwargs}
+    budget = settings.pop("budget")
+    with pytest.raises(ValueError, match=message):
+        search_routing(model, data, budget, space=SMALL, progress=False, **settings)
+
+
+def test_bad_data_is_refused_with_what_is_wrong(model, data):
+    with pytest.raises(ValueError, match="search dataloader yielded no images"):
+        search_routing(model, [], 0.7, space=SMALL, progress=False)
+    outside = [(data[0][0], torch.full((12,), 7))]
+    with pytest.raises(ValueError, match="search dataloader label 7 is outside the model's 4 classes"):
+        search_routing(model, outside, 0.7, space=SMALL, progress=False)
+    with pytest.raises(TypeError, match=r"got a tensor of shape \[3, 32, 32\]"):
+        search_routing(model, [torch.zeros(3, 32, 32)], 0.7, space=SMALL, progress=False)

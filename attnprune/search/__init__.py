@@ -1,0 +1,34 @@
+"""Search the static routing that best preserves a model under a FLOPs budget, on validation images.
+
+The package, stage by stage:
+
+- :mod:`~attnprune.search.space`: the candidate rules (:class:`SearchSpace`) and the ToMe completion of a partial
+  routing, so every candidate is a complete routing within budget;
+- :mod:`~attnprune.search.objective`: what ranks candidates, by default fidelity to the unpruned model on the same
+  images (KL divergence of the class distributions; cosine distance of the features for a headless backbone), which
+  needs no labels and varies far less between image subsets than top-1;
+- :mod:`~attnprune.search.evaluator`: scores routings from cached token states of the prefix already fixed;
+- :mod:`~attnprune.search.beam` and :mod:`~attnprune.search.transition`: the strategies;
+- :mod:`~attnprune.search.state`: the resumable state (tied to the settings, every weight and the searched images);
+- :mod:`~attnprune.search.core`: :func:`search_routing`, which by default keeps 30% of the images out of the search
+  and returns the best, on those, of the routing found and the baselines within budget.
+"""
+
+from attnprune.search.core import SearchResult, check_against_baselines, search_routing, split_holdout
+from attnprune.search.evaluator import Evaluator
+from attnprune.search.objective import OBJECTIVES, cosine_distance, kl_divergence
+from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
+
+__all__ = [
+    "OBJECTIVES",
+    "Evaluator",
+    "InfeasibleBudget",
+    "SearchResult",
+    "SearchSpace",
+    "check_against_baselines",
+    "cheapest_flops",
+    "cosine_distance",
+    "kl_divergence",
+    "search_routing",
+    "split_holdout",
+]

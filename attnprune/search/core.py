@@ -1,0 +1,234 @@
+"""``search_routing``: the static routing that best preserves the model under a FLOPs budget, checked on held-out
+images against the baselines."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from attnprune.flops import count_flops, matched_baselines
+from attnprune.routing import Routing
+from attnprune.search import state as search_state
+from attnprune.search.beam import beam
+from attnprune.search.evaluator import Evaluator
+from attnprune.search.objective import resolve_objective
+from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
+from attnprune.search.transition import label_free, transition
+from attnprune.vit import check_prunable
+
+__all__ = ["SearchResult", "search_routing", "split_holdout", "check_against_baselines"]
+
+STRATEGIES = {"beam": beam, "transition": transition, "label_free": label_free}
+
+
+@dataclass
+class SearchResult:
+    """The routing returned and how it was found (see :func:`search_routing` for the report's fields)."""
+
+    routing: Routing
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"search {name} must be a positive integer, got {value!r}")
+
+
+def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tensor, Tensor | None]]:
+    """``(images, labels)`` pairs from a loader of such pairs or of bare image tensors, labels checked."""
+    batches = []
+    for batch in dataloader:
+        images, labels = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
+        if not isinstance(images, Tensor) or images.ndim != 4:
+            got = type(images).__name__ if not isinstance(images, Tensor) else f"a tensor of shape {list(images.shape)}"
+            raise TypeError(f"search dataloader must yield image tensors [B, C, H, W] or (images, labels), got {got}")
+        if labels is not None and model.num_classes > 0 and len(labels):
+            low, high = int(labels.min()), int(labels.max())
+            if low < 0 or high >= model.num_classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"search dataloader label {bad} is outside the model's {model.num_classes} classes")
+        batches.append((images, labels))
+    if not batches or not sum(len(images) for images, _ in batches):
+        raise ValueError("search dataloader yielded no images")
+    return batches
+
+
+def search_routing(
+    model: VisionTransformer,
+    dataloader: Iterable,
+    budget: float,
+    *,
+    space: SearchSpace | None = None,
+    strategy: str = "beam",
+    objective: str = "fidelity",
+    holdout: float = 0.3,
+    state_path: str | Path | None = None,
+    beam_width: int = 2,
+    prefix_cache: bool = True,
+    screen_images: int = 256,
+    finalists: int = 4,
+    progress: bool = True,
+) -> SearchResult:
+    """Find the static routing within a FLOPs budget that best preserves what the model computes.
+
+    Args:
+        model: a timm ViT in eval mode (its own routing, if any, is ignored).
+        dataloader: validation batches, ``(images, labels)`` or bare images, preprocessed for the model (never the
+            test split). Labels are needed only by ``objective="top1"``; when present, top-1 is reported too.
+        budget: FLOPs budget as a fraction in (0, 1] of the unpruned model's.
+        space: candidate rules (default :class:`SearchSpace`).
+        strategy: ``beam``, ``transition`` or ``label_free``.
+        objective: what ranks candidates (lower is better): ``fidelity`` (default: ``kl``, the KL divergence of the
+            class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
+            for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
+        holdout: fraction of the validation images (the last ones) kept out of the search. The routing found is
+            compared there with the baselines within budget (ToMe, EViT, attention top-k) by the same objective, and
+            the best is returned: searching hundreds of candidates on the same images rewards lucky ones. 0 searches
+            on every image and checks nothing.
+        state_path: JSON file saving the search as it goes; rerunning with it continues where it stopped.
+        beam_width: partial routings kept per layer (``beam``).
+        prefix_cache: reuse the token states of each fixed prefix (``beam``); off, every candidate runs from the
+            input (for measuring what the cache saves: the result is the same).
+        screen_images: ``beam`` first scores every candidate on the batches holding this many images,
+        finalists: then confirms the ``finalists`` best of them (at least ``beam_width``) on all searched images;
+            only those confirmations rank the beam and the result.
+        progress: show a progress bar.
+
+    Returns:
+        The routing and a report: ``objective``, ``val_loss`` and the fidelity metric (``val_kl`` or ``val_cosine``)
+        and, with labels, ``val_top1`` on the searched images; FLOPs and their ratio; candidates evaluated; block
+        passes; images; wall time; and with ``holdout`` the ``check``: every contender's metrics on the held-out
+        images, which was ``returned`` and the routing the search found (``searched_routing``), returned or not.
+
+    Raises:
+        InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
+        ValueError: a setting out of range, labels outside the head's classes, a state of another search.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not 0 < budget <= 1:
+        raise ValueError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
+    for name, value in (("beam_width", beam_width), ("screen_images", screen_images), ("finalists", finalists)):
+        _positive_int(name, value)
+    space = space or SearchSpace()
+    check_prunable(model, Routing())
+    unpruned = count_flops(model, Routing())
+    target = budget * unpruned
+    cheapest = cheapest_flops(model, space)
+    if cheapest > target:
+        raise InfeasibleBudget(
+            f"budget {budget:g} ({target / 1e9:.4g} GFLOPs) is below the cheapest routing the search space reaches: "
+            f"{cheapest / 1e9:.4g} GFLOPs ({cheapest / unpruned:.1%} of the unpruned model)"
+        )
+    start = time.perf_counter()
+    searched, held_out = split_holdout(_batches(dataloader, model), holdout)
+    name = resolve_objective(objective, model, all(labels is not None for _, labels in searched))
+    evaluator = Evaluator(model, searched, name)
+    path = Path(state_path) if state_path is not None else None
+    settings = {
+        "budget": budget,
+        "space": asdict(space),
+        "strategy": strategy,
+        "objective": name,
+        "beam_width": beam_width,
+        "screen_images": screen_images,
+        "finalists": finalists,
+    }
+    fingerprint = search_state.fingerprint(model, settings, evaluator)
+    state = search_state.load_state(path, fingerprint) or search_state.new_state(fingerprint)
+    previous_seconds = state["seconds"]  # time spent before an interruption, when resuming
+    options = {
+        "beam_width": beam_width,
+        "prefix_cache": prefix_cache,
+        "screen_images": screen_images,
+        "finalists": finalists,
+    }
+    state = STRATEGIES[strategy](model, evaluator, space, target, state, path, progress, **options)
+    routing, metrics = Routing.from_dict(state["best"]["routing"]), state["best"]["metrics"]
+    check = None
+    if held_out:
+        checker = Evaluator(model, held_out, name)
+        routing, check = check_against_baselines(model, checker, routing, target)
+        if check["returned"] != "searched":  # the returned baseline's metrics on the searched images
+            metrics = evaluator.measure(evaluator.initial(), routing, 0)
+        evaluator.candidates += checker.candidates
+        evaluator.block_passes += checker.block_passes * checker.images / evaluator.images
+    flops = count_flops(model, routing)
+    block_passes = state["block_passes"] + evaluator.block_passes
+    report = {
+        "strategy": strategy,
+        "objective": name,
+        "budget": budget,
+        **{f"val_{key}": value for key, value in metrics.items()},
+        "flops": flops,
+        "flops_ratio": flops / unpruned,
+        "candidates_evaluated": state["candidates"] + evaluator.candidates,
+        "block_passes": block_passes,
+        "full_forward_equivalents": block_passes / len(model.blocks),
+        "images": evaluator.images,
+        "wall_time_s": previous_seconds + time.perf_counter() - start,
+    }
+    if "before_fill" in state:
+        report["before_fill"] = {
+            **{f"val_{key}": value for key, value in state["before_fill"]["metrics"].items()},
+            "flops_ratio": state["before_fill"]["flops"] / unpruned,
+        }
+    if "transition_depth" in state:
+        report["transition_depth"] = state["transition_depth"]
+    if check is not None:
+        report["check"] = check
+    return SearchResult(routing, report)
+
+
+def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
+    """The validation images searched on and the last ``holdout`` fraction of them kept out to check the result,
+    as batches (a batch straddling the boundary is split)."""
+    total = sum(len(images) for images, _ in batches)
+    count = round(holdout * total) if isinstance(holdout, numbers.Real) and math.isfinite(holdout) else -1
+    if not 0 <= holdout < 1 or (holdout > 0 and not 0 < count < total):
+        raise ValueError(
+            f"holdout {holdout:g} of {total} validation images leaves {total - count} to search on and {count} to "
+            "check on; it must be in [0, 1) and leave at least one image for each"
+        )
+    searched, held_out, seen = [], [], 0
+    for images, labels in batches:
+        cut = min(max(total - count - seen, 0), len(images))
+        seen += len(images)
+        if cut:
+            searched.append((images[:cut], labels[:cut] if labels is not None else None))
+        if cut < len(images):
+            held_out.append((images[cut:], labels[cut:] if labels is not None else None))
+    return searched, held_out
+
+
+def check_against_baselines(
+    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float
+) -> tuple[Routing, dict[str, Any]]:
+    """The routing found and the baselines within budget (ToMe, EViT, attention top-k), measured on the held-out
+    images by the search's objective; the best there is returned (the routing found wins ties)."""
+    contenders = {"searched": routing, **matched_baselines(model, target, within=True)}
+    contenders.pop("random")
+    results = {method: held_out.measure(held_out.initial(), r, 0) for method, r in contenders.items()}
+    method = min(results, key=lambda m: results[m]["loss"])  # the first minimum: the routing found wins ties
+    check = {
+        "holdout_images": held_out.images,
+        "objective": held_out.objective,
+        "holdout": results,
+        "returned": method,
+        "searched_routing": routing.to_dict(),
+    }
+    if method != "searched":
+        check["note"] = (
+            f"the baseline {method} preserved the model better on the held-out images than the routing the search "
+            f"found ({held_out.objective} {results[method]['loss']:.4g} against {results['searched']['loss']:.4g}), "
+            "so it is returned; the routing found is in searched_routing"
+        )
+    return contenders[method], check

@@ -1,0 +1,94 @@
+"""Scores routings on validation images, finishing from cached token states of the prefix already fixed."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
+
+from attnprune.routing import Routing
+from attnprune.search.objective import LOSSES, fidelity_metric, top1_error
+from attnprune.vit import embed, head, run_blocks
+
+__all__ = ["Evaluator", "States"]
+
+States = list[tuple[Tensor, Tensor | None]]
+
+
+def batches_for(sizes: list[int], images: int) -> int:
+    """How many leading batches of ``sizes`` hold ``images`` images (at least one)."""
+    total = 0
+    for count, size in enumerate(sizes, start=1):
+        total += size
+        if total >= images:
+            return count
+    return len(sizes)
+
+
+class Evaluator:
+    """Objective, fidelity and top-1 of routings on fixed validation batches.
+
+    The unpruned model's outputs are computed once; every measurement compares the pruned outputs with them.
+
+    Args:
+        model: the timm ViT (eval mode).
+        batches: ``(images, labels)`` pairs; labels may be None (then no top-1).
+        objective: the concrete objective ranking candidates (``kl``, ``cosine`` or ``top1``).
+    """
+
+    def __init__(self, model: VisionTransformer, batches: list[tuple[Tensor, Tensor | None]], objective: str) -> None:
+        self.model, self.objective, self.fidelity = model, objective, fidelity_metric(model)
+        self.raw = [images for images, _ in batches]
+        self.labels = [labels for _, labels in batches]
+        # top-1 needs labels and a classifier (a headless backbone's output is a feature, not logits)
+        self.has_labels = model.num_classes > 0 and all(labels is not None for labels in self.labels)
+        self.sizes = [len(images) for images in self.raw]
+        self.images = sum(self.sizes)
+        with torch.no_grad():
+            self.inputs = [embed(model, images) for images in self.raw]
+            depth = len(model.blocks)
+            self.reference = [
+                head(model, model.norm(run_blocks(model, x, None, Routing(), {}, 0, depth)[0]), None)
+                for x in self.inputs
+            ]
+        self.block_passes = depth  # blocks run over the whole validation set (the reference pass included)
+        self.candidates = 0
+
+    def plans(self, routing: Routing) -> dict:
+        tokens = self.inputs[0].shape[1] - self.model.num_prefix_tokens
+        return {plan.rule.layer: plan for plan in routing.resolve(len(self.model.blocks), tokens)}
+
+    def initial(self) -> States:
+        """The token states entering block 0."""
+        return [(x, None) for x in self.inputs]
+
+    @torch.no_grad()
+    def advance(self, states: States, routing: Routing, start: int, stop: int) -> States:
+        """Token states after blocks ``start``..``stop - 1`` under ``routing``."""
+        plans = self.plans(routing)
+        self.block_passes += (stop - start) * len(states) / len(self.inputs)
+        return [run_blocks(self.model, x, size, routing, plans, start, stop) for x, size in states]
+
+    @torch.no_grad()
+    def measure(self, states: States, routing: Routing, start: int, images: int | None = None) -> dict[str, float]:
+        """Mean per-image metrics of ``routing`` finishing from ``states`` at block ``start``, on all images or on
+        the leading batches that hold ``images``.
+
+        Returns:
+            ``loss`` (the objective), the fidelity metric (``kl`` or ``cosine``) and, with labels, ``top1``.
+        """
+        self.candidates += 1
+        count = len(states) if images is None else batches_for(self.sizes, images)
+        done = self.advance(states[:count], routing, start, len(self.model.blocks))
+        totals = {self.fidelity: 0.0, "top1": 0.0}
+        for (x, size), reference, labels in zip(done, self.reference[:count], self.labels[:count], strict=True):
+            outputs = head(self.model, self.model.norm(x), size)
+            totals[self.fidelity] += LOSSES[self.fidelity](reference, outputs).sum().item()
+            if self.has_labels:
+                totals["top1"] += (1.0 - top1_error(outputs, labels)).sum().item()
+        seen = sum(self.sizes[:count])
+        metrics = {self.fidelity: totals[self.fidelity] / seen}
+        if self.has_labels:
+            metrics["top1"] = totals["top1"] / seen
+        metrics["loss"] = 1.0 - metrics["top1"] if self.objective == "top1" else metrics[self.fidelity]
+        return metrics

@@ -1,0 +1,140 @@
+"""The candidate rules of the routing search and the routings that complete a partial choice within budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+
+from attnprune.flops import count_flops
+from attnprune.routing import Routing
+from attnprune.scoring import SCORERS
+from attnprune.vit import num_patch_tokens
+
+__all__ = ["SearchSpace", "InfeasibleBudget", "cheapest_flops", "completion", "tune_keep", "milder"]
+
+
+class InfeasibleBudget(ValueError):
+    """No routing of the search space meets the FLOPs budget."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Candidate rules of the search.
+
+    Attributes:
+        scorers: scorers of ``drop`` and ``fuse`` rules.
+        reducers: reducers tried (``merge`` takes its fraction from ``merge_keeps``: ToMe's r, chosen per layer).
+        keeps: keep fractions of ``drop`` and ``fuse`` rules.
+        merge_keeps: keep fractions of ``merge`` rules (bipartite matching keeps at least half).
+        layers: blocks that may prune (default: all but the last).
+        attention: the attention scorer of the ``transition`` strategies.
+        shortlist: at each layer the beam first tries every scorer once (``drop`` at the median keep) and expands
+            only the ``shortlist`` best over every keep and reducer; 0 expands them all.
+    """
+
+    scorers: tuple[str, ...] = ("cls_attention", "l2_norm", "std", "distinctiveness", "redundancy")
+    reducers: tuple[str, ...] = ("drop", "fuse", "merge")
+    keeps: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    merge_keeps: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    layers: tuple[int, ...] | None = None
+    attention: str = "cls_attention"
+    shortlist: int = 2
+
+    def pruning_layers(self, depth: int) -> list[int]:
+        """The blocks that may prune in a model of ``depth`` blocks."""
+        return list(self.layers if self.layers is not None else range(depth - 1))
+
+    def usable_scorers(self, class_token: bool) -> list[str]:
+        """The scorers that apply to a model with (or without) a class token."""
+        return [s for s in self.scorers if class_token or not SCORERS[s].needs_class_token]
+
+    def probes(self, layer: int, class_token: bool) -> list[dict[str, Any]]:
+        """One ``drop`` rule per scorer at the median keep: the cheap first look that shortlists scorers."""
+        if not self.keeps or "drop" not in self.reducers and "fuse" not in self.reducers:
+            return []
+        keep = sorted(self.keeps)[len(self.keeps) // 2]
+        reduce = "drop" if "drop" in self.reducers else "fuse"
+        return [{"layer": layer, "score": s, "keep": keep, "reduce": reduce} for s in self.usable_scorers(class_token)]
+
+    def candidates(
+        self, layer: int, class_token: bool, scorers: list[str] | None = None
+    ) -> list[dict[str, Any] | None]:
+        """Rules to try at ``layer`` (None is "no rule"), with ``drop``/``fuse`` limited to ``scorers`` if given."""
+        rules: list[dict[str, Any] | None] = [None]
+        scorers = self.usable_scorers(class_token) if scorers is None else scorers
+        for reduce in self.reducers:
+            if reduce == "merge":
+                rules += [{"layer": layer, "keep": k, "reduce": "merge"} for k in self.merge_keeps]
+            else:
+                rules += [
+                    {"layer": layer, "score": s, "keep": k, "reduce": reduce} for s in scorers for k in self.keeps
+                ]
+        return rules
+
+
+def completion(model: VisionTransformer, fixed: list[dict], free: list[int], target: float) -> Routing | None:
+    """``fixed`` rules plus ToMe merging in the ``free`` layers with the fewest tokens removed that meets ``target``
+    FLOPs; None if even the most merging does not.
+
+    As in :func:`attnprune.flops.matched_baselines`, r may be one larger in the first free layers than in the rest
+    (``[r + 1] * m + [r] * (len(free) - m)``), so the completion spends the budget as closely as ToMe itself can.
+    """
+
+    def merged(step: int) -> Routing:  # step = r * len(free) + m
+        r, extra = divmod(step, len(free)) if free else (0, 0)
+        schedule = [r + 1] * extra + [r] * (len(free) - extra)
+        merges = [{"layer": layer, "r": n, "reduce": "merge"} for layer, n in zip(free, schedule, strict=True) if n]
+        return Routing(tuple(fixed + merges), name="searched")
+
+    def flops(step: int) -> float:
+        try:
+            return count_flops(model, merged(step))
+        except ValueError:  # more tokens merged than are left
+            return math.inf
+
+    # More merging means fewer FLOPs until the tokens run out (then the routing is invalid): bisect twice.
+    low, high = 0, num_patch_tokens(model) // 2 * len(free)
+    while low < high:  # the last valid step
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if flops(mid) < math.inf else (low, mid - 1)
+    if flops(low) > target:
+        return None
+    first = 0
+    while first < low:  # the first step within budget
+        mid = (first + low) // 2
+        first, low = (first, mid) if flops(mid) <= target else (mid + 1, low)
+    return merged(first)
+
+
+def tune_keep(model: VisionTransformer, make: Callable[[float], Routing], target: float) -> Routing | None:
+    """The largest keep fraction (in steps of 0.01) whose routing ``make(keep)`` meets ``target`` FLOPs."""
+    for keep in [round(1.0 - 0.01 * i, 2) for i in range(0, 96)]:
+        routing = make(keep)
+        if count_flops(model, routing) <= target:
+            return routing
+    return None
+
+
+def cheapest_flops(model: VisionTransformer, space: SearchSpace) -> int:
+    """FLOPs of the most aggressive routing the space can express (every layer at its smallest keep)."""
+    layers = space.pruning_layers(len(model.blocks))
+    options = []
+    if space.keeps and any(r != "merge" for r in space.reducers):
+        scorer = "l2_norm" if "l2_norm" in space.scorers else space.scorers[0]
+        options.append(Routing(tuple({"layer": layer, "score": scorer, "keep": min(space.keeps)} for layer in layers)))
+    if "merge" in space.reducers:
+        tokens = num_patch_tokens(model)
+        options.append(Routing(tuple({"layer": layer, "r": tokens, "reduce": "merge"} for layer in layers)))
+    return min(count_flops(model, routing) for routing in options)
+
+
+def milder(rule: dict[str, Any], space: SearchSpace) -> dict[str, Any] | None:
+    """The next milder version of ``rule`` (fewer tokens removed); None: no rule at that layer."""
+    if "r" in rule:
+        return {**rule, "r": rule["r"] - 1} if rule["r"] > 1 else None
+    keeps = [k for k in (space.merge_keeps if rule["reduce"] == "merge" else space.keeps) if k > rule["keep"]]
+    return {**rule, "keep": min(keeps)} if keeps else None

@@ -1,0 +1,112 @@
+"""The ``transition`` strategies: a non-attention scorer below depth ``t``, attention from ``t`` on.
+
+- ``transition``: searched over ``t``, the scorer and the reducer, the keep fraction tuned to the budget.
+- ``label_free``: ``t`` and the scorer chosen from the selectivity analysis alone (its oracle needs no labels).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+from tqdm.auto import tqdm
+
+from attnprune.routing import Routing
+from attnprune.scoring import SCORERS
+from attnprune.search import state as search_state
+from attnprune.search.beam import consider
+from attnprune.search.evaluator import Evaluator
+from attnprune.search.space import InfeasibleBudget, SearchSpace, tune_keep
+
+__all__ = ["transition", "label_free", "transition_routing"]
+
+
+def transition_routing(layers: list[int], t: int, scorer: str, attention: str, reduce: str, keep: float) -> Routing:
+    """``scorer`` in the pruning ``layers`` below ``t``, ``attention`` from ``t`` on, all at one keep fraction."""
+    rules = tuple(
+        {"layer": layer, "score": scorer if layer < t else attention, "keep": keep, "reduce": reduce}
+        for layer in layers
+    )
+    return Routing(rules, name=f"transition-t{t}-{scorer}-{reduce}")
+
+
+def _low_scorers(space: SearchSpace) -> list[str]:
+    return [s for s in space.scorers if SCORERS[s].family != "attention"] or ["l2_norm"]
+
+
+def transition(
+    model: VisionTransformer,
+    evaluator: Evaluator,
+    space: SearchSpace,
+    target: float,
+    state: dict[str, Any],
+    path: Path | None,
+    progress: bool,
+    **_: Any,
+) -> dict[str, Any]:
+    """Every transition depth, scorer and reducer, each at the keep fraction that meets the budget."""
+    depth = len(model.blocks)
+    layers = space.pruning_layers(depth)
+    low = _low_scorers(space)
+    reducers = [r for r in space.reducers if r != "merge"] or ["drop"]
+    grid = [(t, s, r) for r in reducers for s in low for t in range(0, depth + 1) if not (t == 0 and s != low[0])]
+    bar = tqdm(total=len(grid), initial=state["step"], desc="routing search (transition)", disable=not progress)
+    for step in range(state["step"], len(grid)):
+        started = time.perf_counter()
+        t, scorer, reduce = grid[step]
+        routing = tune_keep(model, partial(transition_routing, layers, t, scorer, space.attention, reduce), target)
+        if routing is not None:
+            consider(state, routing, evaluator.measure(evaluator.initial(), routing, 0))
+        state["step"] = step + 1
+        search_state.checkpoint(state, evaluator, path, started)
+        bar.update(1)
+    bar.close()
+    if state["best"] is None:
+        raise InfeasibleBudget("no transition routing meets the budget; widen the space or raise the budget")
+    return state
+
+
+def label_free(
+    model: VisionTransformer,
+    evaluator: Evaluator,
+    space: SearchSpace,
+    target: float,
+    state: dict[str, Any],
+    path: Path | None,
+    progress: bool,
+    analysis_images: int = 256,
+    **_: Any,
+) -> dict[str, Any]:
+    """The transition depth where attention's oracle agreement takes the lead, and the best non-attention scorer
+    below it, from the selectivity analysis; the keep fraction tuned to the budget."""
+    from attnprune.selectivity import SelectivityAnalyzer
+    from attnprune.selectivity.analysis import attention_transition_depth
+
+    started = time.perf_counter()
+    depth = len(model.blocks)
+    layers = space.pruning_layers(depth)
+    low = _low_scorers(space)
+    analyzer = SelectivityAnalyzer(depth, model.has_class_token, scorers=[*low, space.attention])
+    seen = 0
+    for batch in evaluator.raw:  # the oracle needs no labels: only the images
+        analyzer.update(model, batch[: analysis_images - seen])
+        seen += min(len(batch), analysis_images - seen)
+        if seen >= analysis_images:
+            break
+    results = analyzer.compute()
+    t = attention_transition_depth(results, space.attention)
+    t = depth if t is None else t
+    below = [layer for layer in range(depth) if layer < max(t, 1)]
+    scorer = max(low, key=lambda s: sum(results[f"reliability_spearman_{s}"][i] for i in below))
+    reduce = "fuse" if "fuse" in space.reducers else "drop"
+    routing = tune_keep(model, partial(transition_routing, layers, t, scorer, space.attention, reduce), target)
+    if routing is None:
+        raise InfeasibleBudget("the label-free routing cannot meet the budget; raise the budget")
+    consider(state, routing, evaluator.measure(evaluator.initial(), routing, 0))
+    state["step"] = 1
+    state["transition_depth"] = t
+    search_state.checkpoint(state, evaluator, path, started)
+    return state
