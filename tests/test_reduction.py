@@ -1,6 +1,6 @@
 import torch
 
-from attnprune.reduction import drop, fuse, merge
+from attnprune.reduction import REDUCERS, drop, fuse, merge
 
 
 def _tokens(batch=2, tokens=11, dim=6, seed=0):
@@ -80,3 +80,14 @@ def test_merge_averages_by_size_and_adds_the_sizes():
     out, new_size = merge(x, size, 4, 0, metric=metric)
     torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 2.0, (2 * 1 + 3 * 5) / 5, 3.0]))
     assert new_size.flatten().tolist() == [1.0, 4.0, 5.0, 1.0]
+
+
+def test_fuse_without_sizes_on_wide_tokens():
+    x = torch.tensor([[[9.0, -9.0], [1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]])
+    out, size = fuse(x, None, 2, 1, scores=torch.tensor([[0.2, 0.9, 0.6]]))  # keep patch 2; fuse 1 and 3
+    torch.testing.assert_close(out[0], torch.tensor([[9.0, -9.0], [2.0, 20.0], [2.5, 25.0]]))  # (0.2 x1 + 0.6 x3) / 0.8
+    assert size.flatten().tolist() == [1.0, 1.0, 2.0]
+
+
+def test_reducers_are_registered_by_name():
+    assert REDUCERS == {"drop": drop, "fuse": fuse, "merge": merge}

@@ -102,3 +102,43 @@ def test_cls_attention_reads_the_class_row_of_a_materialised_matrix():
     ctx = ScoreContext(q, q, 1.0, 1, attention=probs)
     torch.testing.assert_close(ctx.cls_attention, torch.tensor([[[0.2, 0.3, 0.5]]]))  # the column is [0.2, 0.6, 0.1]
     torch.testing.assert_close(SCORERS["cls_attention"](torch.zeros(1, 3, 1), ctx), torch.tensor([[0.3, 0.5]]))
+
+
+def test_scorer_flops_and_requirements_by_hand():
+    # 65 tokens of width 48 in 3 heads: one multiply-accumulate per channel and token is 65 * 48 = 3120
+    flops = {name: scorer.flops(65, 48, 3) for name, scorer in SCORERS.items()}
+    assert flops == {
+        "cls_attention": 3120 + 3 * 65,  # the class query against every key, then the head average
+        "mean_attention": 3 * 65 * 65,  # the column means of every head's attention matrix
+        "l2_norm": 3120,
+        "l1_norm": 3120,
+        "std": 2 * 3120,
+        "max_abs": 3120,
+        "kurtosis": 4 * 3120,
+        "cls_similarity": 2 * 3120,
+        "distinctiveness": 3 * 3120,
+        "redundancy": 65 * 65 * 48 + 3120,  # every pair's cosine
+        "random": 0,
+    }
+    assert {name for name, s in SCORERS.items() if s.needs_attention} == {"mean_attention"}
+    assert {name for name, s in SCORERS.items() if s.needs_class_token} == {"cls_attention", "cls_similarity"}
+
+
+def test_a_scorer_name_is_registered_once():
+    from attnprune.scoring import register_scorer
+
+    with pytest.raises(ValueError, match="scorer 'l2_norm' is registered twice"):
+        register_scorer("l2_norm", "statistics", flops=lambda t, c, h: 0)(lambda x, ctx: x)
+    assert SCORERS["l2_norm"].fn.__name__ == "l2_norm"
+
+
+def test_random_scores_come_from_the_documented_seed():
+    ctx, _ = _context()  # seed 5, layer 3: the generator is seeded with 5 * 1_000_003 + 3
+    expected = torch.rand(6, generator=torch.Generator().manual_seed(5_000_018))
+    torch.testing.assert_close(SCORERS["random"](torch.zeros(2, 7, 4), ctx), expected.expand(2, 6))
+
+
+def test_key_metric_is_the_keys_averaged_over_heads():
+    k = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 0.0], [-1.0, 2.0]]]])  # [B=1, H=2, T=2, d=2]
+    ctx = ScoreContext(k, k, 1.0, 1)
+    torch.testing.assert_close(ctx.key_metric, torch.tensor([[[3.0, 1.0], [1.0, 3.0]]]))
