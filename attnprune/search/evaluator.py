@@ -15,16 +15,6 @@ __all__ = ["Evaluator", "States"]
 States = list[tuple[Tensor, Tensor | None]]
 
 
-def batches_for(sizes: list[int], images: int) -> int:
-    """How many leading batches of ``sizes`` hold ``images`` images (at least one)."""
-    total = 0
-    for count, size in enumerate(sizes, start=1):
-        total += size
-        if total >= images:
-            return count
-    return len(sizes)
-
-
 class Evaluator:
     """Objective, fidelity and top-1 of routings on fixed validation batches.
 
@@ -42,8 +32,7 @@ class Evaluator:
         self.labels = [labels for _, labels in batches]
         # top-1 needs labels and a classifier (a headless backbone's output is a feature, not logits)
         self.has_labels = model.num_classes > 0 and all(labels is not None for labels in self.labels)
-        self.sizes = [len(images) for images in self.raw]
-        self.images = sum(self.sizes)
+        self.images = sum(len(images) for images in self.raw)
         with torch.no_grad():
             self.inputs = [embed(model, images) for images in self.raw]
             depth = len(model.blocks)
@@ -66,27 +55,32 @@ class Evaluator:
     def advance(self, states: States, routing: Routing, start: int, stop: int) -> States:
         """Token states after blocks ``start``..``stop - 1`` under ``routing``."""
         plans = self.plans(routing)
-        self.block_passes += (stop - start) * len(states) / len(self.inputs)
+        self.block_passes += (stop - start) * sum(len(x) for x, _ in states) / self.images
         return [run_blocks(self.model, x, size, routing, plans, start, stop) for x, size in states]
 
     @torch.no_grad()
     def measure(self, states: States, routing: Routing, start: int, images: int | None = None) -> dict[str, float]:
         """Mean per-image metrics of ``routing`` finishing from ``states`` at block ``start``, on all images or on
-        the leading batches that hold ``images``.
+        the first ``images``.
 
         Returns:
             ``loss`` (the objective), the fidelity metric (``kl`` or ``cosine``) and, with labels, ``top1``.
         """
         self.candidates += 1
-        count = len(states) if images is None else batches_for(self.sizes, images)
-        done = self.advance(states[:count], routing, start, len(self.model.blocks))
+        trimmed, left = [], self.images if images is None else images
+        for x, size in states:
+            if left <= 0:
+                break
+            trimmed.append((x[:left], size[:left] if size is not None else None))
+            left -= len(trimmed[-1][0])
+        done = self.advance(trimmed, routing, start, len(self.model.blocks))
         totals = {self.fidelity: 0.0, "top1": 0.0}
-        for (x, size), reference, labels in zip(done, self.reference[:count], self.labels[:count], strict=True):
+        for (x, size), reference, labels in zip(done, self.reference, self.labels, strict=False):
             outputs = head(self.model, self.model.norm(x), size)
-            totals[self.fidelity] += LOSSES[self.fidelity](reference, outputs).sum().item()
+            totals[self.fidelity] += LOSSES[self.fidelity](reference[: len(x)], outputs).sum().item()
             if self.has_labels:
-                totals["top1"] += (1.0 - top1_error(outputs, labels)).sum().item()
-        seen = sum(self.sizes[:count])
+                totals["top1"] += (1.0 - top1_error(outputs, labels[: len(x)])).sum().item()
+        seen = sum(len(x) for x, _ in done)
         metrics = {self.fidelity: totals[self.fidelity] / seen}
         if self.has_labels:
             metrics["top1"] = totals["top1"] / seen

@@ -1,0 +1,234 @@
+"""Does the searched routing keep its lead on images and models the search was not tuned on?
+
+For every model and budget, the default search (``attnprune.search.search_routing``) runs on several disjoint draws
+of validation images (split seeds); every method is then scored on the test split, which no choice ever sees:
+searched, ToMe, EViT, uniform attention top-k and random, each baseline the routing with the most FLOPs within the
+same budget. The margin is the searched routing's test top-1 minus the best baseline's, per split seed.
+
+Rows go to ``benchmarks/results/search_generalization.json`` after every search (rerunning skips what is there, and
+each search resumes from its state file), then one table and a figure of the margins are written.
+
+    .venv/bin/python benchmarks/search_generalization.py --models checkpoints/fmnist_*.safetensors \\
+        benchmarks/models/fmnist_gen_*.safetensors
+    .venv/bin/python benchmarks/search_generalization.py --summarize   # table, README table and figure only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
+from attnprune.flops import matched_baselines  # noqa: E402
+from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
+from attnprune.search import search_routing  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+BASELINES = ("tome", "evit", "topk_attention", "random")
+METHODS = ("searched", *BASELINES)
+DRAW_SEED = 20261128  # the permutation of the validation split that the draws cut, fixed once
+
+
+def top1(model: torch.nn.Module, routing: Routing, batches: list) -> float:
+    """Test top-1 of ``model`` under ``routing`` (the model is left unpruned)."""
+    with torch.no_grad():
+        prune(model, routing)
+        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
+        unprune(model)
+    return correct / sum(len(y) for _, y in batches)
+
+
+def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict[int, list]:
+    """Disjoint draws of ``images`` validation images, one per split seed, cut from one fixed permutation."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    if images * (max(seeds) + 1) > len(y):
+        raise SystemExit(f"--draw-images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DRAW_SEED))
+    result = {}
+    for seed in seeds:
+        index = order[seed * images : (seed + 1) * images]
+        result[seed] = [(x[i], y[i]) for i in index.split(batch_size)]
+    return result
+
+
+def baselines(model: torch.nn.Module, budget: float, split_seed: int) -> dict[str, Routing]:
+    """The baselines with the most FLOPs within ``budget``; random drops with the split seed as its seed."""
+    tuned = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
+    rules = tuned["random"].rules
+    tuned["random"] = Routing.random(rules[0].keep, [r.layer for r in rules], seed=split_seed)
+    return tuned
+
+
+def key(routing: Routing) -> str:
+    return json.dumps(routing.to_dict(), sort_keys=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = args.out_dir / "search_generalization.json"
+    result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
+    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if r["method"] == "searched"}
+    loaded = {}
+    for budget in args.budgets:
+        for path in args.models:
+            name = Path(path).stem
+            if all((name, budget, s) in done for s in args.split_seeds):
+                continue
+            if name not in loaded:
+                model = load_model(path)
+                data = FashionMNISTDataModule(batch_size=args.batch_size).for_model(model)
+                validation = data.take("validation", args.draw_images * (max(args.split_seeds) + 1))
+                test = data.take("test", args.test_images)
+                loaded[name] = model, draws(validation, args.draw_images, args.split_seeds, args.batch_size), test
+                result["models"][name] = {"checkpoint": str(path), "unpruned_top1": top1(model, Routing(), test)}
+            model, validation_draws, test = loaded[name]
+            unpruned, scored = count_flops(model, Routing()), {}
+            for seed in args.split_seeds:
+                if (name, budget, seed) in done:
+                    continue
+                start = time.perf_counter()
+                found = search_routing(
+                    model,
+                    validation_draws[seed],
+                    budget,
+                    state_path=args.state_dir / f"{name}-{budget:g}-{seed}.json",
+                    progress=False,
+                )
+                seconds = time.perf_counter() - start
+                for method, routing in {"searched": found.routing, **baselines(model, budget, seed)}.items():
+                    if key(routing) not in scored:
+                        scored[key(routing)] = top1(model, routing, test)
+                    row = {
+                        "model": name,
+                        "budget": budget,
+                        "split_seed": seed,
+                        "method": method,
+                        "gflops": count_flops(model, routing) / 1e9,
+                        "top1": scored[key(routing)],
+                        "flops_ratio": count_flops(model, routing) / unpruned,
+                    }
+                    if method == "searched":
+                        row["returned"] = found.report["check"]["returned"]
+                        row["search_seconds"] = seconds
+                        row["routing"] = routing.to_dict()
+                    result["rows"].append(row)
+                print(
+                    f"{name} budget {budget:g} seed {seed}: searched {scored[key(found.routing)]:.2%} "
+                    f"(returned {found.report['check']['returned']}, {seconds:.0f} s)",
+                    flush=True,
+                )
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(result, indent=1))
+                tmp.replace(out)
+
+
+def margins(result: dict) -> dict[tuple[str, float], list[float]]:
+    """Test top-1 of searched minus the best baseline, in points, per (model, budget), one value per split seed."""
+    cells: dict[tuple[str, float, int], dict[str, float]] = {}
+    for row in result["rows"]:
+        cells.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row["top1"]
+    found: dict[tuple[str, float], list[float]] = {}
+    for (model, budget, _), tops in sorted(cells.items()):
+        if set(METHODS) <= set(tops):
+            best = max(tops[m] for m in BASELINES)
+            found.setdefault((model, budget), []).append(100 * (tops["searched"] - best))
+    return found
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(result: dict, out_dir: Path) -> None:
+    """Print the table (and its Markdown for the README) and draw the margins with their spread."""
+    found = margins(result)
+    models = sorted({m for m, _ in found})
+    budgets = sorted({b for _, b in found}, reverse=True)
+    print("\nmargin of searched over the best baseline, test top-1 points: mean ± std over split seeds (n)")
+    print(f"{'model':28}" + "".join(f"{b:>16.0%}" for b in budgets))
+    lines = ["| model (unpruned top-1) | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"]
+    lines.append("| --- |" + " --- |" * len(budgets))
+    for model in models:
+        cells = [found.get((model, b)) for b in budgets]
+        print(f"{model:28}" + "".join(f"{_cell(c):>16}" for c in cells))
+        unpruned = result["models"][model]["unpruned_top1"]
+        lines.append(f"| `{model}` ({unpruned:.2%}) | " + " | ".join(_cell(c) for c in cells) + " |")
+    means = [[statistics.mean(found[(m, b)]) for m in models if (m, b) in found] for b in budgets]
+    print(f"{'mean over models':28}" + "".join(f"{_cell(v, seeds=False):>16}" for v in means))
+    lines.append("| **mean over models** | " + " | ".join(f"**{_cell(v, seeds=False)}**" for v in means) + " |")
+    print("\n" + "\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    markers = "osD^vP*X"
+    for i, model in enumerate(models):
+        xs = [b for b in budgets if (model, b) in found]
+        offset = (i - (len(models) - 1) / 2) * 0.006
+        ax.errorbar(
+            [100 * (b + offset) for b in xs],
+            [statistics.mean(found[(model, b)]) for b in xs],
+            yerr=[spread(found[(model, b)]) for b in xs],
+            marker=markers[i % len(markers)],
+            capsize=3,
+            linestyle="none",
+            label=model,
+        )
+    ax.plot(
+        [100 * b for b in budgets],
+        [statistics.mean(v) if v else float("nan") for v in means],
+        "k-",
+        lw=2,
+        label="mean over models",
+    )
+    ax.axhline(0, color="gray", linestyle=":")
+    ax.set(
+        xlabel="FLOPs budget (% of the unpruned model)",
+        ylabel="searched − best baseline (test top-1, points)",
+        title="Routing search on held-out test images: mean ± std over split seeds",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    for suffix in (".png", ".pdf"):
+        fig.savefig(out_dir / f"search_generalization{suffix}", dpi=130, bbox_inches="tight")
+    print(f"wrote {out_dir / 'search_generalization.png'} and .pdf")
+
+
+def _cell(values: list[float] | None, seeds: bool = True) -> str:
+    if not values:
+        return "–"
+    text = f"{statistics.mean(values):+.2f} ± {spread(values):.2f}"
+    return f"{text} ({len(values)})" if seeds else text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=[], help="weights files (attnprune.load_model)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--draw-images", type=int, default=1500, help="validation images per split seed")
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--state-dir", type=Path, default=Path("runs/search_generalization"))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    if not args.summarize:
+        if not args.models:
+            parser.error("--models is required unless --summarize is given")
+        run(args)
+    summarize(json.loads((args.out_dir / "search_generalization.json").read_text()), args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
