@@ -30,14 +30,48 @@ find "$work" -mindepth 1 -maxdepth 1 ! -name mutants -exec rm -rf {} +
 (cd "$repo" && git ls-files -z --cached --others --exclude-standard | xargs -0 ls -d 2>/dev/null | tar -cf - -T -) |
     tar -xf - -C "$work"
 cd "$work"
-# quicker runs: other test files (MUTATION_TESTS) or fewer modules (MUTATION_MODULES), in the copy's pyproject only
+# quicker runs: other test files (MUTATION_TESTS) or fewer modules (MUTATION_MODULES), in the copy's pyproject only.
+# mutmut skips decorated functions and properties, which would leave every registered scorer and ScoreContext's
+# properties unmutated: in the copy, `@d def f` becomes `def f` followed by `f = d(f)` (the same objects at import).
 "$python" - "${MUTATION_TESTS:-}" "${MUTATION_MODULES:-}" <<'PY'
-import json, re, sys
+import glob, json, re, sys, tomllib
+
+import libcst as cst
+
 text = open("pyproject.toml").read()
 for key, value in zip(("pytest_add_cli_args_test_selection", "only_mutate"), sys.argv[1:]):
     if value:
         text = re.sub(rf"{key} = \[[^\]]*\]", f"{key} = {json.dumps(value.split())}", text)
 open("pyproject.toml", "w").write(text)
+
+
+class Undecorate(cst.CSTTransformer):
+    def _rewrite(self, body):
+        out = []
+        for node in body:
+            keep = [d for d in getattr(node, "decorators", []) if getattr(d.decorator, "value", "") in ("staticmethod", "classmethod")]
+            if not isinstance(node, cst.FunctionDef) or not node.decorators or keep:
+                out.append(node)
+                continue
+            value = node.name
+            for decorator in reversed(node.decorators):
+                value = cst.Call(func=decorator.decorator, args=[cst.Arg(value)])
+            out += [node.with_changes(decorators=[]), cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(node.name)], value)])]
+        return out
+
+    def leave_Module(self, original, updated):
+        return updated.with_changes(body=self._rewrite(updated.body))
+
+    def leave_IndentedBlock(self, original, updated):
+        return updated.with_changes(body=self._rewrite(updated.body))
+
+
+for pattern in tomllib.loads(text)["tool"]["mutmut"]["only_mutate"]:
+    for path in glob.glob(pattern):
+        source = open(path).read()
+        rewritten = cst.parse_module(source).visit(Undecorate()).code
+        if rewritten != source:
+            open(path, "w").write(rewritten)
 PY
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled
 
@@ -46,7 +80,7 @@ timeout "$limit" nice -n "${MUTATION_NICE:-19}" "$mutmut" run --max-children "$j
 [ "$status" -eq 124 ] && echo "mutation run stopped after ${limit}s: the counts below are partial" >&2
 
 # per module: killed, survived, other (timeouts, not checked); then every survivor by name
-"$mutmut" results --all true > mutants/results.txt 2>/dev/null || true
+mkdir -p mutants && "$mutmut" results --all true > mutants/results.txt 2>/dev/null || true
 "$python" - "$work" <<'PY'
 import collections, re, sys
 
