@@ -129,13 +129,16 @@ class RunConfigCallback(SaveConfigCallback):
             pl_module._log_hyperparams = False
             if trainer.datamodule is not None:
                 trainer.datamodule._log_hyperparams = False
+        if not self.already_saved and not any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+            self.log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every process asks
         super().setup(trainer, pl_module, stage)
 
     def run_dir(self, trainer: L.Trainer) -> Path:
+        """The W&B run's ``files/`` folder, else the logger's ``log_dir`` (rank zero only)."""
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 return Path(logger.experiment.dir)
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        return Path(self.log_dir)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         config = resolved_config(self.parser, self.config, pl_module)
