@@ -1,7 +1,8 @@
 """Accuracy against FLOPs: the searched routing and the baselines at matched FLOPs, on the test split.
 
-For every budget, the routing is searched on validation images (``attnprune.search``; by default on the first half,
-the second half checking it against the best baseline within budget), then evaluated on the test split together with
+For every budget, the routing is searched on validation images by the default search (``attnprune.search``: fidelity
+to the unpruned model, the last 30% of the images checking it against the baselines within budget), then evaluated
+on the test split together with
 ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the searched routing's
 FLOPs (within 1% where the knob allows). Prints one table, writes ``benchmarks/results/pareto_<model>.json`` and a PNG
 plot of top-1 against GFLOPs, one line per method; the searched routings also go to
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument(
         "--holdout",
         type=float,
-        default=0.5,
+        default=0.3,
         help="fraction of the validation images kept out of the search to check its routing against the baselines",
     )
     parser.add_argument("--test-images", type=int, default=10000)

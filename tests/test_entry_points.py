@@ -213,4 +213,5 @@ def test_search_command_writes_a_routing_within_budget(workdir):
     routing = Routing.from_yaml(out)
     report = json.loads(out.with_suffix(".json").read_text())
     loaded = load_model(weights)
-    assert count_flops(loaded, routing) <= 0.7 * count_flops(loaded) and report["images"] == 6
+    assert count_flops(loaded, routing) <= 0.7 * count_flops(loaded) and report["objective"] == "kl"
+    assert report["images"] == 4 and report["check"]["holdout_images"] == 2  # 30% held out by default
