@@ -61,14 +61,6 @@ def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict
     return result
 
 
-def baselines(model: torch.nn.Module, budget: float, split_seed: int) -> dict[str, Routing]:
-    """The baselines with the most FLOPs within ``budget``; random drops with the split seed as its seed."""
-    tuned = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
-    rules = tuned["random"].rules
-    tuned["random"] = Routing.random(rules[0].keep, [r.layer for r in rules], seed=split_seed)
-    return tuned
-
-
 def key(routing: Routing) -> str:
     return json.dumps(routing.to_dict(), sort_keys=True)
 
@@ -104,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
                     progress=False,
                 )
                 seconds = time.perf_counter() - start
-                for method, routing in {"searched": found.routing, **baselines(model, budget, seed)}.items():
+                within = matched_baselines(model, budget * unpruned, within=True)  # the most FLOPs within budget
+                for method, routing in {"searched": found.routing, **within}.items():
                     if key(routing) not in scored:
                         scored[key(routing)] = top1(model, routing, test)
                     row = {
