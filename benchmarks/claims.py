@@ -385,14 +385,15 @@ def table(rows: list[dict]) -> str:
         return f"{show(c['depth'])} [{show(c['ci'][0])}, {show(c['ci'][1])}] {c['verdict']}"
 
     lines = [
-        "| model | paradigm | blocks | (a) entropy shallow - deep [95% CI] | (b) non-attention - attention [95% CI] "
-        "| (c) attention takes over at block [95% CI] |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | paradigm | blocks | images (oracle) | (a) entropy shallow - deep [95% CI] "
+        "| (b) non-attention - attention [95% CI] | (c) attention takes over at block [95% CI] |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         a, b, c = row["claims"]["a"], row["claims"]["b"], row["claims"]["c"]
         lines.append(
-            f"| `{row['model']}` | {row['paradigm']} | {row['depth']} | {cell(a)} ({a['query']} query) "
+            f"| `{row['model']}` | {row['paradigm']} | {row['depth']} "
+            f"| {row.get('images')} ({row.get('oracle_images')}) | {cell(a)} ({a['query']} query) "
             f"| {cell(b)} ({b['best_non_attention']} vs {b['best_attention']}) | {depth(c)} |"
         )
     return "\n".join(lines)
@@ -455,6 +456,7 @@ def main(
     output: str = str(RESULTS / "claims.json"),
     figure: str = str(RESULTS / "claims.png"),
     reuse: bool = True,
+    saved_only: bool = False,
     data_root: str | None = None,
 ) -> dict:
     """Test the claims on every model in ``models`` (weights files), write ``output``, print the table, plot.
@@ -472,6 +474,8 @@ def main(
         figure: the figure (``.png`` and ``.pdf``).
         reuse: load saved statistics of a model analysed with the same ``num_images`` (and run the oracle only on the
             images past those it was run on, up to ``oracle_images``).
+        saved_only: run no model: use every model's saved statistics as they are (with as many oracle images as
+            they hold).
         data_root: folder of the Fashion-MNIST IDX files (default: the data module's).
     """
     if threads:
@@ -483,8 +487,10 @@ def main(
         saved = torch.load(cache, weights_only=False) if reuse and cache.is_file() else None
         if saved is not None and (saved["images"] != num_images or saved["oracle_images"] > oracle_images):
             saved = None
+        if saved_only:
+            saved = torch.load(cache, weights_only=False)
         stats = saved
-        if saved is None or saved["oracle_images"] < oracle_images:
+        if not saved_only and (saved is None or saved["oracle_images"] < oracle_images):
             begin = 0 if saved is None else saved["oracle_images"]
             start = time.perf_counter()
             network = load_model(model_path)
@@ -520,8 +526,8 @@ def main(
         "across_models": across_models(rows),
         "settings": {
             "split": "Fashion-MNIST validation (5,000 training images held out, FashionMNISTDataModule seed 0)",
-            "num_images": num_images,
-            "oracle_images": oracle_images,
+            "num_images": sorted({row["images"] for row in rows}),
+            "oracle_images": sorted({row["oracle_images"] for row in rows}),
             "bootstrap": bootstrap,
             "seed": seed,
             "level": 0.95,
