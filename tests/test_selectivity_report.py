@@ -37,7 +37,7 @@ def test_callback_logs_per_layer_keys_to_wandb(folder, tmp_path):
     trainer = L.Trainer(
         accelerator="cpu",
         logger=logger,
-        callbacks=[SelectivityCallback(max_batches=1)],
+        callbacks=[SelectivityCallback(max_batches=1, oracle=True)],
         enable_progress_bar=False,
         enable_model_summary=False,
     )

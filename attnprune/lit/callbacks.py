@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import lightning as L
@@ -16,35 +17,49 @@ __all__ = ["SelectivityCallback"]
 
 
 class SelectivityCallback(Callback):
-    """Measures attention selectivity on the first validation batches and logs it per layer.
+    """Measures attention selectivity on a subset of the validation images and logs it per layer.
 
     Keys are ``selectivity/<metric>/layer_<i>`` in every logger; with W&B, also a table ``selectivity/table`` (one row
-    per layer) and a line plot per metric group against depth. Values are aggregated across DDP ranks.
+    per layer) and, with the oracle, a line plot of scorer reliability against depth. Values are aggregated across
+    DDP ranks.
+
+    The default costs about three forwards of ``max_images`` images per analysed epoch (clean, noisy and mirrored
+    inputs, with attention materialised): the concentration and stability metrics. The scorer-reliability metrics
+    need the leave-one-out oracle (``oracle=True``), which runs every token removal of every image through the rest
+    of the network (``depth x tokens`` partial forwards per image): keep ``max_images`` small and ``every_n_epochs``
+    large with it.
 
     Args:
-        max_batches: validation batches analysed per epoch (the oracle runs every token removal of each image).
-        oracle: measure scorer reliability against the leave-one-out oracle.
-        scorers: scorers whose reliability is measured (default: all registered).
+        max_images: validation images analysed per epoch (the first ones, per process).
+        oracle: also measure scorer reliability against the leave-one-out oracle (costly).
+        scorers: scorers whose reliability is measured (default: all registered; only with the oracle).
         keep: fraction of tokens of the top-k overlap.
         every_n_epochs: analyse every n-th validation epoch.
+        max_batches: at most this many validation batches too (None: no limit besides ``max_images``).
     """
 
     def __init__(
         self,
-        max_batches: int = 2,
-        oracle: bool = True,
+        max_images: int = 64,
+        oracle: bool = False,
         scorers: list[str] | None = None,
         keep: float = 0.5,
         every_n_epochs: int = 1,
+        max_batches: int | None = None,
     ) -> None:
-        self.max_batches, self.oracle, self.scorers, self.keep = max_batches, oracle, scorers, keep
-        self.every_n_epochs = every_n_epochs
+        if max_images < 1 or every_n_epochs < 1:
+            raise ValueError(f"max_images and every_n_epochs must be >= 1, got {max_images} and {every_n_epochs}")
+        self.max_images, self.oracle, self.scorers, self.keep = max_images, oracle, scorers, keep
+        self.every_n_epochs, self.max_batches = every_n_epochs, max_batches
         self.analyzer: SelectivityAnalyzer | None = None
+        self.seen = 0
+        self.seconds = 0.0
 
     def _active(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen, self.seconds = 0, 0.0
         if self._active(trainer) and self.analyzer is None:
             backbone = pl_module.backbone
             self.analyzer = SelectivityAnalyzer(
@@ -60,15 +75,24 @@ class SelectivityCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._active(trainer) and batch_idx < self.max_batches:
-            with torch.no_grad():
-                self.analyzer.update(pl_module.backbone, batch[0])
+        if not self._active(trainer) or self.seen >= self.max_images:
+            return
+        if self.max_batches is not None and batch_idx >= self.max_batches:
+            return
+        images = batch[0][: self.max_images - self.seen]
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.analyzer.update(pl_module.backbone, images)
+        self.seconds += time.perf_counter() - start
+        self.seen += len(images)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active(trainer) or self.analyzer is None:
             return
         results = self.analyzer.compute()
         self.analyzer.reset()
+        pl_module.log("selectivity/seconds", self.seconds)
+        pl_module.log("selectivity/images", float(self.seen))  # per process
         for metric, values in results.items():
             for layer, value in enumerate(values):
                 if not math.isnan(value):

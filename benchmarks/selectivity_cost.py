@@ -1,0 +1,93 @@
+"""What SelectivityCallback adds to a validation epoch on DeiT-T (224 px, 197 tokens, 12 blocks).
+
+Times ``trainer.validate`` of a DeiT-T classifier (random init: the cost does not depend on the weights) on the same
+images without the callback, with its default (concentration and stability metrics on ``max_images`` images) and
+with the leave-one-out oracle on a few images, in one process. Writes ``benchmarks/results/selectivity_cost.json``.
+
+    nice -n 10 python benchmarks/selectivity_cost.py --images 64 --oracle_images 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from attnprune.lit.callbacks import SelectivityCallback
+from attnprune.lit.modules import PrunedClassifier
+
+OUT = Path(__file__).resolve().parent / "results" / "selectivity_cost.json"
+
+
+def validate_seconds(module: L.LightningModule, loader: DataLoader, callback: SelectivityCallback | None) -> float:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[callback] if callback else [],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    start = time.perf_counter()
+    trainer.validate(module, loader, verbose=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--images", type=int, default=64, help="validation images (the epoch)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_images", type=int, default=64, help="the callback's max_images (its default: 64)")
+    parser.add_argument("--oracle_images", type=int, default=1, help="images analysed with the oracle (0: skip)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    module = PrunedClassifier(model=args.model, num_classes=1000).eval()
+    images = torch.randn(args.images, 3, 224, 224)
+    loader = DataLoader(TensorDataset(images, torch.randint(0, 1000, (args.images,))), batch_size=args.batch_size)
+    validate_seconds(module, loader, None)  # warm-up (allocator, thread pools)
+
+    plain = validate_seconds(module, loader, None)
+    default = SelectivityCallback(max_images=args.max_images)
+    with_default = validate_seconds(module, loader, default)
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "model": args.model,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "validation_epoch_s": round(plain, 2),
+        "default_callback": {
+            "max_images": args.max_images,
+            "images_analysed": default.seen,
+            "analysis_s": round(default.seconds, 2),
+            "validation_epoch_with_callback_s": round(with_default, 2),
+            "ratio_to_validation_epoch": round(default.seconds / plain, 2),
+        },
+    }
+    if args.oracle_images:
+        oracle = SelectivityCallback(max_images=args.oracle_images, oracle=True)
+        with_oracle = validate_seconds(module, loader, oracle)
+        result["oracle_callback"] = {
+            "max_images": args.oracle_images,
+            "images_analysed": oracle.seen,
+            "analysis_s": round(oracle.seconds, 2),
+            "validation_epoch_with_callback_s": round(with_oracle, 2),
+            "seconds_per_image": round(oracle.seconds / oracle.seen, 2),
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
