@@ -91,3 +91,31 @@ def test_fuse_without_sizes_on_wide_tokens():
 
 def test_reducers_are_registered_by_name():
     assert REDUCERS == {"drop": drop, "fuse": fuse, "merge": merge}
+
+
+def test_fuse_per_image_on_a_batch():
+    # image 0: the case above; image 1 keeps patches 1 and 2 and fuses 3 (score 0.3, size 2) and 4 (0.1, size 1)
+    x = torch.tensor([[10.0, 1.0, 2.0, 3.0, 4.0], [10.0, 1.0, 2.0, 3.0, 4.0]])[..., None] * torch.tensor([1.0, -2.0])
+    size = torch.tensor([[2.0, 3.0, 1.0, 2.0, 1.0], [2.0, 3.0, 1.0, 2.0, 1.0]])[..., None]
+    scores = torch.tensor([[0.1, 0.3, 0.5, 0.9], [0.9, 0.5, 0.3, 0.1]])
+    out, new_size = fuse(x, size, 3, 1, scores=scores)
+    fused = torch.tensor([1.5, (0.3 * 2 * 3 + 0.1 * 1 * 4) / 0.7])
+    expected = torch.stack([torch.tensor([10.0, 3.0, 4.0, fused[0]]), torch.tensor([10.0, 1.0, 2.0, fused[1]])])
+    torch.testing.assert_close(out, expected[..., None] * torch.tensor([1.0, -2.0]))
+    assert new_size[..., 0].tolist() == [[2.0, 2.0, 1.0, 4.0], [2.0, 3.0, 1.0, 3.0]]
+
+
+def test_fuse_averages_tiny_float64_scores():
+    # weights far below float32's smallest normal (1e-38) still average in float64: the guard is the dtype's own
+    x = torch.tensor([[[0.0], [1.0], [2.0], [4.0]]], dtype=torch.float64)
+    scores = torch.tensor([[1e-100, 3e-100, 1.0]], dtype=torch.float64)
+    out, _ = fuse(x, None, 2, 1, scores=scores)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.0, 4.0, 1.75], dtype=torch.float64))
+
+
+def test_merge_without_sizes_counts_every_token_once():
+    x, metric = _tokens(tokens=21), _tokens(tokens=21, dim=4, seed=1)
+    out, size = merge(x, None, 14, 1, metric=metric)
+    reference, reference_size = merge(x, torch.ones(2, 21, 1), 14, 1, metric=metric)
+    torch.testing.assert_close(out, reference)
+    assert torch.equal(size, reference_size) and size.sum(dim=1).flatten().tolist() == [21.0, 21.0]

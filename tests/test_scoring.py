@@ -61,7 +61,8 @@ def test_cls_attention_from_class_query_equals_full_matrix():
 
 def test_mean_attention_needs_materialised_attention():
     ctx, _ = _context()
-    with pytest.raises(RuntimeError, match="needs_attention=True"):
+    message = "^attention probabilities were not materialised; register the scorer with needs_attention=True$"
+    with pytest.raises(RuntimeError, match=message):
         SCORERS["mean_attention"](torch.zeros(2, 7, 4), ctx)
     ctx, probs = _context(with_attention=True)
     torch.testing.assert_close(SCORERS["mean_attention"](torch.zeros(2, 7, 4), ctx), probs.mean((1, 2))[:, 1:])
@@ -94,6 +95,9 @@ def test_cls_attention_is_the_class_row_under_a_non_constant_bias():
     torch.testing.assert_close(biased.cls_attention, full[:, :, 0])
     assert (biased.cls_attention - ctx.cls_attention).abs().max() > 0.05  # the bias does change the answer
     torch.testing.assert_close(SCORERS["cls_attention"](torch.zeros(2, 7, 4), biased), full[:, :, 0, 1:].mean(1))
+    # one image, one head: still [B, H, T]
+    single = ScoreContext(ctx.q[:1, :1], ctx.k[:1, :1], ctx.scale, 1, bias=bias[:1])
+    torch.testing.assert_close(single.cls_attention, full[:1, :1, 0])
 
 
 def test_cls_attention_reads_the_class_row_of_a_materialised_matrix():
@@ -127,15 +131,41 @@ def test_scorer_flops_and_requirements_by_hand():
 def test_a_scorer_name_is_registered_once():
     from attnprune.scoring import register_scorer
 
-    with pytest.raises(ValueError, match="scorer 'l2_norm' is registered twice"):
+    with pytest.raises(ValueError, match="^scorer 'l2_norm' is registered twice$"):
         register_scorer("l2_norm", "statistics", flops=lambda t, c, h: 0)(lambda x, ctx: x)
     assert SCORERS["l2_norm"].fn.__name__ == "l2_norm"
+
+
+def test_register_scorer_records_every_field():
+    from attnprune.scoring import register_scorer
+
+    def first_channel(x, ctx):
+        return x[:, ctx.num_prefix :, 0]
+
+    try:
+        assert register_scorer("_first_channel", "statistics", flops=lambda t, c, h: t)(first_channel) is first_channel
+        scorer = SCORERS["_first_channel"]
+        assert (scorer.name, scorer.family, scorer.fn) == ("_first_channel", "statistics", first_channel)
+        assert (scorer.flops(65, 48, 3), scorer.needs_attention, scorer.needs_class_token) == (65, False, False)
+        x = torch.tensor([[[9.0, 0.0], [1.0, 5.0], [2.0, 6.0]]])
+        assert scorer(x, ScoreContext(None, None, 1.0, num_prefix=1)).tolist() == [[1.0, 2.0]]
+        register_scorer("_needs_both", "attention", lambda t, c, h: 0, needs_attention=True, needs_class_token=True)(
+            first_channel
+        )
+        assert (SCORERS["_needs_both"].needs_attention, SCORERS["_needs_both"].needs_class_token) == (True, True)
+    finally:
+        SCORERS.pop("_first_channel", None)
+        SCORERS.pop("_needs_both", None)
 
 
 def test_random_scores_come_from_the_documented_seed():
     ctx, _ = _context()  # seed 5, layer 3: the generator is seeded with 5 * 1_000_003 + 3
     expected = torch.rand(6, generator=torch.Generator().manual_seed(5_000_018))
     torch.testing.assert_close(SCORERS["random"](torch.zeros(2, 7, 4), ctx), expected.expand(2, 6))
+    # defaults: seed 0, layer 0; the scores take the tokens' dtype
+    scores = SCORERS["random"](torch.zeros(3, 5, 4, dtype=torch.float64), ScoreContext(None, None, 1.0, 1))
+    assert scores.dtype == torch.float64
+    torch.testing.assert_close(scores, torch.rand(4, generator=torch.Generator().manual_seed(0)).double().expand(3, 4))
 
 
 def test_key_metric_is_the_keys_averaged_over_heads():
