@@ -86,8 +86,11 @@ def test_analyze_writes_tables_and_plots(analysis):
         "selectivity.json",
         "selectivity.csv",
         "selectivity.png",
+        "selectivity.pdf",
         "reliability.png",
+        "reliability.pdf",
         "tokens_mixed.png",
+        "tokens_mixed.pdf",
     }
     saved = json.loads((report / "selectivity.json").read_text())
     assert saved["meta"]["images"] == 5 and saved["meta"]["oracle_sequences"] == 5 * 4 * 16
