@@ -373,29 +373,56 @@ def across_models(rows: list[dict]) -> dict:
     }
 
 
+def _bold(verdict: str) -> str:
+    return verdict if verdict == "holds" else f"**{verdict}**"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def _block(d: int | None) -> str:
+    return "never" if d is None else str(d)
+
+
 def table(rows: list[dict]) -> str:
-    """The claims table in Markdown."""
-
-    def cell(claim: dict, fmt: str = "{:+.3f}") -> str:
-        lo, hi = claim["ci"]
-        return f"{fmt.format(claim['statistic'])} [{fmt.format(lo)}, {fmt.format(hi)}] {claim['verdict']}"
-
-    def depth(c: dict) -> str:
-        show = lambda d: "none" if d is None else str(d)  # noqa: E731
-        return f"{show(c['depth'])} [{show(c['ci'][0])}, {show(c['ci'][1])}] {c['verdict']}"
-
+    """The claims table in Markdown: each claim's statistic, 95% interval and verdict per model (not "holds" in bold),
+    then (a) for both queries."""
     lines = [
-        "| model | paradigm | blocks | images (oracle) | (a) entropy shallow - deep [95% CI] "
-        "| (b) non-attention - attention [95% CI] | (c) attention takes over at block [95% CI] |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | paradigm | blocks | images (oracle) | (a) query | (a) entropy shallow - deep | (a) 95% CI | (a) "
+        "| (b) best non-attention vs best attention | (b) difference | (b) 95% CI | (b) "
+        "| (c) attention takes over at block | (c) 95% CI | (c) |",
+        "| --- | --- | ---: | ---: | --- | ---: | --- | --- | --- | ---: | --- | --- | ---: | --- | --- |",
     ]
     for row in rows:
         a, b, c = row["claims"]["a"], row["claims"]["b"], row["claims"]["c"]
+        query = "class token" if a["query"] == "cls" else "all queries"
         lines.append(
             f"| `{row['model']}` | {row['paradigm']} | {row['depth']} "
-            f"| {row.get('images')} ({row.get('oracle_images')}) | {cell(a)} ({a['query']} query) "
-            f"| {cell(b)} ({b['best_non_attention']} vs {b['best_attention']}) | {depth(c)} |"
+            f"| {row.get('images')} ({row.get('oracle_images')}) | {query} | {_num(a['statistic'])} "
+            f"| [{_num(a['ci'][0])}, {_num(a['ci'][1])}] | {_bold(a['verdict'])} "
+            f"| `{b['best_non_attention']}` vs `{b['best_attention']}` | {_num(b['statistic'])} "
+            f"| [{_num(b['ci'][0])}, {_num(b['ci'][1])}] | {_bold(b['verdict'])} "
+            f"| {_block(c['depth'])} | [{_block(c['ci'][0])}, {_block(c['ci'][1])}] | {_bold(c['verdict'])} |"
         )
+    lines += [
+        "",
+        "| model | readout | class-token query: shallow - deep [95% CI] | all queries: shallow - deep [95% CI] "
+        "| attention first leads at block |",
+        "| --- | --- | --- | --- | ---: |",
+    ]
+    for row in rows:
+        a, c = row["claims"]["a"], row["claims"]["c"]
+        cells = []
+        for query in ("cls", "all"):
+            q = a["queries"].get(query)
+            cells.append(
+                "no class token"
+                if q is None
+                else f"{_num(q['statistic'])} [{_num(q['ci'][0])}, {_num(q['ci'][1])}] {_bold(q['verdict'])}"
+            )
+        readout = "class token" if a["query"] == "cls" else "average pool"
+        lines.append(f"| `{row['model']}` | {readout} | {cells[0]} | {cells[1]} | {_block(c['first_lead'])} |")
     return "\n".join(lines)
 
 
