@@ -11,6 +11,8 @@ each search resumes from its state file), then one table and a figure of the mar
     .venv/bin/python benchmarks/search_generalization.py --models checkpoints/fmnist_*.safetensors \\
         benchmarks/models/fmnist_gen_*.safetensors
     .venv/bin/python benchmarks/search_generalization.py --summarize   # table, README table and figure only
+
+Runs on several cores at once write to their own ``--out-dir``; ``--merge OTHER.json ...`` folds their rows in.
 """
 
 from __future__ import annotations
@@ -124,6 +126,19 @@ def run(args: argparse.Namespace) -> None:
                 tmp.replace(out)
 
 
+def merge(out: Path, others: list[Path]) -> None:
+    """Add the rows (and model entries) of ``others`` that ``out`` lacks."""
+    result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
+    seen = {(r["model"], r["budget"], r["split_seed"], r["method"]) for r in result["rows"]}
+    for path in others:
+        other = json.loads(path.read_text())
+        result["models"].update(other["models"])
+        result["rows"] += [
+            r for r in other["rows"] if (r["model"], r["budget"], r["split_seed"], r["method"]) not in seen
+        ]
+    out.write_text(json.dumps(result, indent=1))
+
+
 def margins(result: dict) -> dict[tuple[str, float], list[float]]:
     """Test top-1 of searched minus the best baseline, in points, per (model, budget), one value per split seed."""
     cells: dict[tuple[str, float, int], dict[str, float]] = {}
@@ -213,9 +228,12 @@ def main() -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("runs/search_generalization"))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="fold these results files' rows in first")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.out_dir / "search_generalization.json", args.merge)
     if not args.summarize:
         if not args.models:
             parser.error("--models is required unless --summarize is given")
