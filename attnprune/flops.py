@@ -97,7 +97,8 @@ def matched_baselines(model: VisionTransformer, target: float, within: bool = Fa
 
     ToMe's r may differ by one between blocks (``[r + 1] * m + [r] * (depth - m)``) and the keep fractions move in
     steps of 0.005, so the match is usually within 1%. With ``within``, each is the routing with the most FLOPs not
-    above ``target`` instead of the closest, and a method that cannot get under ``target`` is left out.
+    above ``target`` instead of the closest, and a method that cannot get under ``target`` is left out. EViT and
+    attention top-k rank tokens by class-token attention, so a model without a class token has neither.
     """
     depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
     keeps = [k / 1000 for k in range(200, 1001, 5)]
@@ -107,6 +108,8 @@ def matched_baselines(model: VisionTransformer, target: float, within: bool = Fa
         "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
         "random": [Routing.random(k, layers, seed=0) for k in keeps],
     }
+    if not model.has_class_token:
+        del families["evit"], families["topk_attention"]
     tuned = {}
     for method, routings in families.items():
         flops = [(count_flops(model, routing), routing) for routing in routings]

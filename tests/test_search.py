@@ -223,6 +223,16 @@ def test_headless_model_is_searched_by_cosine_distance_of_its_features(data):
         search_routing(backbone, data, 0.7, space=SMALL, objective="kl", progress=False)
 
 
+def test_model_without_class_token_is_checked_against_tome_only(data):
+    """EViT and attention top-k rank by class-token attention: an average-pool model without one has neither."""
+    pooled = tiny_vit(num_classes=4, class_token=False, global_pool="avg")
+    result = search_routing(
+        pooled, data, 0.7, space=SearchSpace(scorers=("l2_norm",), layers=(0, 1, 2)), progress=False
+    )
+    assert set(result.report["check"]["holdout"]) == {"searched", "tome"}
+    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled, Routing()))) == {"tome", "random"}
+
+
 def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_worse(model):
     """A space of random drops of half the tokens in block 0 finds only poor routings; by default the search checks
     them on held-out images against the baselines by the same KL objective, and returns the best baseline."""

@@ -212,8 +212,9 @@ def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
 def check_against_baselines(
     model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float
 ) -> tuple[Routing, dict[str, Any]]:
-    """The routing found and the baselines within budget (ToMe, EViT, attention top-k), measured on the held-out
-    images by the search's objective; the best there is returned (the routing found wins ties)."""
+    """The routing found and the baselines within budget (ToMe, and EViT and attention top-k where the model has a
+    class token), measured on the held-out images by the search's objective; the best there is returned (the routing
+    found wins ties)."""
     contenders = {"searched": routing, **matched_baselines(model, target, within=True)}
     contenders.pop("random")
     results = {method: held_out.measure(held_out.initial(), r, 0) for method, r in contenders.items()}
