@@ -1,10 +1,12 @@
 """What SelectivityCallback adds to a validation epoch on DeiT-T (224 px, 197 tokens, 12 blocks).
 
 Times ``trainer.validate`` of a DeiT-T classifier (random init: the cost does not depend on the weights) on the same
-images without the callback, with its default (concentration and stability metrics on ``max_images`` images) and
-with the leave-one-out oracle on a few images, in one process. Writes ``benchmarks/results/selectivity_cost.json``.
+images, in one process. Writes ``benchmarks/results/selectivity_cost.json``.
 
     nice -n 10 python benchmarks/selectivity_cost.py --images 64 --oracle_images 1
+
+Without the callback; with its default (at most 15% of the epoch's images, at most 64); with a fixed count
+(``--max_images``, no fraction), which gives the cost of one analysed image in validation images; with the oracle.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def main() -> None:
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--images", type=int, default=64, help="validation images (the epoch)")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_images", type=int, default=64, help="the callback's max_images (its default: 64)")
+    parser.add_argument("--max_images", type=int, default=64, help="images of the fixed-count run (max_fraction off)")
     parser.add_argument("--oracle_images", type=int, default=1, help="images analysed with the oracle (0: skip)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -57,8 +59,10 @@ def main() -> None:
     validate_seconds(module, loader, None)  # warm-up (allocator, thread pools)
 
     plain = validate_seconds(module, loader, None)
-    default = SelectivityCallback(max_images=args.max_images)
+    default = SelectivityCallback()
     with_default = validate_seconds(module, loader, default)
+    fixed = SelectivityCallback(max_images=args.max_images, max_fraction=None)
+    with_fixed = validate_seconds(module, loader, fixed)
     result = {
         "command": "python " + " ".join(sys.argv),
         "model": args.model,
@@ -67,11 +71,20 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "validation_epoch_s": round(plain, 2),
         "default_callback": {
-            "max_images": args.max_images,
+            "max_images": default.max_images,
+            "max_fraction": default.max_fraction,
             "images_analysed": default.seen,
             "analysis_s": round(default.seconds, 2),
             "validation_epoch_with_callback_s": round(with_default, 2),
             "ratio_to_validation_epoch": round(default.seconds / plain, 2),
+        },
+        "fixed_count_callback": {
+            "max_images": args.max_images,
+            "images_analysed": fixed.seen,
+            "analysis_s": round(fixed.seconds, 2),
+            "validation_epoch_with_callback_s": round(with_fixed, 2),
+            "ratio_to_validation_epoch": round(fixed.seconds / plain, 2),
+            "validation_images_per_analysed_image": round((fixed.seconds / fixed.seen) / (plain / args.images), 2),
         },
     }
     if args.oracle_images:

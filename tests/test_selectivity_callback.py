@@ -33,11 +33,11 @@ def trainer(**kwargs) -> L.Trainer:
 
 def test_default_is_cheap_and_analyses_the_first_max_images(folder, tmp_path):
     default = SelectivityCallback()
-    assert (default.oracle, default.max_images, default.every_n_epochs) == (False, 64, 1)
+    assert (default.oracle, default.max_images, default.max_fraction, default.every_n_epochs) == (False, 64, 0.15, 1)
     torch.manual_seed(0)
     module = PrunedClassifier(**TINY_CLASSIFIER)
     data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(tmp_path / "hf"))
-    callback = SelectivityCallback(max_images=5)
+    callback = SelectivityCallback(max_images=5, max_fraction=None)
     metrics = trainer(callbacks=[callback]).validate(module, data, verbose=False)[0]
     assert callback.seen == 5 and metrics["selectivity/images"] == 5.0  # 4 of the first batch, 1 of the second
     assert not any("reliability" in key for key in metrics)  # no oracle unless asked
@@ -68,9 +68,19 @@ def test_oracle_only_when_asked_and_every_n_epochs(folder, tmp_path):
     assert "selectivity/reliability_spearman_std/layer_1" not in rows[0]  # only the scorers asked for
 
 
+def test_default_analyses_at_most_a_fraction_of_the_epoch(folder, tmp_path):
+    module = PrunedClassifier(**TINY_CLASSIFIER)
+    data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(tmp_path / "hf"))
+    callback = SelectivityCallback()  # 2 validation batches of 4: about 8 images, 15% of them is 2
+    metrics = trainer(callbacks=[callback]).validate(module, data, verbose=False)[0]
+    assert callback.seen == 2 and metrics["selectivity/images"] == 2.0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"max_images and every_n_epochs must be >= 1, got 0 and 1"):
         SelectivityCallback(max_images=0)
+    with pytest.raises(ValueError, match=r"max_fraction must be in \(0, 1\], got 1.5"):
+        SelectivityCallback(max_fraction=1.5)
 
 
 def test_config_snippet_adds_the_callback_to_a_training_config(capsys):
@@ -85,6 +95,7 @@ def test_config_snippet_adds_the_callback_to_a_training_config(capsys):
             "class_path": "attnprune.lit.callbacks.SelectivityCallback",
             "init_args": {
                 "max_images": 64,
+                "max_fraction": 0.15,
                 "oracle": False,
                 "scorers": None,
                 "keep": 0.5,

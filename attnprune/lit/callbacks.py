@@ -23,14 +23,17 @@ class SelectivityCallback(Callback):
     per layer) and, with the oracle, a line plot of scorer reliability against depth. Values are aggregated across
     DDP ranks.
 
-    The default costs about three forwards of ``max_images`` images per analysed epoch (clean, noisy and mirrored
-    inputs, with attention materialised): the concentration and stability metrics. The scorer-reliability metrics
-    need the leave-one-out oracle (``oracle=True``), which runs every token removal of every image through the rest
-    of the network (``depth x tokens`` partial forwards per image): keep ``max_images`` small and ``every_n_epochs``
-    large with it.
+    The default measures the concentration and stability metrics (three forwards with attention materialised: clean,
+    noisy and mirrored inputs, plus the metrics), which costs about as much as evaluating six to seven images per
+    analysed image (DeiT-T, ``benchmarks/selectivity_cost.py``). So it analyses at most ``max_fraction`` of the
+    epoch's validation images (and at most ``max_images``): about one validation epoch, or much less on a large
+    validation split. The scorer-reliability metrics need the leave-one-out oracle (``oracle=True``), which runs
+    every token removal of every image through the rest of the network (``depth x tokens`` partial forwards per
+    image): give it a few images and a large ``every_n_epochs``.
 
     Args:
-        max_images: validation images analysed per epoch (the first ones, per process).
+        max_images: validation images analysed per epoch at most (the first ones, per process).
+        max_fraction: at most this fraction of the epoch's validation images (None: ``max_images`` alone).
         oracle: also measure scorer reliability against the leave-one-out oracle (costly).
         scorers: scorers whose reliability is measured (default: all registered; only with the oracle).
         keep: fraction of tokens of the top-k overlap.
@@ -41,6 +44,7 @@ class SelectivityCallback(Callback):
     def __init__(
         self,
         max_images: int = 64,
+        max_fraction: float | None = 0.15,
         oracle: bool = False,
         scorers: list[str] | None = None,
         keep: float = 0.5,
@@ -50,7 +54,10 @@ class SelectivityCallback(Callback):
         if max_images < 1 or every_n_epochs < 1:
             raise ValueError(f"max_images and every_n_epochs must be >= 1, got {max_images} and {every_n_epochs}")
         self.max_images, self.oracle, self.scorers, self.keep = max_images, oracle, scorers, keep
-        self.every_n_epochs, self.max_batches = every_n_epochs, max_batches
+        if max_fraction is not None and not 0.0 < max_fraction <= 1.0:
+            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+        self.every_n_epochs, self.max_batches, self.max_fraction = every_n_epochs, max_batches, max_fraction
+        self.limit = max_images
         self.analyzer: SelectivityAnalyzer | None = None
         self.seen = 0
         self.seconds = 0.0
@@ -59,7 +66,7 @@ class SelectivityCallback(Callback):
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seen, self.seconds = 0, 0.0
+        self.seen, self.seconds, self.limit = 0, 0.0, self.max_images
         if self._active(trainer) and self.analyzer is None:
             backbone = pl_module.backbone
             self.analyzer = SelectivityAnalyzer(
@@ -75,11 +82,15 @@ class SelectivityCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._active(trainer) or self.seen >= self.max_images:
+        if not self._active(trainer):
             return
-        if self.max_batches is not None and batch_idx >= self.max_batches:
+        if batch_idx == 0 and self.max_fraction is not None:  # the epoch's images, from its batch count and size
+            epoch_images = trainer.num_val_batches[dataloader_idx] * len(batch[0])
+            if math.isfinite(epoch_images):  # a streamed split has no known length: max_images alone
+                self.limit = min(self.max_images, max(1, math.ceil(self.max_fraction * epoch_images)))
+        if self.seen >= self.limit or (self.max_batches is not None and batch_idx >= self.max_batches):
             return
-        images = batch[0][: self.max_images - self.seen]
+        images = batch[0][: self.limit - self.seen]
         start = time.perf_counter()
         with torch.no_grad():
             self.analyzer.update(pl_module.backbone, images)
