@@ -172,3 +172,12 @@ def test_key_metric_is_the_keys_averaged_over_heads():
     k = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 0.0], [-1.0, 2.0]]]])  # [B=1, H=2, T=2, d=2]
     ctx = ScoreContext(k, k, 1.0, 1)
     torch.testing.assert_close(ctx.key_metric, torch.tensor([[[3.0, 1.0], [1.0, 3.0]]]))
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+def test_every_scorer_keeps_the_tokens_device(name):
+    """On the shape-only meta device, as a stand-in for CUDA: a tensor a scorer makes on the CPU would not mix."""
+    q, k = torch.empty(2, 2, 7, 4, device="meta"), torch.empty(2, 2, 7, 4, device="meta")
+    ctx = ScoreContext(q, k, 0.5, 2, attention=torch.empty(2, 2, 7, 7, device="meta"), layer=3, seed=5)
+    scores = SCORERS[name](torch.empty(2, 7, 4, device="meta"), ctx)
+    assert scores.device.type == "meta" and scores.shape == (2, 5)
