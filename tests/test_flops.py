@@ -95,3 +95,19 @@ def test_count_flops_adds_the_reducers_own_cost():
     assert flops({"score": "random", "reduce": "fuse"}) - drop == 9 * 48
     assert flops({"reduce": "merge"}) - drop == 33 * 32 * 16 + 2 * 65 * 48
     assert flops({"score": "l2_norm", "reduce": "drop"}) - drop == 65 * 48  # l2_norm: one MAC per channel and token
+
+
+def test_count_flops_of_the_tiny_vit_by_hand():
+    # 32 px, 4 px patches: 64 patches + class token = 65 tokens of width 48; 3 heads, MLP 192, 10 classes
+    def attention(t):  # qkv and proj per token, then q @ k and attention @ v
+        return t * (48 * 144 + 48 * 48) + 2 * t * t * 48
+
+    def mlp(t):
+        return t * 2 * 48 * 192
+
+    embed, head = 64 * 48 * 3 * 4 * 4, 48 * 10
+    assert count_flops(tiny_vit()) == embed + 4 * (attention(65) + mlp(65)) + head == 8_958_816
+    # attention top-k at block 1 keeps 32 of 64 patches: the MLP of block 1 and blocks 2-3 see 33 tokens
+    cls_attention = 65 * 48 + 3 * 65
+    pruned = embed + attention(65) + mlp(65) + attention(65) + cls_attention + mlp(33) + 2 * (attention(33) + mlp(33))
+    assert count_flops(tiny_vit(), Routing.topk_attention(0.5, (1,))) == pruned + head == 6_000_723
