@@ -144,3 +144,33 @@ def test_unknown_layouts_name_the_supported_ones(fake, tmp_path):
         ImageNetDataModule(source="./nowhere").prepare_splits()
     with pytest.raises(FileNotFoundError, match=r"local Hugging Face cache has no copy.*Supported layouts"):
         ImageNetDataModule(source="someone/not-cached", hub_cache_dir=str(tmp_path)).prepare_splits()
+
+
+def test_parquet_layout_streams(fake, tmp_path):
+    dm = datamodule(fake, "parquet", tmp_path, streaming=True, val_size=3, data_config={"input_size": (3, 32, 32)})
+    dm.setup("fit")
+    assert all(isinstance(split, datasets.IterableDataset) for split in dm.splits.values())
+    assert sum(len(labels) for _, labels in dm.val_dataloader()) == 3
+    assert sum(len(labels) for _, labels in dm.train_dataloader()) == 17
+    labels = torch.cat([labels for _, labels in dm.test_dataloader()])
+    assert labels.tolist() == [label for label in range(5) for _ in range(3)]
+
+
+def test_plain_parquet_labels_take_their_names_from_the_dataset_card(fake, tmp_path):
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "plain"
+    (root / "data").mkdir(parents=True)
+    table = pq.read_table(fake["parquet"] / "data" / "validation-00000-of-00001.parquet")
+    table = table.replace_schema_metadata(None)  # integer labels, no datasets features
+    pq.write_table(table, root / "data" / "validation-00000-of-00001.parquet")
+    names = "\n".join(f"            '{i}': {wnid}" for i, wnid in enumerate(WNIDS))
+    card = "---\ndataset_info:\n  features:\n    - name: image\n      dtype: image\n    - name: label\n"
+    (root / "README.md").write_text(card + f"      dtype:\n        class_label:\n          names:\n{names}\n---\n")
+    dm = datamodule({"plain": root}, "plain", tmp_path)
+    dm.prepare_splits()
+    assert dm.splits["test"].features["label"].names == WNIDS
+    (root / "README.md").unlink()
+    dm = datamodule({"plain": root}, "plain", tmp_path / "other-cache")
+    dm.prepare_splits()
+    assert dm.num_classes == 1000  # no names anywhere: ImageNet-1k's class indices
