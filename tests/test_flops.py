@@ -111,3 +111,28 @@ def test_count_flops_of_the_tiny_vit_by_hand():
     cls_attention = 65 * 48 + 3 * 65
     pruned = embed + attention(65) + mlp(65) + attention(65) + cls_attention + mlp(33) + 2 * (attention(33) + mlp(33))
     assert count_flops(tiny_vit(), Routing.topk_attention(0.5, (1,))) == pruned + head == 6_000_723
+    # DeiT-distilled: two prefix tokens (66 in all) and two heads
+    from timm.models.deit import VisionTransformerDistilled
+
+    from tests.conftest import TINY
+
+    distilled = VisionTransformerDistilled(**TINY)
+    assert count_flops(distilled) == embed + 4 * (attention(66) + mlp(66)) + 2 * head == 9_120_192
+    with pytest.raises(ValueError, match=r"^count_flops does not model attention-pool heads \(global_pool='map'\)$"):
+        count_flops(tiny_vit(global_pool="map"))
+
+
+def test_matched_baselines_hit_a_reachable_target_exactly():
+    from attnprune.flops import matched_baselines
+
+    model = tiny_vit()
+    tome = Routing.tome(3, 4)
+    assert matched_baselines(model, count_flops(model, tome))["tome"].rules == tome.rules
+    target = count_flops(model, Routing.topk_attention(0.5, (1, 2, 3)))  # EViT's layers for 4 blocks: 1, 2, 3
+    for within in (False, True):  # within: the most FLOPs not above the target, which is reachable here
+        topk = matched_baselines(model, target, within=within)["topk_attention"]
+        assert count_flops(model, topk) == target and [rule.layer for rule in topk.rules] == [1, 2, 3]
+        assert round(topk.rules[0].keep * 1000) % 5 == 0  # keep fractions move in steps of 0.005
+    below = matched_baselines(model, target - 1, within=True)
+    assert set(below) == {"tome", "evit", "topk_attention", "random"}
+    assert all(count_flops(model, routing) <= target - 1 for routing in below.values())
