@@ -24,7 +24,7 @@ def test_fuse_is_score_weighted_average_of_dropped_tokens():
 
 
 def test_merge_protects_prefix_conserves_size_and_averages():
-    for prefix in (0, 1, 2, 5):
+    for prefix in (0, 1, 2, 5, 7):  # 7: prefix tokens at B positions 1, 3 and 5
         x = _tokens(tokens=prefix + 20)
         metric = _tokens(tokens=prefix + 20, dim=4, seed=1)
         size = torch.randint(1, 4, (2, prefix + 20, 1)).float()
@@ -119,3 +119,13 @@ def test_merge_without_sizes_counts_every_token_once():
     reference, reference_size = merge(x, torch.ones(2, 21, 1), 14, 1, metric=metric)
     torch.testing.assert_close(out, reference)
     assert torch.equal(size, reference_size) and size.sum(dim=1).flatten().tolist() == [21.0, 21.0]
+
+
+def test_merge_matches_each_a_token_against_every_b_token():
+    # A = tokens 0, 2, 4, 6 and B = 1, 3, 5 (one-hot metrics): token 6 duplicates token 3, the only exact match
+    e = torch.eye(4)
+    metric = torch.stack([e[0], e[1], e[2], e[3], e[0] + e[2], e[1] + e[2], e[3]])[None]
+    x = torch.arange(7.0)[None, :, None]
+    out, size = merge(x, None, 6, 0, metric=metric)
+    assert out.flatten().tolist() == [0.0, 2.0, 4.0, 1.0, 4.5, 5.0]  # A unmerged, then B with 3 and 6 averaged
+    assert size.flatten().tolist() == [1.0, 1.0, 1.0, 1.0, 2.0, 1.0]
