@@ -130,13 +130,13 @@ def throughput(
     """Images/s of each routing on ``batches``, on the module's device and under the trainer's precision: ``warmup``
     untimed rounds, then the median of ``repeats`` rounds, interleaved (every round times each routing once, from a
     different first one), so load on a busy machine falls on all routings alike."""
-    device = module.device
-    batches = [batch.to(device) for batch in batches]
+    device, precision = module.device, trainer.strategy.precision_plugin
+    batches = [precision.convert_input(batch.to(device)) for batch in batches]  # bf16-true / 16-true inputs too
     models = {}
     for name, routing in routings.items():
         backbone = prune(copy.deepcopy(module.backbone).to(device).eval(), routing)
         models[name] = _OverBatches(backbone, batches)
-    with trainer.strategy.precision_plugin.forward_context():
+    with precision.forward_context():
         seconds = time_interleaved(models, batches[0], warmup=warmup, repeats=repeats, progress=False)
     images = sum(len(batch) for batch in batches)
     return {name: images / seconds[name] for name in routings}

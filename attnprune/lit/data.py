@@ -363,8 +363,8 @@ def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
     """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
     if not isinstance(data, datasets.Dataset) or len(data) == 0:
         return True
-    labels = data.data.column("label")
-    return pc.max(labels).as_py() is not None and pc.max(labels).as_py() >= 0
+    top = pc.max(data.data.column("label")).as_py()
+    return top is not None and top >= 0
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -376,7 +376,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     Args:
         root: the folder.
-        cache_dir: ``datasets`` cache (default: Hugging Face's).
+        cache_dir: ``datasets`` cache (default: Hugging Face's) of the sources ``datasets`` prepares (parquet, hub).
         **kwargs: see :class:`ImageDataModule`.
     """
 
