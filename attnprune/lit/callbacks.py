@@ -25,9 +25,9 @@ class SelectivityCallback(Callback):
 
     The default measures the concentration and stability metrics (three forwards with attention materialised: clean,
     noisy and mirrored inputs, plus the metrics), which costs about as much as evaluating three to six images per
-    analysed image (DeiT-T, ``benchmarks/results/selectivity_cost.json``). So it analyses at most ``max_fraction`` of the
-    epoch's validation images (and at most ``max_images``): about one validation epoch, or much less on a large
-    validation split. The scorer-reliability metrics need the leave-one-out oracle (``oracle=True``), which runs
+    analysed image (DeiT-T, ``benchmarks/results/selectivity_cost.json``). So it analyses at most ``max_fraction``
+    of the epoch's validation images (and at most ``max_images``): about one validation epoch, or much less on a
+    large validation split. The scorer-reliability metrics need the leave-one-out oracle (``oracle=True``), which runs
     every token removal of every image through the rest of the network (``depth x tokens`` partial forwards per
     image): give it a few images and a large ``every_n_epochs``.
 
