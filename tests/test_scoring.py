@@ -48,6 +48,8 @@ def test_similarity_by_hand():
     torch.testing.assert_close(SCORERS["redundancy"](x, ctx), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
     # mean patch token is (0, 0.5): cosine 0 to tokens 1 and 3, 1 to tokens 2 and 4
     torch.testing.assert_close(SCORERS["distinctiveness"](x, ctx), torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    # a lone patch token has no other token to duplicate: redundancy 2, as if opposite to everything
+    assert SCORERS["redundancy"](x[:, :2], ctx).tolist() == [[2.0]]
 
 
 def test_cls_attention_from_class_query_equals_full_matrix():
