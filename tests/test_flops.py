@@ -136,3 +136,24 @@ def test_matched_baselines_hit_a_reachable_target_exactly():
     below = matched_baselines(model, target - 1, within=True)
     assert set(below) == {"tome", "evit", "topk_attention", "random"}
     assert all(count_flops(model, routing) <= target - 1 for routing in below.values())
+
+
+def test_matched_baselines_closest_schedules_and_models_without_class_token():
+    from attnprune.flops import match_flops, matched_baselines
+
+    model = tiny_vit()
+    unpruned = count_flops(model)
+    # ToMe's r may differ by one between blocks: [4, 3, 3, 3] is reachable exactly; r = 0 is the unpruned model
+    mixed = Routing.tome([4, 3, 3, 3], 4)
+    assert matched_baselines(model, count_flops(model, mixed))["tome"].rules == mixed.rules
+    assert count_flops(model, matched_baselines(model, unpruned)["tome"]) == unpruned
+    # by default the closest, even above the target; the random control is seeded with 0
+    target = count_flops(model, Routing.topk_attention(0.5, (1, 2, 3)))
+    closest = matched_baselines(model, target - 1)
+    assert count_flops(model, closest["topk_attention"]) == target and closest["random"].seed == 0
+    # EViT and attention top-k read the class token: a model without one gets ToMe and random only
+    pooled = tiny_vit(class_token=False, global_pool="avg")
+    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled))) == {"tome", "random"}
+    # match_flops: of the routings make(knob), the one closest to the ratio of the unpruned FLOPs
+    ratio = count_flops(model, Routing.tome(3, 4)) / unpruned
+    assert match_flops(model, lambda r: Routing.tome(int(r), 4), range(8), ratio).rules == Routing.tome(3, 4).rules
