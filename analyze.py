@@ -20,7 +20,8 @@ from jsonargparse import CLI
 from timm.data import resolve_model_data_config
 from tqdm.auto import tqdm
 
-from attnprune import load_model
+from attnprune import count_flops, load_model
+from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
 from attnprune.lit.modules import load_routing
 from attnprune.report import plot_reliability, plot_selectivity, plot_token_maps, write_tables
@@ -50,7 +51,20 @@ def analyze(
         routings: routing YAML files whose token maps are drawn.
         token_map_images: images per token map.
     """
+    if num_images < 1:
+        raise ValueError(f"--num_images must be at least 1, got {num_images}")
+    if not (0 < keep <= 1):
+        raise ValueError(f"--keep must be a fraction in (0, 1] (of the tokens in the top-k overlap), got {keep}")
+    if token_map_images < 1:
+        raise ValueError(f"--token_map_images must be at least 1, got {token_map_images}")
     network = load_model(model)
+    checked = {}
+    for spec in routings or []:  # every routing is loaded and fitted to the model before any image is analysed
+        try:
+            checked[spec] = load_routing(spec)
+            count_flops(network, checked[spec])
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            raise type(err)(f"--routings entry {spec!r} does not fit the model: {err}") from err
     data.for_model(network).setup("validate")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start, seen, first = time.perf_counter(), 0, None
@@ -78,8 +92,7 @@ def analyze(
     if oracle:
         plot_reliability(results, out / "reliability.png", title=f"{Path(model).stem}: scorer reliability")
     cfg = resolve_model_data_config(network)
-    for spec in routings or []:
-        routing = load_routing(spec)
+    for routing in checked.values():
         plot_token_maps(
             network, first[:token_map_images], routing, out / f"tokens_{routing.name}.png", cfg["mean"], cfg["std"]
         )
@@ -93,6 +106,11 @@ def analyze(
     return meta
 
 
-if __name__ == "__main__":
+def main(args: list[str] | None = None):
+    """The command line: one line on stderr and exit status 2 for bad input (see attnprune.cli_errors)."""
     torch.set_grad_enabled(False)
-    CLI(analyze, as_positional=False)
+    return CLI(analyze, as_positional=False, args=args, exit_on_error=False)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -29,8 +29,10 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from attnprune.bench import time_interleaved
+from attnprune.cli_errors import lightning_parser_kwargs, run_cli
 from attnprune.flops import count_flops
 from attnprune.lit.cli import AttnpruneCLI, parse_routing, trainer_defaults
+from attnprune.paradigms import check_finite
 from attnprune.report import plot_accuracy_vs_flops
 from attnprune.routing import Routing
 from attnprune.vit import prune
@@ -151,8 +153,20 @@ def device_name(device: torch.device) -> str:
 def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
     config = cli.config
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    if config.throughput_repeats < 0 or config.throughput_warmup < 0:
+        raise ValueError(
+            f"--throughput_repeats and --throughput_warmup must be >= 0, got {config.throughput_repeats} and "
+            f"{config.throughput_warmup}"
+        )
+    if config.throughput_repeats > 0 and config.throughput_batches < 1:
+        raise ValueError(f"--throughput_batches must be at least 1, got {config.throughput_batches}")
     if config.ckpt_path:
+        path = Path(config.ckpt_path)
+        if not path.is_file():
+            kind = "is a directory" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"--ckpt_path {config.ckpt_path} {kind}; expected a Lightning checkpoint file")
         module = type(module).load_from_checkpoint(config.ckpt_path, map_location="cpu")
+    check_finite(module.state_dict(), config.ckpt_path or f"--model checkpoint {module.hparams.get('checkpoint')}")
     routings = check_routings(config.routings, module.backbone)
     if hasattr(datamodule, "prepare_splits") and not datamodule.splits:
         datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
@@ -248,7 +262,9 @@ def log_wandb(rows: list[dict[str, Any]], logger: WandbLogger, plot: Path) -> No
 
 
 def main(args: list[str] | None = None) -> list[dict[str, Any]]:
-    cli = EvaluateCLI(run=False, args=args, trainer_defaults=trainer_defaults())
+    cli = EvaluateCLI(
+        run=False, args=args, trainer_defaults=trainer_defaults(), parser_kwargs=lightning_parser_kwargs(())
+    )
     rows = evaluate(cli)
     if cli.trainer.is_global_zero:
         report(rows, Path(cli.config.output_dir), cli.trainer.logger)
@@ -257,4 +273,4 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
-    main()
+    run_cli(main)

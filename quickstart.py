@@ -21,6 +21,7 @@ import torch
 
 from attnprune import Routing, count_flops, load_model, match_flops, prune
 from attnprune.bench import time_interleaved
+from attnprune.cli_errors import run_cli
 from attnprune.flops import baseline_layers, matched_baselines
 from attnprune.lit.data import FashionMNISTDataModule
 
@@ -37,15 +38,36 @@ def layerwise(depth: int, keep: float) -> Routing:
     return Routing.from_dict({"name": "layerwise", "rules": rules})
 
 
-@torch.no_grad()
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(args: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked: a bad one is a ValueError/FileNotFoundError naming it (see attnprune.cli_errors)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False
+    )
     parser.add_argument("--model", default=str(SHIPPED), help="weights file, hub name, or random-deit-s")
     parser.add_argument("--ratio", type=float, default=0.6, help="FLOPs budget as a fraction of the unpruned model")
     parser.add_argument("--test-images", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds for images/s")
-    args = parser.parse_args()
+    args = parser.parse_args(args)
+    if not (0 < args.ratio <= 1):  # also refuses nan
+        raise ValueError(f"--ratio must be a FLOPs fraction in (0, 1], got {args.ratio}")
+    if args.test_images < 1:
+        raise ValueError(f"--test-images must be at least 1, got {args.test_images}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.model != "random-deit-s" and args.model != str(SHIPPED):  # only the default falls back to a random model
+        path = Path(args.model)
+        if path.is_dir():
+            raise IsADirectoryError(f"--model {args.model!r} is a directory; expected a weights file or a hub name")
+        if path.suffix in {".safetensors", ".pth", ".bin", ".ckpt"} and not path.is_file():
+            raise FileNotFoundError(
+                f"--model {args.model!r} does not exist (a weights file, hub name or random-deit-s)"
+            )
+    return args
 
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
     shipped = args.model != "random-deit-s" and (Path(args.model).is_file() or not args.model.endswith(".safetensors"))
     if shipped:
@@ -99,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,6 +22,7 @@ import torch
 from jsonargparse import CLI
 
 from attnprune import load_model
+from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
 from attnprune.search import SearchResult, search_routing
 
@@ -54,6 +55,8 @@ def search(
         holdout: fraction of the validation images kept out of the search to check the routing found against the
             baselines within budget (the best of them there is returned); 0 checks nothing.
     """
+    if val_images < 1:
+        raise ValueError(f"--val_images must be at least 1, got {val_images}")
     network = load_model(model)
     batches = data.for_model(network).take("validation", val_images)
     result = search_routing(
@@ -77,6 +80,11 @@ def search(
     return result
 
 
-if __name__ == "__main__":
+def main(args: list[str] | None = None):
+    """The command line: one line on stderr and exit status 2 for bad input (see attnprune.cli_errors)."""
     torch.set_grad_enabled(False)
-    CLI(search, as_positional=False)
+    return CLI(search, as_positional=False, args=args, exit_on_error=False)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from attnprune.routing import LayerPlan, Routing
+from attnprune.routing import LayerPlan, Routing, as_routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, num_patch_tokens
 
@@ -49,6 +49,7 @@ def count_flops(model: VisionTransformer, routing: Routing | None = None, img_si
     Returns:
         FLOPs per image (one multiply-accumulate = one FLOP).
     """
+    routing = as_routing(routing)
     if routing is None:
         routing = getattr(model, "routing", None) or Routing()
     check_prunable(model, routing)

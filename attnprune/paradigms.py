@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Paradigm",
+    "check_finite",
     "PARADIGMS",
     "get_paradigm",
     "build_model",
@@ -150,7 +151,22 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, archite
             f"{source} does not fit architecture {architecture!r}: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, shape mismatch (checkpoint vs model) {mismatched[:5]}"
         )
+    check_finite(state, source)
     model.load_state_dict(state)
+
+
+def check_finite(state: dict[str, Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's checkpoint gives wrong answers, not an error).
+
+    Raises:
+        ValueError: naming ``source`` and the first non-finite tensor.
+    """
+    for name, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{source}: weight {name!r} holds {bad} non-finite values (NaN or inf); expected finite weights"
+            )
 
 
 def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
@@ -210,7 +226,19 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         loader = _load_lightning_checkpoint if path.suffix == ".ckpt" else _load_weights_file
-        return loader(path, architecture, model_kwargs)
+        try:
+            return loader(path, architecture, model_kwargs)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            if str(path) in str(err):
+                raise
+            raise type(err)(f"checkpoint {path}: {err}") from err
+        except Exception as err:  # safetensors header errors, unpickling errors, truncated zip files, missing keys
+            raise ValueError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).strip()}); expected a "
+                "safetensors/.pth weights file or a Lightning checkpoint of an attnprune module"
+            ) from err
+    if path.is_dir():
+        raise IsADirectoryError(f"model {str(spec)!r} is a directory; expected a weights file, checkpoint or hub name")
     try:
         return timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
     except RuntimeError as err:

@@ -205,7 +205,10 @@ class Routing:
     @classmethod
     def tome(cls, r: int | Sequence[int], depth: int, prop_attn: bool = True) -> Routing:
         """ToMe: bipartite soft matching removing ``r`` tokens in every block (or ``r[i]`` in block i)."""
-        schedule = [r] * depth if _is_int(r) else list(r)
+        schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
+        bad = [ri for ri in schedule if not _is_int(ri) or ri < 0]
+        if bad:
+            raise ValueError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
         if len(schedule) != depth:
             raise ValueError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
         rules = tuple(Rule(layer=i, r=ri, reduce="merge") for i, ri in enumerate(schedule) if ri > 0)
@@ -269,6 +272,24 @@ class Routing:
         for layer in range(depth):
             counts.append(out.get(layer, counts[-1]))
         return counts
+
+
+def as_routing(routing: Routing | dict | str | Path | None, argument: str = "routing") -> Routing | None:
+    """``routing`` as a :class:`Routing`: a Routing or None as is, a dict (``Routing.from_dict``) or the path of a
+    routing YAML file (``Routing.from_yaml``).
+
+    Raises:
+        TypeError: anything else, naming ``argument``.
+    """
+    if routing is None or isinstance(routing, Routing):
+        return routing
+    if isinstance(routing, dict):
+        return Routing.from_dict(routing)
+    if isinstance(routing, (str, Path)):
+        return Routing.from_yaml(routing)
+    raise TypeError(
+        f"{argument} must be a Routing, a dict or the path of a routing YAML file, got {type(routing).__name__}"
+    )
 
 
 def _keep_count(position: int, keep: float | int, n: int) -> int:

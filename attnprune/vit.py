@@ -7,6 +7,7 @@ after attention and before the MLP. Blocks before the first rule run timm's own 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import MethodType
 
 import torch
@@ -16,7 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from attnprune.reduction import REDUCERS
-from attnprune.routing import LayerPlan, Routing
+from attnprune.routing import LayerPlan, Routing, as_routing
 from attnprune.scoring import SCORERS, ScoreContext
 
 __all__ = [
@@ -38,7 +39,17 @@ def num_patch_tokens(model: VisionTransformer, img_size: int | tuple[int, int] |
     """Patch tokens the model makes from an image of ``img_size`` (default: the model's own input size)."""
     if img_size is None:
         return model.patch_embed.num_patches
-    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    size = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise TypeError(f"img_size must be an int or an (h, w) pair of ints, got {img_size!r}")
+    height, width = size
+    patch = tuple(model.patch_embed.patch_size)
+    pad = getattr(model.patch_embed, "dynamic_img_pad", False)
+    if height <= 0 or width <= 0 or (not pad and (height % patch[0] or width % patch[1])):
+        raise ValueError(
+            f"img_size {img_size!r} does not fit the model: expected positive multiples of its patch size {patch}"
+        )
     grid = model.patch_embed.dynamic_feat_size((height, width))
     return grid[0] * grid[1]
 
@@ -70,17 +81,19 @@ def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
     return plans
 
 
-def prune(model: VisionTransformer, routing: Routing | None = None) -> VisionTransformer:
+def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None = None) -> VisionTransformer:
     """Apply a static routing to a timm ViT, in place.
 
     Args:
         model: a timm ``VisionTransformer`` (DeiT-distilled, register tokens, average pooling, ``num_classes=0``,
             layer scale and qk-norm included).
-        routing: the per-layer rules; None or an empty routing restores timm's forward.
+        routing: the per-layer rules (a Routing, a dict or a routing YAML path); None or an empty routing
+            restores timm's forward.
 
     Returns:
         The same model: ``model(x)`` now prunes, ``model.routing`` holds the routing.
     """
+    routing = as_routing(routing)
     if routing is None or len(routing) == 0:
         return unprune(model)
     plans = check_prunable(model, routing)

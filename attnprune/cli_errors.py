@@ -1,0 +1,77 @@
+"""One way for every entry point (train.py, evaluate.py, search.py, analyze.py, quickstart.py) to end on a user
+error: exit status 2 and one line on stderr that names the input, without a traceback.
+
+A user error is a ``ValueError``, ``FileNotFoundError``, ``TypeError``, ``IsADirectoryError`` or
+``NotADirectoryError`` raised by validation, or an argument error of jsonargparse/argparse. Anything else is a bug
+and keeps its traceback. ``--debug`` on the command line (removed before parsing) or ``ATTNPRUNE_DEBUG=1`` shows the
+traceback of user errors too.
+
+    def main(args=None):
+        ...
+
+    if __name__ == "__main__":
+        run_cli(main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["USER_ERRORS", "debug_requested", "one_line", "run_cli"]
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    TypeError,
+    IsADirectoryError,
+    NotADirectoryError,
+    argparse.ArgumentError,
+)
+EXIT_USER_ERROR = 2
+
+
+def debug_requested(argv: list[str]) -> bool:
+    """``--debug`` in ``argv`` or ``ATTNPRUNE_DEBUG`` set to a true value."""
+    return "--debug" in argv or os.environ.get("ATTNPRUNE_DEBUG", "").strip().lower() in {"1", "true", "yes"}
+
+
+_NOISE = re.compile(
+    r"^\s*(Given value( type)?:|- Expected a|Subclass types expect|Problem with given class_path|"
+    r"Does not validate against any of the Union subtypes|Subtypes:|Errors:\s*$)"
+)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line: jsonargparse's nested reports keep their most specific lines (the 'Given
+    value: Namespace(...)' dumps are dropped), and ``raise X(...) from Y`` adds nothing Y's message already had."""
+    text = str(err).strip() or type(err).__name__
+    lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip() and not _NOISE.match(line)]
+    if not lines:
+        lines = [text.splitlines()[0].strip()]
+    return " ".join(lines)
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
+    """Call ``main(argv)`` (``argv`` default ``sys.argv[1:]``, without ``--debug``); on a user error write
+    ``error: <message>`` to stderr and exit with status 2, unless debugging was asked for (then re-raise)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [arg for arg in argv if arg != "--debug"]
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        sys.stderr.write(f"error: {one_line(err)} (--debug or ATTNPRUNE_DEBUG=1 for a traceback)\n")
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def lightning_parser_kwargs(subcommands: tuple[str, ...] = ("fit", "validate", "test", "predict")) -> dict:
+    """``parser_kwargs`` for a LightningCLI whose argument errors :func:`run_cli` should report: jsonargparse raises
+    them instead of printing its usage and exiting."""
+    return {"exit_on_error": False, **{name: {"exit_on_error": False} for name in subcommands}}

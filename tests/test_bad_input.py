@@ -1,0 +1,313 @@
+"""Bad input, table-driven: the API raises ValueError/FileNotFoundError/TypeError naming the input, and every entry
+point ends with exit status 2, one line on stderr naming the option and no traceback (issue 15). Real tiny models
+and files throughout; entry points are called in-process through :func:`attnprune.cli_errors.run_cli`, a few as
+subprocesses to check what a user sees."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from attnprune import Routing, count_flops, load_model, prune, save_model
+from attnprune.cli_errors import one_line, run_cli
+from attnprune.lit.cli import parse_routing
+from attnprune.lit.modules import PrunedClassifier
+from attnprune.paradigms import METADATA_KEY, check_finite
+from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "vit_tiny_patch16_224"
+
+
+def entry_point(name: str):
+    spec = importlib.util.spec_from_file_location(f"_entry_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # jsonargparse resolves the postponed annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model's weights, the same weights with NaN and inf, corrupt files, a folder, routings, images."""
+    root = tmp_path_factory.mktemp("bad_input")
+    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    good = save_model(model, root / "tiny.safetensors", ARCH, model_kwargs=TINY_CLASSIFIER["model_kwargs"])
+    with open(good, "rb") as f:
+        head = f.read(8)
+    from safetensors import safe_open
+
+    with safe_open(str(good), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(good))
+    for bad, value in (("nan", math.nan), ("inf", math.inf)):
+        broken = dict(state)
+        broken["head.weight"] = torch.full_like(broken["head.weight"], value)
+        save_file(broken, str(root / f"{bad}.safetensors"), metadata={METADATA_KEY: meta[METADATA_KEY]})
+    (root / "garbage.safetensors").write_bytes(b"this is not a safetensors file at all")
+    (root / "truncated.safetensors").write_bytes(good.read_bytes()[: len(head) + 100])
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "garbage.ckpt").write_bytes(b"\x80\x04garbage")
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, root / "other.ckpt")
+    (root / "garbage.pth").write_bytes(b"not a zip")
+    (root / "folder.safetensors").mkdir()
+    (root / "folder").mkdir()
+    (root / "typo.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 1, "score": "l2_nrom", "keep": 0.5}]}))
+    (root / "deep.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 9, "score": "l2_norm", "keep": 0.5}]}))
+    (root / "ok.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5}]}))
+    (root / "broken.yaml").write_text("rules: [{layer: 1, score: l2_norm, keep: 0.5")
+    make_image_folder(root / "data", train_per_class=2, test_per_class=2)
+    return {p.name: p for p in root.iterdir()} | {"root": root}
+
+
+# -------------------------------------------------------------------------------------------------- API
+def _flops(**kw):
+    return lambda f: count_flops(tiny_vit(), **kw)
+
+
+API_CASES = [
+    # (id, call, exception, text the message must contain)
+    ("flops-img-not-multiple", _flops(img_size=30), ValueError, "img_size 30"),
+    ("flops-img-zero", _flops(img_size=0), ValueError, "img_size 0"),
+    ("flops-img-negative", _flops(img_size=-32), ValueError, "img_size -32"),
+    ("flops-img-pair-not-multiple", _flops(img_size=(32, 30)), ValueError, "img_size (32, 30)"),
+    ("flops-img-string", _flops(img_size="big"), TypeError, "img_size must be an int"),
+    ("flops-img-float", _flops(img_size=32.0), TypeError, "32.0"),
+    ("flops-img-bool", _flops(img_size=True), TypeError, "True"),
+    ("flops-img-one-value", _flops(img_size=(32,)), TypeError, "(32,)"),
+    ("flops-img-three-values", _flops(img_size=(32, 32, 3)), TypeError, "(32, 32, 3)"),
+    ("flops-routing-int", _flops(routing=5), TypeError, "routing must be a Routing"),
+    ("flops-routing-deep", lambda f: count_flops(tiny_vit(), Routing.from_yaml(f["deep.yaml"])), ValueError, "9"),
+    ("tome-negative-r", lambda f: Routing.tome(-1, 4), ValueError, "r=-1"),
+    ("tome-negative-in-schedule", lambda f: Routing.tome([1, -2, 1, 1], 4), ValueError, "r=-2"),
+    ("tome-float-r", lambda f: Routing.tome(1.5, 4), ValueError, "r=1.5"),
+    ("tome-string-r", lambda f: Routing.tome("3", 4), ValueError, "r='3'"),
+    ("tome-schedule-length", lambda f: Routing.tome([1, 1], 4), ValueError, "depth 4"),
+    ("preset-tome-negative", lambda f: parse_routing("tome:r=-1", 4), ValueError, "r=-1"),
+    ("preset-unknown", lambda f: parse_routing("tone:r=1", 4), ValueError, "tone"),
+    ("preset-missing-keep", lambda f: parse_routing("evit:", 4), ValueError, "keep"),
+    ("prune-int", lambda f: prune(tiny_vit(), 3), TypeError, "routing must be a Routing"),
+    ("prune-list", lambda f: prune(tiny_vit(), [{"layer": 1}]), TypeError, "list"),
+    (
+        "prune-dict-typo",
+        lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "score": "l2_nrom", "keep": 0.5}]}),
+        ValueError,
+        "l2_nrom",
+    ),
+    ("prune-dict-unknown-field", lambda f: prune(tiny_vit(), {"rule": []}), ValueError, "'rule'"),
+    ("prune-missing-yaml", lambda f: prune(tiny_vit(), str(f["root"] / "nope.yaml")), FileNotFoundError, "nope.yaml"),
+    ("prune-yaml-typo", lambda f: prune(tiny_vit(), f["typo.yaml"]), ValueError, "l2_nrom"),
+    ("prune-yaml-broken", lambda f: prune(tiny_vit(), f["broken.yaml"]), ValueError, "broken.yaml"),
+    ("prune-yaml-deep", lambda f: prune(tiny_vit(), str(f["deep.yaml"])), ValueError, "layer"),
+    (
+        "prune-keep-above-one",
+        lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "score": "std", "keep": 1.5}]}),
+        ValueError,
+        "1.5",
+    ),
+    ("prune-not-a-vit", lambda f: prune(torch.nn.Linear(2, 2), Routing.tome(1, 4)), TypeError, "Linear"),
+    ("load-directory", lambda f: load_model(f["folder"]), IsADirectoryError, "folder"),
+    (
+        "load-directory-with-suffix",
+        lambda f: load_model(f["folder.safetensors"]),
+        FileNotFoundError,
+        "folder.safetensors",
+    ),
+    ("load-missing", lambda f: load_model(f["root"] / "missing.safetensors"), FileNotFoundError, "missing.safetensors"),
+    ("load-garbage-safetensors", lambda f: load_model(f["garbage.safetensors"]), ValueError, "garbage.safetensors"),
+    (
+        "load-truncated-safetensors",
+        lambda f: load_model(f["truncated.safetensors"]),
+        ValueError,
+        "truncated.safetensors",
+    ),
+    ("load-empty-safetensors", lambda f: load_model(f["empty.safetensors"]), ValueError, "empty.safetensors"),
+    ("load-nan-weights", lambda f: load_model(f["nan.safetensors"]), ValueError, "nan.safetensors"),
+    ("load-inf-weights", lambda f: load_model(f["inf.safetensors"]), ValueError, "non-finite"),
+    ("load-garbage-ckpt", lambda f: load_model(f["garbage.ckpt"]), ValueError, "garbage.ckpt"),
+    ("load-foreign-ckpt", lambda f: load_model(f["other.ckpt"]), ValueError, "other.ckpt"),
+    ("load-garbage-pth", lambda f: load_model(f["garbage.pth"], architecture=ARCH), ValueError, "garbage.pth"),
+    ("load-pth-no-arch", lambda f: load_model(f["garbage.pth"]), ValueError, "garbage.pth"),
+    ("check-finite", lambda f: check_finite({"w": torch.tensor([1.0, math.nan])}, "w.bin"), ValueError, "'w'"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "text"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_api_refuses_bad_input(files, call, error, text):
+    with pytest.raises(error) as info:
+        call(files)
+    assert text in str(info.value)
+
+
+def test_prune_takes_a_dict_or_a_routing_file(files):
+    """What the refusals above leave valid: a dict and a YAML path give the same model as the Routing."""
+    x = torch.randn(2, 3, 32, 32)
+    expected = prune(tiny_vit(), Routing.from_yaml(files["ok.yaml"]))(x)
+    for routing in (yaml.safe_load(files["ok.yaml"].read_text()), files["ok.yaml"], str(files["ok.yaml"])):
+        assert torch.equal(prune(tiny_vit(), routing)(x), expected)
+    assert count_flops(tiny_vit(), img_size=(32, 16)) < count_flops(tiny_vit(), img_size=32)
+
+
+def test_one_line_drops_jsonargparse_dumps():
+    err = ValueError("Problem with given class_path 'x':\n  bad keep 1.5\n  Given value: Namespace(a=1)")
+    assert one_line(err) == "bad keep 1.5"
+
+
+# ------------------------------------------------------------------------------------- entry points in-process
+def _data(files) -> list[str]:
+    return [
+        "--data.class_path",
+        "attnprune.lit.data.ImageFolderDataModule",
+        "--data.init_args.root",
+        str(files["data"]),
+        "--data.init_args.cache_dir",
+        str(files["root"] / "hf"),
+    ]
+
+
+def _analyze(files, *extra):
+    out = files["root"] / "out-analyze"
+    return "analyze", ["--model", str(files["tiny.safetensors"]), *_data(files), "--output_dir", str(out), *extra]
+
+
+def _search(files, *extra):
+    out = files["root"] / "out-search" / "routing.yaml"
+    return "search", ["--model", str(files["tiny.safetensors"]), *_data(files), "--output", str(out), *extra]
+
+
+def _quickstart(files, *extra):
+    return "quickstart", ["--model", str(files["tiny.safetensors"]), *extra]
+
+
+CLI_CASES = [
+    # (id, builder, text the stderr line must contain)
+    ("quickstart-ratio-zero", lambda f: _quickstart(f, "--ratio", "0"), "--ratio"),
+    ("quickstart-ratio-negative", lambda f: _quickstart(f, "--ratio", "-1"), "--ratio"),
+    ("quickstart-ratio-above-one", lambda f: _quickstart(f, "--ratio", "1.5"), "1.5"),
+    ("quickstart-ratio-nan", lambda f: _quickstart(f, "--ratio", "nan"), "--ratio"),
+    ("quickstart-ratio-word", lambda f: _quickstart(f, "--ratio", "half"), "half"),
+    ("quickstart-test-images-zero", lambda f: _quickstart(f, "--test-images", "0"), "--test-images"),
+    ("quickstart-repeats-zero", lambda f: _quickstart(f, "--repeats", "0"), "--repeats"),
+    (
+        "quickstart-missing-model",
+        lambda f: ("quickstart", ["--model", str(f["root"] / "missing.safetensors")]),
+        "missing.safetensors",
+    ),
+    ("quickstart-directory-model", lambda f: ("quickstart", ["--model", str(f["folder"])]), "directory"),
+    ("quickstart-nan-model", lambda f: ("quickstart", ["--model", str(f["nan.safetensors"])]), "non-finite"),
+    ("analyze-num-images-zero", lambda f: _analyze(f, "--num_images", "0"), "--num_images"),
+    ("analyze-keep-above-one", lambda f: _analyze(f, "--keep", "1.5"), "--keep"),
+    ("analyze-token-maps-zero", lambda f: _analyze(f, "--token_map_images", "0"), "--token_map_images"),
+    ("analyze-routing-typo", lambda f: _analyze(f, "--routings", f"[{f['typo.yaml']}]"), "l2_nrom"),
+    ("analyze-routing-missing", lambda f: _analyze(f, "--routings", "[nope.yaml]"), "nope.yaml"),
+    ("analyze-nan-model", lambda f: ("analyze", ["--model", str(f["nan.safetensors"]), *_data(f)]), "non-finite"),
+    (
+        "analyze-garbage-model",
+        lambda f: ("analyze", ["--model", str(f["garbage.safetensors"]), *_data(f)]),
+        "garbage.safetensors",
+    ),
+    ("analyze-num-images-word", lambda f: _analyze(f, "--num_images", "many"), "num_images"),
+    ("search-val-images-zero", lambda f: _search(f, "--budget", "0.6", "--val_images", "0"), "--val_images"),
+    ("search-budget-above-one", lambda f: _search(f, "--budget", "1.5"), "1.5"),
+    (
+        "search-missing-model",
+        lambda f: ("search", ["--model", "x.safetensors", *_data(f), "--budget", "0.5"]),
+        "x.safetensors",
+    ),
+    (
+        "search-nan-model",
+        lambda f: ("search", ["--model", str(f["nan.safetensors"]), *_data(f), "--budget", "0.5"]),
+        "non-finite",
+    ),
+    ("search-no-budget", lambda f: _search(f), "budget"),
+]
+
+
+@pytest.mark.parametrize("build,text", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, build, text):
+    monkeypatch.delenv("ATTNPRUNE_DEBUG", raising=False)
+    name, argv = build(files)
+    module = entry_point(name)
+    with pytest.raises(SystemExit) as info:
+        run_cli(module.main, argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if "warn" not in line.lower()]  # library warnings are not ours
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert text in err[0]
+    assert "Traceback" not in err[0]
+    assert not (files["root"] / "out-analyze").exists() and not (files["root"] / "out-search").exists()
+
+
+def test_debug_keeps_the_traceback(files, monkeypatch):
+    monkeypatch.setenv("ATTNPRUNE_DEBUG", "1")
+    with pytest.raises(ValueError, match="--ratio"):
+        run_cli(entry_point("quickstart").main, ["--ratio", "0"])
+    monkeypatch.delenv("ATTNPRUNE_DEBUG")
+    with pytest.raises(ValueError, match="--ratio"):
+        run_cli(entry_point("quickstart").main, ["--ratio", "0", "--debug"])
+
+
+def test_bugs_keep_their_traceback():
+    def main(argv):
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_cli(main, [])
+
+
+# ------------------------------------------------------------------------------------- as a user runs them
+SUBPROCESS_CASES = [
+    ("quickstart-ratio", lambda f: ["quickstart.py", "--ratio", "1.5"], "--ratio"),
+    ("analyze-num-images", lambda f: ["analyze.py", *_analyze(f, "--num_images", "0")[1]], "--num_images"),
+    (
+        "train-routing-typo",
+        lambda f: [
+            "train.py",
+            "fit",
+            "--model.class_path",
+            "attnprune.lit.modules.PrunedClassifier",
+            "--model.init_args.model",
+            ARCH,
+            "--model.init_args.routing",
+            str(f["typo.yaml"]),
+            *_data(f),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(f["root"] / "out-train"),
+        ],
+        "l2_nrom",
+    ),
+]
+
+
+@pytest.mark.parametrize("build,text", [c[1:] for c in SUBPROCESS_CASES], ids=[c[0] for c in SUBPROCESS_CASES])
+def test_command_line_exits_2_with_one_line(files, build, text):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ATTNPRUNE_DEBUG"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    script, *args = build(files)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=files["root"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    # Lightning logs "Seed set to 0" before the model is built; warnings are not ours either
+    lines = [line for line in result.stderr.strip().splitlines() if "warn" not in line.lower() and "Seed" not in line]
+    assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
+    assert "Union subtypes" not in lines[0] and "Namespace(" not in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (files["root"] / "out-train").exists()
