@@ -9,7 +9,7 @@
 # /tmp/attnprune-mutation). The copy is kept between runs, so a rerun only tests mutants whose code or tests
 # changed. At the end it prints, per module, how many mutants the tests killed and which survived.
 # Measured on the project's 2-core machine while benchmarks held both cores (nice 19): reduction.py + scoring/
-# against their two test files, 462 mutants, about 35 minutes; flops.py, 238 mutants, about 10 minutes. The whole
+# against their two test files, 462 mutants, about 45 minutes; flops.py, 238 mutants, about 10 minutes. The whole
 # configured scope has not been timed; vit.py's survivors each rerun test_vit.py and test_tome.py, the slow part.
 #
 # Environment: MUTATION_DIR (the copy), MUTATION_JOBS (parallel mutants, default 2), MUTATION_TIMEOUT (seconds for
