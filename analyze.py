@@ -64,7 +64,7 @@ def analyze(
             checked[spec] = load_routing(spec)
             count_flops(network, checked[spec])
         except (ValueError, FileNotFoundError, TypeError) as err:
-            raise type(err)(f"--routings entry {spec!r} does not fit the model: {err}") from err
+            raise type(err)(f"--routings entry {spec!r}: {err}") from err
     data.for_model(network).setup("validate")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start, seen, first = time.perf_counter(), 0, None

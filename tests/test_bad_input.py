@@ -188,7 +188,51 @@ def _quickstart(files, *extra):
     return "quickstart", ["--model", str(files["tiny.safetensors"]), *extra]
 
 
+def _module(files, checkpoint: str) -> list[str]:
+    return [
+        "--model.class_path",
+        "attnprune.lit.modules.PrunedClassifier",
+        "--model.init_args.model",
+        "auto",
+        "--model.init_args.checkpoint",
+        checkpoint,
+        *_data(files),
+        "--trainer.logger",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+
+
+def _evaluate(files, *extra, checkpoint: str | None = None):
+    out = files["root"] / "out-evaluate"
+    args = _module(files, checkpoint or str(files["tiny.safetensors"]))
+    return "evaluate", [*args, "--output_dir", str(out), *extra]
+
+
+def _train(files, *extra, checkpoint: str | None = None):
+    args = _module(files, checkpoint or str(files["tiny.safetensors"]))
+    return "train", ["fit", *args, "--trainer.default_root_dir", str(files["root"] / "out-train"), *extra]
+
+
 CLI_CASES = [
+    ("evaluate-ckpt-missing", lambda f: _evaluate(f, "--ckpt_path", "nope.ckpt"), "nope.ckpt"),
+    ("evaluate-ckpt-directory", lambda f: _evaluate(f, "--ckpt_path", str(f["folder"])), "directory"),
+    ("evaluate-routing-missing", lambda f: _evaluate(f, "--routings", "[nope.yaml]"), "nope.yaml"),
+    ("evaluate-routing-typo", lambda f: _evaluate(f, "--routings", f"[{f['typo.yaml']}]"), "l2_nrom"),
+    ("evaluate-routing-too-deep", lambda f: _evaluate(f, "--routings", f"[{f['deep.yaml']}]"), "deep.yaml"),
+    ("evaluate-tome-negative", lambda f: _evaluate(f, "--routings", "[tome:r=-1]"), "r=-1"),
+    ("evaluate-preset-unknown", lambda f: _evaluate(f, "--routings", "[tone:r=2]"), "tone"),
+    ("evaluate-throughput-batches-zero", lambda f: _evaluate(f, "--throughput_batches", "0"), "--throughput_batches"),
+    ("evaluate-throughput-repeats-negative", lambda f: _evaluate(f, "--throughput_repeats", "-1"), "-1"),
+    ("evaluate-nan-model", lambda f: _evaluate(f, checkpoint=str(f["nan.safetensors"])), "non-finite"),
+    ("evaluate-garbage-model", lambda f: _evaluate(f, checkpoint=str(f["garbage.safetensors"])), "garbage.safetensors"),
+    ("evaluate-missing-model", lambda f: _evaluate(f, checkpoint="missing.safetensors"), "missing.safetensors"),
+    ("evaluate-unknown-option", lambda f: _evaluate(f, "--routingz", "[unpruned]"), "routingz"),
+    ("train-routing-typo", lambda f: _train(f, "--model.init_args.routing", str(f["typo.yaml"])), "l2_nrom"),
+    ("train-routing-missing", lambda f: _train(f, "--model.init_args.routing", "nope.yaml"), "nope.yaml"),
+    ("train-nan-model", lambda f: _train(f, checkpoint=str(f["nan.safetensors"])), "non-finite"),
+    ("train-missing-config", lambda f: ("train", ["fit", "--config", "nope.yaml"]), "nope.yaml"),
     # (id, builder, text the stderr line must contain)
     ("quickstart-ratio-zero", lambda f: _quickstart(f, "--ratio", "0"), "--ratio"),
     ("quickstart-ratio-negative", lambda f: _quickstart(f, "--ratio", "-1"), "--ratio"),
@@ -245,7 +289,8 @@ def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, b
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert text in err[0]
     assert "Traceback" not in err[0]
-    assert not (files["root"] / "out-analyze").exists() and not (files["root"] / "out-search").exists()
+    for out in ("out-analyze", "out-search", "out-evaluate", "out-train"):
+        assert not (files["root"] / out).exists(), out
 
 
 def test_debug_keeps_the_traceback(files, monkeypatch):
