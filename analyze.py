@@ -21,6 +21,7 @@ from timm.data import resolve_model_data_config
 from tqdm.auto import tqdm
 
 from attnprune import count_flops, load_model
+from attnprune.atomic import staged_dir
 from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
 from attnprune.lit.modules import load_routing
@@ -78,6 +79,8 @@ def analyze(
             if seen >= num_images:
                 break
     seconds = time.perf_counter() - start
+    if seen == 0:
+        raise ValueError("the data module's validation split gave no images; expected at least one (--data)")
     results = analyzer.compute()
     out = Path(output_dir)
     meta = {
@@ -87,15 +90,21 @@ def analyze(
         "oracle_sequences": analyzer.oracle_sequences,
         "attention_transition_depth": attention_transition_depth(results) if oracle else None,
     }
-    write_tables(results, out, meta)
-    plot_selectivity(results, out / "selectivity.png", title=Path(model).stem)
-    if oracle:
-        plot_reliability(results, out / "reliability.png", title=f"{Path(model).stem}: scorer reliability")
-    cfg = resolve_model_data_config(network)
-    for routing in checked.values():
-        plot_token_maps(
-            network, first[:token_map_images], routing, out / f"tokens_{routing.name}.png", cfg["mean"], cfg["std"]
-        )
+    with staged_dir(out) as stage:  # the files appear in --output_dir only once every one is written
+        write_tables(results, stage, meta)
+        plot_selectivity(results, stage / "selectivity.png", title=Path(model).stem)
+        if oracle:
+            plot_reliability(results, stage / "reliability.png", title=f"{Path(model).stem}: scorer reliability")
+        cfg = resolve_model_data_config(network)
+        for routing in checked.values():
+            plot_token_maps(
+                network,
+                first[:token_map_images],
+                routing,
+                stage / f"tokens_{routing.name}.png",
+                cfg["mean"],
+                cfg["std"],
+            )
     depth = meta["attention_transition_depth"]
     where = f"from layer {depth}" if depth is not None else "at no layer"
     print(

@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from attnprune.atomic import staged_dir
 from attnprune.bench import time_interleaved
 from attnprune.cli_errors import lightning_parser_kwargs, run_cli
 from attnprune.flops import count_flops
@@ -218,13 +219,13 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
 
 
 def report(rows: list[dict[str, Any]], output_dir: Path, logger: Any) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(rows, indent=2))
-    with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    plot = plot_accuracy_vs_flops(rows, output_dir / "top1_vs_gflops.png")
+    with staged_dir(output_dir) as stage:  # the files appear in output_dir only once every one is written
+        (stage / "results.json").write_text(json.dumps(rows, indent=2))
+        with open(stage / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        plot = output_dir / plot_accuracy_vs_flops(rows, stage / "top1_vs_gflops.png").relative_to(stage)
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     print(f"\n{'routing':32}{'GFLOPs':>9}{'top-1':>8}{'top-5':>8}{'images/s':>10}")
     for row in rows:

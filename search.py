@@ -22,6 +22,7 @@ import torch
 from jsonargparse import CLI
 
 from attnprune import load_model
+from attnprune.atomic import write_text_atomic
 from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
 from attnprune.search import SearchResult, search_routing
@@ -69,10 +70,9 @@ def search(
         beam_width=beam_width,
         holdout=holdout,
     )
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    result.routing.to_yaml(output)
     report = {**result.report, "model": model, "routing": result.routing.to_dict()}
-    Path(output).with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))
+    write_text_atomic(output, result.routing.to_yaml())
     print(result.routing.to_yaml())
     print(json.dumps(result.report, indent=2))
     if "note" in result.report.get("check", {}):

@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from attnprune import Routing, count_flops, load_model, prune, save_model
+from attnprune.atomic import staged_dir, write_text_atomic
 from attnprune.cli_errors import one_line, run_cli
 from attnprune.lit.cli import parse_routing
 from attnprune.lit.modules import PrunedClassifier
@@ -356,3 +357,25 @@ def test_command_line_exits_2_with_one_line(files, build, text):
     assert "Union subtypes" not in lines[0] and "Namespace(" not in lines[0]
     assert "Traceback" not in result.stderr
     assert not (files["root"] / "out-train").exists()
+
+
+# ------------------------------------------------------------------------------------- outputs only on success
+def test_a_failed_block_leaves_no_output(tmp_path):
+    with pytest.raises(RuntimeError), staged_dir(tmp_path / "out") as stage:
+        (stage / "results.json").write_text("{}")
+        raise RuntimeError("failed half-way")
+    assert list(tmp_path.iterdir()) == []
+    with staged_dir(tmp_path / "out") as stage:
+        (stage / "results.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "results.json").read_text() == "{}"
+    write_text_atomic(tmp_path / "out" / "routing.yaml", "rules: []\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "routing.yaml"]
+
+
+def test_analyze_writes_its_files_once_it_succeeds(files, capsys):
+    out = files["root"] / "analyze-ok"
+    name, argv = _analyze(files, "--num_images", "4", "--oracle", "false", "--routings", f"[{files['ok.yaml']}]")
+    argv[argv.index("--output_dir") + 1] = str(out)
+    run_cli(entry_point(name).main, argv)
+    assert {"selectivity.json", "selectivity.csv", "selectivity.png"} <= {p.name for p in out.iterdir()}
+    assert not [p for p in files["root"].iterdir() if p.name.endswith(".tmp")]
