@@ -22,9 +22,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["USER_ERRORS", "debug_requested", "one_line", "run_cli"]
+__all__ = ["USER_ERRORS", "HubUnavailableError", "debug_requested", "one_line", "run_cli"]
+
+
+class HubUnavailableError(OSError):
+    """A timm hub name could not be loaded (offline, no cache): the user's to fix, by passing a local file."""
+
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
+    HubUnavailableError,
     ValueError,
     FileNotFoundError,
     TypeError,

@@ -19,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from attnprune.cli_errors import HubUnavailableError
+
 __all__ = [
     "Paradigm",
     "check_finite",
@@ -240,17 +242,21 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
     if path.is_dir():
         raise IsADirectoryError(f"model {str(spec)!r} is a directory; expected a weights file, checkpoint or hub name")
     try:
-        return timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
+        model = timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"{spec!r} is neither a file nor a timm model name") from err
+        if "Invalid pretrained tag" in str(err):
+            raise ValueError(f"{spec!r}: {err}") from err
         raise _offline_error(spec, err) from err
     except Exception as err:  # no network, no cache: the hub download failed
         raise _offline_error(spec, err) from err
+    check_finite(model.state_dict(), f"timm weights {str(spec)!r}")
+    return model
 
 
 def _offline_error(spec: str | Path, err: Exception) -> OSError:
-    return OSError(
+    return HubUnavailableError(
         f"could not load timm weights {str(spec)!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
         "Offline, pass a local file instead: load_model('weights.safetensors') for files saved by "
         "attnprune.save_model, or load_model('weights.pth', architecture='deit_small_patch16_224')"

@@ -138,6 +138,8 @@ API_CASES = [
     ("load-foreign-ckpt", lambda f: load_model(f["other.ckpt"]), ValueError, "other.ckpt"),
     ("load-garbage-pth", lambda f: load_model(f["garbage.pth"], architecture=ARCH), ValueError, "garbage.pth"),
     ("load-pth-no-arch", lambda f: load_model(f["garbage.pth"]), ValueError, "garbage.pth"),
+    ("load-unknown-name", lambda f: load_model("not_a_model_xyz"), ValueError, "not_a_model_xyz"),
+    ("load-unknown-tag", lambda f: load_model("deit_tiny_patch16_224.nope"), ValueError, "nope"),
     ("check-finite", lambda f: check_finite({"w": torch.tensor([1.0, math.nan])}, "w.bin"), ValueError, "'w'"),
 ]
 
@@ -286,7 +288,7 @@ def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, b
         run_cli(module.main, argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if "warn" not in line.lower()]  # library warnings are not ours
+    err = [line for line in err if "warn" not in line.lower() and "site-packages/" not in line]  # not ours
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert text in err[0]
     assert "Traceback" not in err[0]
@@ -334,6 +336,12 @@ SUBPROCESS_CASES = [
         ],
         "l2_nrom",
     ),
+    (
+        "evaluate-garbage-model",
+        lambda f: ["evaluate.py", *_evaluate(f, checkpoint=str(f["garbage.ckpt"]))[1]],
+        "garbage.ckpt",
+    ),
+    ("search-budget", lambda f: ["search.py", *_search(f, "--budget", "1.5")[1]], "budget"),
 ]
 
 
@@ -356,7 +364,8 @@ def test_command_line_exits_2_with_one_line(files, build, text):
     assert len(lines) == 1 and text in lines[0], result.stderr[-3000:]
     assert "Union subtypes" not in lines[0] and "Namespace(" not in lines[0]
     assert "Traceback" not in result.stderr
-    assert not (files["root"] / "out-train").exists()
+    for out in ("out-analyze", "out-search", "out-evaluate", "out-train"):
+        assert not (files["root"] / out).exists(), out
 
 
 # ------------------------------------------------------------------------------------- outputs only on success
