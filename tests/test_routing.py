@@ -132,3 +132,17 @@ def test_prune_rejects_other_models():
 
     with pytest.raises(TypeError, match="expects a timm VisionTransformer, got Linear"):
         prune(torch.nn.Linear(2, 2), Routing.tome(2, 2))
+
+
+def test_presets_in_full():
+    evit = Routing.evit()  # EViT's defaults: keep 0.7 at blocks 3, 6 and 9
+    assert (evit.name, evit.prop_attn) == ("evit-0.7", False)
+    assert [r.to_dict() for r in evit.rules] == [
+        {"layer": i, "score": "cls_attention", "keep": 0.7, "reduce": "fuse"} for i in (3, 6, 9)
+    ]
+    assert evit.rule_for(6) == evit.rules[1] and evit.rule_for(5) is None
+    control = Routing.random(0.5, (1, 2))
+    assert (control.name, control.seed) == ("random-0.5", 0)
+    assert [r.to_dict() for r in control.rules] == [
+        {"layer": i, "score": "random", "keep": 0.5, "reduce": "drop"} for i in (1, 2)
+    ]
