@@ -44,6 +44,14 @@ def random_routing(rng: random.Random, depth: int, class_token: bool = True) -> 
     return Routing.from_dict({"name": "random-valid", "rules": rules, "seed": rng.randint(0, 99)})
 
 
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """Entry points run in-process switch gradients off globally (inference only); later tests train."""
+    enabled = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(enabled)
+
+
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
