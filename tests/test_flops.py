@@ -123,7 +123,7 @@ def test_count_flops_of_the_tiny_vit_by_hand():
 
 
 def test_matched_baselines_hit_a_reachable_target_exactly():
-    from attnprune.flops import matched_baselines
+    from attnprune.flops import match_flops, matched_baselines
 
     model = tiny_vit()
     tome = Routing.tome(3, 4)
@@ -132,10 +132,17 @@ def test_matched_baselines_hit_a_reachable_target_exactly():
     for within in (False, True):  # within: the most FLOPs not above the target, which is reachable here
         topk = matched_baselines(model, target, within=within)["topk_attention"]
         assert count_flops(model, topk) == target and [rule.layer for rule in topk.rules] == [1, 2, 3]
-        assert round(topk.rules[0].keep * 1000) % 5 == 0  # keep fractions move in steps of 0.005
+        assert abs(topk.rules[0].keep * 200 - round(topk.rules[0].keep * 200)) < 1e-9  # steps of 0.005
     below = matched_baselines(model, target - 1, within=True)
     assert set(below) == {"tome", "evit", "topk_attention", "random"}
     assert all(count_flops(model, routing) <= target - 1 for routing in below.values())
+    grid = [k / 1000 for k in range(200, 1001, 5)]  # the documented keep grid, searched here by brute force
+    fitting = [count_flops(model, Routing.topk_attention(k, (1, 2, 3))) for k in grid]
+    assert count_flops(model, below["topk_attention"]) == max(f for f in fitting if f <= target - 1)
+    # match_flops's ratio is of the unpruned FLOPs, also on a model that carries a routing
+    pruned = prune(tiny_vit(), Routing.topk_attention(0.5, (1,)))
+    ratio = count_flops(pruned, Routing.tome(3, 4)) / count_flops(pruned, Routing())
+    assert match_flops(pruned, lambda r: Routing.tome(int(r), 4), range(8), ratio).rules == Routing.tome(3, 4).rules
 
 
 def test_matched_baselines_closest_schedules_and_models_without_class_token():
