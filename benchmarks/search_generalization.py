@@ -29,8 +29,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from pareto import top1  # noqa: E402
 
-from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
+from attnprune import Routing, count_flops, load_model  # noqa: E402
 from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
@@ -39,15 +40,6 @@ RESULTS = Path(__file__).parent / "results"
 BASELINES = ("tome", "evit", "topk_attention", "random")
 METHODS = ("searched", *BASELINES)
 DRAW_SEED = 20261128  # the permutation of the validation split that the draws cut, fixed once
-
-
-def top1(model: torch.nn.Module, routing: Routing, batches: list) -> float:
-    """Test top-1 of ``model`` under ``routing`` (the model is left unpruned)."""
-    with torch.no_grad():
-        prune(model, routing)
-        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
-        unprune(model)
-    return correct / sum(len(y) for _, y in batches)
 
 
 def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict[int, list]:
