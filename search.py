@@ -39,6 +39,7 @@ def search(
     beam_width: int = 2,
     objective: str = "fidelity",
     holdout: float = 0.3,
+    confidence: float = 0.95,
 ) -> SearchResult:
     """Run the search.
 
@@ -54,7 +55,9 @@ def search(
         objective: ``fidelity`` (KL divergence from the unpruned model, or cosine distance for a headless one),
             ``kl``, ``cosine`` or ``top1``.
         holdout: fraction of the validation images kept out of the search to check the routing found against the
-            baselines within budget (the best of them there is returned); 0 checks nothing.
+            baselines within budget; 0 checks nothing.
+        confidence: the routing found is kept only if it beats every baseline on the held-out images with this
+            confidence (one-sided paired test); otherwise the best baseline there is returned.
     """
     if val_images < 1:
         raise ValueError(f"--val_images must be at least 1, got {val_images}")
@@ -69,6 +72,7 @@ def search(
         state_path=state_path,
         beam_width=beam_width,
         holdout=holdout,
+        confidence=confidence,
     )
     report = {**result.report, "model": model, "routing": result.routing.to_dict()}
     write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))

@@ -16,6 +16,7 @@ from attnprune.search import (
     Evaluator,
     InfeasibleBudget,
     SearchSpace,
+    check_against_baselines,
     cosine_distance,
     kl_divergence,
     search_routing,
@@ -258,6 +259,44 @@ def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_wors
         pruned = torch.cat([model(x) for x, _ in held_out])
         unprune(model)
     assert losses["searched"] == pytest.approx(kl_divergence(reference, pruned).mean().item(), rel=1e-5)
+
+
+def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better(model, data):
+    """The unpruned routing, posed as the routing found, has KL 0 on every image, so it beats each baseline by that
+    baseline's per-image KL: the paired bound is mean + z * sd / sqrt(n). At 95% it is below 0 and the routing found
+    is kept; at 1 - 1e-12 (z = 7.03) it is not, and the baseline with the lowest held-out loss is returned. A routing
+    equal to a baseline never wins (its difference is 0 on every image)."""
+    target = 0.6 * count_flops(model, Routing())
+    baselines = matched_baselines(model, target, within=True)
+    held_out = Evaluator(model, data, "kl")
+    kls = {}
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x, _ in data])
+        for method in ("tome", "evit", "topk_attention"):
+            prune(model, baselines[method])
+            kls[method] = kl_divergence(reference, torch.cat([model(x) for x, _ in data])).double()
+            unprune(model)
+    best = min(kls, key=lambda m: kls[m].mean().item())
+    decisions = {}
+    for confidence, z in ((0.95, 1.6448536), (1 - 1e-12, 7.0344838)):
+        routing, check = check_against_baselines(model, held_out, Routing(), target, confidence)
+        for method, kl in kls.items():
+            paired = check["paired"][method]
+            assert paired["difference"] == pytest.approx(-kl.mean().item(), rel=1e-5)
+            assert paired["standard_error"] == pytest.approx(kl.std().item() / math.sqrt(24), rel=1e-5)
+            assert paired["upper_bound"] == pytest.approx(
+                -kl.mean().item() + z * kl.std().item() / math.sqrt(24), rel=1e-4
+            )
+        kept = all(kl.mean() > z * kl.std() / math.sqrt(24) for kl in kls.values())
+        assert check["returned"] == ("searched" if kept else best)
+        assert routing == (Routing() if kept else baselines[best])
+        decisions[confidence] = check["returned"]
+    assert decisions == {0.95: "searched", 1 - 1e-12: best}  # the data make the two levels disagree
+    assert "with 100% confidence" in check["note"] and f"so {best} is returned" in check["note"]
+    same, tie = check_against_baselines(model, held_out, baselines["tome"], target, 0.5)
+    assert tie["paired"]["tome"]["upper_bound"] == 0 and tie["returned"] != "searched"
+    with pytest.raises(ValueError, match="search confidence must be in \\[0.5, 1\\), got 1"):
+        check_against_baselines(model, held_out, Routing(), target, 1)
 
 
 def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):

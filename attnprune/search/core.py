@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,11 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"search {name} must be a positive integer, got {value!r}")
 
 
+def _check_confidence(confidence: Any) -> None:
+    if not isinstance(confidence, numbers.Real) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
+        raise ValueError(f"search confidence must be in [0.5, 1), got {confidence!r}")
+
+
 def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tensor, Tensor | None]]:
     """``(images, labels)`` pairs from a loader of such pairs or of bare image tensors, labels checked."""
     batches = []
@@ -70,6 +76,7 @@ def search_routing(
     strategy: str = "beam",
     objective: str = "fidelity",
     holdout: float = 0.3,
+    confidence: float = 0.95,
     state_path: str | Path | None = None,
     beam_width: int = 2,
     prefix_cache: bool = True,
@@ -90,9 +97,11 @@ def search_routing(
             class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
             for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
         holdout: fraction of the validation images (the last ones) kept out of the search. The routing found is
-            compared there with the baselines within budget (ToMe, EViT, attention top-k) by the same objective, and
-            the best is returned: searching hundreds of candidates on the same images rewards lucky ones. 0 searches
-            on every image and checks nothing.
+            compared there with the baselines within budget (ToMe, EViT, attention top-k) by the same objective:
+            searching hundreds of candidates on the same images rewards lucky ones. 0 searches on every image and
+            checks nothing.
+        confidence: the routing found is returned only if a one-sided paired test of the per-image held-out losses
+            says it beats every baseline with this confidence; otherwise the best baseline there is returned.
         state_path: JSON file saving the search as it goes; rerunning with it continues where it stopped.
         beam_width: partial routings kept per layer (``beam``).
         prefix_cache: reuse the token states of each fixed prefix (``beam``); off, every candidate runs from the
@@ -116,6 +125,7 @@ def search_routing(
         raise ValueError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not 0 < budget <= 1:
         raise ValueError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
+    _check_confidence(confidence)
     for name, value in (("beam_width", beam_width), ("screen_images", screen_images), ("finalists", finalists)):
         _positive_int(name, value)
     space = space or SearchSpace()
@@ -156,7 +166,7 @@ def search_routing(
     check = None
     if held_out:
         checker = Evaluator(model, held_out, name)
-        routing, check = check_against_baselines(model, checker, routing, target)
+        routing, check = check_against_baselines(model, checker, routing, target, confidence)
         if check["returned"] != "searched":  # the returned baseline's metrics on the searched images
             metrics = evaluator.measure(evaluator.initial(), routing, 0)
         evaluator.candidates += checker.candidates
@@ -210,26 +220,45 @@ def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
 
 
 def check_against_baselines(
-    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float
+    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float, confidence: float = 0.95
 ) -> tuple[Routing, dict[str, Any]]:
-    """The routing found and the baselines within budget (ToMe, and EViT and attention top-k where the model has a
-    class token), measured on the held-out images by the search's objective; the best there is returned (the routing
-    found wins ties)."""
+    """The routing found against the baselines within budget (ToMe, and EViT and attention top-k where the model has
+    a class token), measured on the held-out images by the search's objective.
+
+    The routing found is returned only when it beats every baseline with ``confidence`` by a one-sided paired test of
+    the per-image losses (the upper confidence bound of its mean loss minus the baseline's is below 0); otherwise
+    the baseline with the lowest held-out loss is. A routing picked among hundreds of candidates looks better on the
+    images it was picked on than it is, and a difference within the noise of a few hundred images is no lead.
+    """
+    _check_confidence(confidence)
     contenders = {"searched": routing, **matched_baselines(model, target, within=True)}
     contenders.pop("random")
-    results = {method: held_out.measure(held_out.initial(), r, 0) for method, r in contenders.items()}
-    method = min(results, key=lambda m: results[m]["loss"])  # the first minimum: the routing found wins ties
+    values = {method: held_out.per_image(held_out.initial(), r, 0) for method, r in contenders.items()}
+    results = {method: {name: v.mean().item() for name, v in metrics.items()} for method, metrics in values.items()}
+    z = statistics.NormalDist().inv_cdf(confidence)
+    paired = {}
+    for method in [m for m in contenders if m != "searched"]:
+        difference = values["searched"]["loss"] - values[method]["loss"]
+        error = difference.std().item() / math.sqrt(len(difference)) if len(difference) > 1 else 0.0
+        mean = difference.mean().item()
+        paired[method] = {"difference": mean, "standard_error": error, "upper_bound": mean + z * error}
+    best = min(paired, key=lambda m: results[m]["loss"], default="searched")
+    method = "searched" if all(p["upper_bound"] < 0 for p in paired.values()) else best
     check = {
         "holdout_images": held_out.images,
         "objective": held_out.objective,
+        "confidence": confidence,
         "holdout": results,
+        "paired": paired,
         "returned": method,
         "searched_routing": routing.to_dict(),
     }
     if method != "searched":
+        bound = paired[best]["upper_bound"]
         check["note"] = (
-            f"the baseline {method} preserved the model better on the held-out images than the routing the search "
-            f"found ({held_out.objective} {results[method]['loss']:.4g} against {results['searched']['loss']:.4g}), "
-            "so it is returned; the routing found is in searched_routing"
+            f"the routing the search found did not beat the baseline {best} on the {held_out.images} held-out images "
+            f"with {confidence:.0%} confidence ({held_out.objective} {results['searched']['loss']:.4g} against "
+            f"{results[best]['loss']:.4g}, upper bound of the difference {bound:+.3g}), so {best} is returned; "
+            "the routing found is in searched_routing"
         )
     return contenders[method], check

@@ -66,6 +66,11 @@ class Evaluator:
         Returns:
             ``loss`` (the objective), the fidelity metric (``kl`` or ``cosine``) and, with labels, ``top1``.
         """
+        return {name: values.mean().item() for name, values in self.per_image(states, routing, start, images).items()}
+
+    @torch.no_grad()
+    def per_image(self, states: States, routing: Routing, start: int, images: int | None = None) -> dict[str, Tensor]:
+        """The metrics of :meth:`measure`, one value per image (``[N]`` float64 tensors), for paired comparisons."""
         self.candidates += 1
         trimmed, left = [], self.images if images is None else images
         for x, size in states:
@@ -74,15 +79,12 @@ class Evaluator:
             trimmed.append((x[:left], size[:left] if size is not None else None))
             left -= len(trimmed[-1][0])
         done = self.advance(trimmed, routing, start, len(self.model.blocks))
-        totals = {self.fidelity: 0.0, "top1": 0.0}
+        values: dict[str, list[Tensor]] = {self.fidelity: [], "top1": []}
         for (x, size), reference, labels in zip(done, self.reference, self.labels, strict=False):
             outputs = head(self.model, self.model.norm(x), size)
-            totals[self.fidelity] += LOSSES[self.fidelity](reference[: len(x)], outputs).sum().item()
+            values[self.fidelity].append(LOSSES[self.fidelity](reference[: len(x)], outputs))
             if self.has_labels:
-                totals["top1"] += (1.0 - top1_error(outputs, labels[: len(x)])).sum().item()
-        seen = sum(len(x) for x, _ in done)
-        metrics = {self.fidelity: totals[self.fidelity] / seen}
-        if self.has_labels:
-            metrics["top1"] = totals["top1"] / seen
+                values["top1"].append(1.0 - top1_error(outputs, labels[: len(x)]))
+        metrics = {name: torch.cat(parts).double() for name, parts in values.items() if parts}
         metrics["loss"] = 1.0 - metrics["top1"] if self.objective == "top1" else metrics[self.fidelity]
         return metrics
