@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["REDUCERS", "drop", "fuse", "merge", "bipartite_merge_plan"]
+__all__ = ["REDUCERS", "drop", "fuse", "merge", "bipartite_match", "bipartite_merge_plan"]
 
 Reducer = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -56,6 +56,27 @@ def fuse(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, scores:
     return x, size
 
 
+def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's matching (see :func:`bipartite_merge_plan`), as indices into set A (even positions) and B (odd).
+
+    Returns:
+        ``unmerged`` ``[B, N_A - r]`` A indices kept, in index order; ``sources`` ``[B, r]`` A indices merged away;
+        ``destinations`` ``[B, r]`` the B index each source is summed into.
+    """
+    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        similarity[:, :prefix_a, :] = -torch.inf
+        similarity[:, :, :prefix_b] = -torch.inf
+        best, partner = similarity.max(dim=-1)
+        edges = best.argsort(dim=-1, descending=True)
+        unmerged = edges[:, r:].sort(dim=1).values
+        sources = edges[:, :r]
+        destinations = partner.gather(1, sources)
+    return unmerged, sources, destinations
+
+
 def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[Tensor], Tensor]:
     """ToMe's bipartite soft matching: a function summing ``r`` tokens into their most similar partners.
 
@@ -75,16 +96,7 @@ def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[T
         averages).
     """
     prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
-    with torch.no_grad():
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
-        similarity[:, :prefix_a, :] = -torch.inf
-        similarity[:, :, :prefix_b] = -torch.inf
-        best, partner = similarity.max(dim=-1)
-        edges = best.argsort(dim=-1, descending=True)
-        unmerged = edges[:, r:].sort(dim=1).values
-        sources = edges[:, :r]
-        destinations = partner.gather(1, sources)
+    unmerged, sources, destinations = bipartite_match(metric, r, num_prefix)
 
     def merge_sum(x: Tensor) -> Tensor:
         set_a, set_b = x[:, ::2], x[:, 1::2]

@@ -16,7 +16,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from attnprune.reduction import REDUCERS
+from attnprune import fused
 from attnprune.routing import LayerPlan, Routing, as_routing
 from attnprune.scoring import SCORERS, ScoreContext
 
@@ -232,7 +232,10 @@ def attend(
         out = attn.attn_drop(probs) @ v
     else:
         dropout = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        if bias is not None and fused.lean_attention(q):
+            out = fused.attention_with_bias(q, k, v, bias, attn.scale, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
@@ -269,7 +272,8 @@ def pruned_block_forward(
         width = x.shape[-1]
         if source is not None:  # every reducer gathers, sums or averages: membership survives the same operations
             x = torch.cat([x, source], dim=-1)
-        x, size = REDUCERS[plan.rule.reduce](x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
+        reducer = fused.reducer_for(plan.rule.reduce, x.device)
+        x, size = reducer(x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
         if source is not None:
             x, source = x[..., :width], x[..., width:]
     return feed_forward(block, x), size, source
