@@ -82,10 +82,23 @@ def match_flops(
     """Of the routings ``make(knob)``, the one whose FLOPs are closest to ``ratio`` times the unpruned model's.
 
     Used to compare methods at equal FLOPs: ``match_flops(model, lambda r: Routing.tome(int(r), 12), range(1, 25),
-    0.65)`` tunes ToMe's r to 65% of the FLOPs.
+    0.65)`` tunes ToMe's r to 65% of the FLOPs. Knobs whose routing does not fit the model (for example an r
+    larger than bipartite matching can merge in the last blocks) are not candidates.
+
+    Raises:
+        ValueError: no knob gives a routing that fits the model (the message names the knobs and the last error).
     """
     target = ratio * count_flops(model, Routing())
-    return min((make(knob) for knob in knobs), key=lambda routing: abs(count_flops(model, routing) - target))
+    candidates, error, knobs = [], None, list(knobs)
+    for knob in knobs:
+        routing = make(knob)
+        try:
+            candidates.append((abs(count_flops(model, routing) - target), routing))
+        except ValueError as err:
+            error = err
+    if not candidates:
+        raise ValueError(f"match_flops: none of the knobs {knobs} gives a routing that fits the model (last: {error})")
+    return min(candidates, key=lambda item: item[0])[1]
 
 
 def baseline_layers(depth: int) -> tuple[int, ...]:
@@ -103,8 +116,13 @@ def matched_baselines(model: VisionTransformer, target: float, within: bool = Fa
     """
     depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
     keeps = [k / 1000 for k in range(200, 1001, 5)]
+    tokens = num_patch_tokens(model)  # ToMe's r capped where matching cannot merge that many, as ToMe caps it
     families = {
-        "tome": [Routing.tome([r + 1] * m + [r] * (depth - m), depth) for r in range(0, 24) for m in range(depth)],
+        "tome": [
+            Routing.tome([r + 1] * m + [r] * (depth - m), depth, num_tokens=tokens)
+            for r in range(0, 24)
+            for m in range(depth)
+        ],
         "evit": [Routing.evit(k, layers) for k in keeps],
         "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
         "random": [Routing.random(k, layers, seed=0) for k in keeps],

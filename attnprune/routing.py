@@ -21,7 +21,7 @@ import yaml
 from attnprune.reduction import REDUCERS
 from attnprune.scoring import SCORERS
 
-__all__ = ["Rule", "Routing", "LayerPlan"]
+__all__ = ["Rule", "Routing", "LayerPlan", "max_merge"]
 
 _RULE_FIELDS = ("layer", "score", "keep", "r", "reduce")
 _ROUTING_FIELDS = ("name", "rules", "prop_attn", "seed")
@@ -203,14 +203,31 @@ class Routing:
 
     # -------------------------------------------------------------------------------------------- presets
     @classmethod
-    def tome(cls, r: int | Sequence[int], depth: int, prop_attn: bool = True) -> Routing:
-        """ToMe: bipartite soft matching removing ``r`` tokens in every block (or ``r[i]`` in block i)."""
+    def tome(cls, r: int | Sequence[int], depth: int, prop_attn: bool = True, num_tokens: int | None = None) -> Routing:
+        """ToMe: bipartite soft matching removing ``r`` tokens in every block (or ``r[i]`` in block i).
+
+        Args:
+            r: tokens merged per block, or one value per block.
+            depth: the model's number of blocks.
+            prop_attn: proportional attention.
+            num_tokens: the model's non-prefix tokens; when given, each block's r is capped at what bipartite
+                matching can merge there (:func:`max_merge`), as the official ToMe caps it, and the rules say the
+                capped values. Without it an r too large for the tokens left fails when the routing is applied.
+        """
         schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
         bad = [ri for ri in schedule if not _is_int(ri) or ri < 0]
         if bad:
             raise ValueError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
         if len(schedule) != depth:
             raise ValueError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
+        if num_tokens is not None:
+            if not _is_int(num_tokens) or num_tokens < 1:
+                raise ValueError(f"ToMe's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
+            capped, n = [], num_tokens
+            for ri in schedule:
+                capped.append(min(ri, max_merge(n)))
+                n -= capped[-1]
+            schedule = capped
         rules = tuple(Rule(layer=i, r=ri, reduce="merge") for i, ri in enumerate(schedule) if ri > 0)
         return cls(rules, name=f"tome-r{r}" if _is_int(r) else "tome", prop_attn=prop_attn)
 
@@ -238,15 +255,25 @@ class Routing:
 
         Raises:
             ValueError: a rule does not fit the model (layer beyond its depth, integer keep or r above the tokens
-                left); the message names the rule and the field.
+                left, a ``merge`` removing more than :func:`max_merge` allows); the message names the rule, the field
+                and the largest value accepted.
         """
         plans, n = [], num_tokens
         for position, rule in enumerate(self.rules):
             if rule.layer >= depth:
                 raise _fail(position, "layer", f"is {rule.layer} but the model has {depth} blocks (0..{depth - 1})")
             if rule.reduce == "merge":
-                # Bipartite matching can merge at most half of the tokens (ToMe clips r the same way).
-                removed = min(rule.r if rule.r is not None else n - _keep_count(position, rule.keep, n), n // 2)
+                # Bipartite matching can merge at most half of the tokens: more is an error, never clipped.
+                field_name = "r" if rule.r is not None else "keep"
+                removed = rule.r if rule.r is not None else n - _keep_count(position, rule.keep, n)
+                if removed > max_merge(n):
+                    asked = f"r={rule.r}" if rule.r is not None else f"keep={rule.keep!r} (r={removed})"
+                    raise _fail(
+                        position,
+                        field_name,
+                        f"merges too many tokens at layer {rule.layer}: {asked}, but with {n} non-prefix tokens "
+                        f"reaching it bipartite matching merges at most r={max_merge(n)}",
+                    )
                 plans.append(LayerPlan(rule, n, n - removed, n - removed))
             else:
                 if rule.keep is not None:
@@ -258,7 +285,8 @@ class Routing:
                         raise _fail(
                             position,
                             "r",
-                            f"removes {rule.r} tokens but only {n} non-prefix tokens reach layer {rule.layer}",
+                            f"removes {rule.r} tokens but only {n} non-prefix tokens reach layer {rule.layer} "
+                            f"(at most r={max(n - 1, 0)})",
                         )
                 fused = rule.reduce == "fuse" and n_keep < n
                 plans.append(LayerPlan(rule, n, n_keep, n_keep + fused))
@@ -292,9 +320,19 @@ def as_routing(routing: Routing | dict | str | Path | None, argument: str = "rou
     )
 
 
+def max_merge(num_tokens: int) -> int:
+    """The most tokens a ``merge`` rule removes from ``num_tokens`` non-prefix tokens: bipartite matching pairs set A
+    with set B, so at most half of them (ToMe's own limit)."""
+    return num_tokens // 2
+
+
 def _keep_count(position: int, keep: float | int, n: int) -> int:
     if isinstance(keep, float):
         return max(1, math.ceil(keep * n - 1e-9))  # the epsilon absorbs float noise such as 0.7 * 10 = 7.000001
     if keep > n:
-        raise _fail(position, "keep", f"asks for {keep} tokens but only {n} non-prefix tokens reach this layer")
+        raise _fail(
+            position,
+            "keep",
+            f"asks for {keep} tokens but only {n} non-prefix tokens reach this layer (at most keep={n})",
+        )
     return keep

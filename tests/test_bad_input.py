@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from attnprune import Routing, count_flops, load_model, prune, save_model
+from attnprune import Routing, count_flops, load_model, match_flops, prune, save_model
 from attnprune.atomic import staged_dir, write_text_atomic
 from attnprune.cli_errors import one_line, run_cli
 from attnprune.lit.cli import parse_routing
@@ -93,6 +93,43 @@ API_CASES = [
     ("tome-float-r", lambda f: Routing.tome(1.5, 4), ValueError, "r=1.5"),
     ("tome-string-r", lambda f: Routing.tome("3", 4), ValueError, "r='3'"),
     ("tome-schedule-length", lambda f: Routing.tome([1, 1], 4), ValueError, "depth 4"),
+    (
+        "tome-r-too-large",
+        lambda f: prune(tiny_vit(), Routing.tome(100, 4)),
+        ValueError,
+        "layer 0: r=100, but with 64 non-prefix tokens reaching it bipartite matching merges at most r=32",
+    ),
+    (
+        "tome-r-too-large-in-a-late-layer",
+        lambda f: count_flops(tiny_vit(), Routing.tome(20, 4)),
+        ValueError,
+        "layer 2: r=20, but with 24 non-prefix tokens reaching it bipartite matching merges at most r=12",
+    ),
+    (
+        "merge-rule-r-1000",
+        lambda f: count_flops(tiny_vit(), {"rules": [{"layer": 1, "r": 1000, "reduce": "merge"}]}),
+        ValueError,
+        "layer 1: r=1000, but with 64 non-prefix tokens reaching it bipartite matching merges at most r=32",
+    ),
+    (
+        "merge-rule-keep-below-half",
+        lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "keep": 0.3, "reduce": "merge"}]}),
+        ValueError,
+        "field 'keep' merges too many tokens at layer 1: keep=0.3 (r=44)",
+    ),
+    (
+        "drop-rule-r-above-tokens",
+        lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "score": "std", "r": 64}]}),
+        ValueError,
+        "removes 64 tokens but only 64 non-prefix tokens reach layer 1 (at most r=63)",
+    ),
+    ("tome-num-tokens-zero", lambda f: Routing.tome(2, 4, num_tokens=0), ValueError, "num_tokens=0"),
+    (
+        "match-flops-no-knob-fits",
+        lambda f: match_flops(tiny_vit(), lambda r: Routing.tome(int(r), 4), [40, 50], 0.5),
+        ValueError,
+        "knobs [40, 50]",
+    ),
     ("preset-tome-negative", lambda f: parse_routing("tome:r=-1", 4), ValueError, "r=-1"),
     ("preset-unknown", lambda f: parse_routing("tone:r=1", 4), ValueError, "tone"),
     ("preset-missing-keep", lambda f: parse_routing("evit:", 4), ValueError, "keep"),
@@ -226,6 +263,7 @@ CLI_CASES = [
     ("evaluate-routing-too-deep", lambda f: _evaluate(f, "--routings", f"[{f['deep.yaml']}]"), "deep.yaml"),
     ("evaluate-tome-negative", lambda f: _evaluate(f, "--routings", "[tome:r=-1]"), "r=-1"),
     ("evaluate-preset-unknown", lambda f: _evaluate(f, "--routings", "[tone:r=2]"), "tone"),
+    ("evaluate-tome-r-too-large", lambda f: _evaluate(f, "--routings", "[tome:r=9]"), "tome:r=9"),
     ("evaluate-throughput-batches-zero", lambda f: _evaluate(f, "--throughput_batches", "0"), "--throughput_batches"),
     ("evaluate-throughput-repeats-negative", lambda f: _evaluate(f, "--throughput_repeats", "-1"), "-1"),
     ("evaluate-nan-model", lambda f: _evaluate(f, checkpoint=str(f["nan.safetensors"])), "non-finite"),

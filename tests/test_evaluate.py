@@ -164,14 +164,14 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
     before, out = runs(workdir), workdir / "results"
     args = ["--config", str(workdir / "evaluate.yaml"), "--output_dir", str(out)]
     timing = ["--throughput_repeats", "2", "--throughput_warmup", "1", "--throughput_batches", "2"]
-    result = run("evaluate.py", [*args, "--routings", '[unpruned, "tome:r=13", "evit:keep=0.7"]', *timing], workdir)
+    result = run("evaluate.py", [*args, "--routings", '[unpruned, "tome:r=12", "evit:keep=0.7"]', *timing], workdir)
     assert "15 images at 32 px (crop_pct 0.875, bicubic), batch 4, 32-true on cpu" in result.stdout
 
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == COLUMNS
     rows = json.loads((out / "results.json").read_text())
-    assert [row["routing"] for row in rows] == ["unpruned", "tome-r13", "evit-0.7"]
+    assert [row["routing"] for row in rows] == ["unpruned", "tome-r12", "evit-0.7"]
     model = load_model(workdir / "model.safetensors")
     params = sum(p.numel() for p in model.parameters()) / 1e6
     for row, csv_row in zip(rows, table, strict=True):
@@ -184,7 +184,7 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
             100 - row["top5"]
         )
         assert row["images_per_s"] > 0 and row["throughput_images"] == 8 and row["throughput_rounds"] == 2
-    flops = [count_flops(model, parse_routing(spec, 4)) / 1e9 for spec in ("unpruned", "tome:r=13", "evit:keep=0.7")]
+    flops = [count_flops(model, parse_routing(spec, 4)) / 1e9 for spec in ("unpruned", "tome:r=12", "evit:keep=0.7")]
     assert [row["gflops"] for row in rows] == pytest.approx(flops)
     # top-1 in percent, equal to torchvision's ImageFolder with timm's transform on the same images
     assert rows[0]["top1"] == pytest.approx(imagefolder_top1(workdir), abs=1e-3)
@@ -193,18 +193,18 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
 
     run_dir = new_run(workdir, before)
     keys = logged_keys(run_dir)
-    for name in ("unpruned", "tome-r13", "evit-0.7"):
+    for name in ("unpruned", "tome-r12", "evit-0.7"):
         assert {f"evaluate/{name}/{m}" for m in ("top1", "top5", "gflops", "images_per_s")} <= keys
     assert {"evaluate/results/_type", "evaluate/top1_vs_gflops_table/_type"} <= keys
     cfg = run_config(run_dir)
     assert cfg["model"]["init_args"]["checkpoint"] == str(workdir / "model.safetensors")
     assert cfg["data"]["init_args"]["source"] == str(workdir / "imagenet" / "flat" / "val")
     assert cfg["trainer"]["accelerator"] == "cpu"
-    assert [r["spec"] for r in cfg["routings"]] == ["unpruned", "tome:r=13", "evit:keep=0.7"]
-    assert cfg["routings"][1]["rules"][0] == {"layer": 0, "r": 13, "reduce": "merge"}
+    assert [r["spec"] for r in cfg["routings"]] == ["unpruned", "tome:r=12", "evit:keep=0.7"]
+    assert cfg["routings"][1]["rules"][0] == {"layer": 0, "r": 12, "reduce": "merge"}
     assert cfg["routings"][2]["rules"][0] == {"layer": 1, "score": "cls_attention", "keep": 0.7, "reduce": "fuse"}
     saved = yaml.safe_load((run_dir / "files" / "lightning_config.yaml").read_text())
-    assert saved["routings"] == ["unpruned", "tome:r=13", "evit:keep=0.7"]
+    assert saved["routings"] == ["unpruned", "tome:r=12", "evit:keep=0.7"]
 
 
 def test_a_routing_that_does_not_fit_fails_before_any_pass(workdir, monkeypatch):

@@ -45,10 +45,13 @@ def test_presets():
     assert Routing.random(0.5, (0,), seed=7).seed == 7
 
 
-def test_paper_schedule_of_tome_clips_at_half():
+def test_paper_schedule_of_tome_clips_at_half_only_when_asked():
     # DeiT-S at 224 with r=16: 196 patches lose 16 a block until bipartite matching can only halve them.
-    counts = Routing.tome(16, 12).token_counts(12, 196)
-    assert counts == [196, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 20, 10]
+    capped = Routing.tome(16, 12, num_tokens=196)
+    assert capped.token_counts(12, 196) == [196, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 20, 10]
+    assert [rule.r for rule in capped.rules] == [16] * 11 + [10]  # the rules say what is merged
+    with pytest.raises(ValueError, match=r"layer 11: r=16, but with 20 non-prefix tokens .* at most r=10"):
+        Routing.tome(16, 12).token_counts(12, 196)  # never clipped silently
 
 
 def test_r_and_keep_resolve_to_the_same_counts():

@@ -10,7 +10,7 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 
 from attnprune.flops import count_flops
-from attnprune.routing import Routing
+from attnprune.routing import Routing, max_merge
 from attnprune.scoring import SCORERS
 from attnprune.vit import num_patch_tokens
 
@@ -126,9 +126,12 @@ def cheapest_flops(model: VisionTransformer, space: SearchSpace) -> int:
     if space.keeps and any(r != "merge" for r in space.reducers):
         scorer = "l2_norm" if "l2_norm" in space.scorers else space.scorers[0]
         options.append(Routing(tuple({"layer": layer, "score": scorer, "keep": min(space.keeps)} for layer in layers)))
-    if "merge" in space.reducers:
-        tokens = num_patch_tokens(model)
-        options.append(Routing(tuple({"layer": layer, "r": tokens, "reduce": "merge"} for layer in layers)))
+    if "merge" in space.reducers:  # as much as bipartite matching can merge in every layer
+        tokens, merges = num_patch_tokens(model), []
+        for layer in sorted(layers):
+            merges.append({"layer": layer, "r": max_merge(tokens), "reduce": "merge"})
+            tokens -= merges[-1]["r"]
+        options.append(Routing(tuple(merges)))
     return min(count_flops(model, routing) for routing in options)
 
 
