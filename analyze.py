@@ -12,6 +12,7 @@ patches survive, or into which token they were merged, after each pruning layer)
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from attnprune.atomic import staged_dir
 from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
 from attnprune.lit.modules import load_routing
+from attnprune.paradigms import check_finite_outputs
 from attnprune.report import plot_reliability, plot_selectivity, plot_token_maps, write_tables
 from attnprune.selectivity import SelectivityAnalyzer
 from attnprune.selectivity.analysis import attention_transition_depth
@@ -69,8 +71,12 @@ def analyze(
     data.for_model(network).setup("validate")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start, seen, first = time.perf_counter(), 0, None
+    batches = iter(data.val_dataloader())
+    head = next(batches, None)
+    if head is not None:  # before any analysis: NaN logits would give tables of nulls, not an error
+        check_finite_outputs(network(head[0][:num_images]), f"--model {model}")
     with tqdm(total=num_images, desc="selectivity") as bar:
-        for images, _ in data.val_dataloader():
+        for images, _ in itertools.chain([head] if head is not None else [], batches):
             images = images[: num_images - seen]
             first = images if first is None else first
             analyzer.update(network, images)

@@ -24,6 +24,7 @@ from attnprune.bench import time_interleaved
 from attnprune.cli_errors import run_cli
 from attnprune.flops import baseline_layers, matched_baselines
 from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.paradigms import check_finite_outputs
 
 SHIPPED = Path(__file__).parent / "checkpoints" / "fmnist_supervised.safetensors"
 SEARCHED = Path(__file__).parent / "configs" / "routing" / "searched"
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if shipped:
         model = load_model(args.model)
         batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("test", args.test_images)
+        check_finite_outputs(model(batches[0][0]), f"--model {args.model}")  # NaN logits: no top-1 to print
     else:
         print("no shipped checkpoint found: pruning a randomly initialised DeiT-S (cost only, no accuracy)")
         torch.manual_seed(0)

@@ -25,6 +25,7 @@ from attnprune import load_model
 from attnprune.atomic import write_text_atomic
 from attnprune.cli_errors import run_cli
 from attnprune.lit.data import ImageDataModule
+from attnprune.paradigms import check_finite_outputs
 from attnprune.search import SearchResult, search_routing
 
 
@@ -63,6 +64,8 @@ def search(
         raise ValueError(f"--val_images must be at least 1, got {val_images}")
     network = load_model(model)
     batches = data.for_model(network).take("validation", val_images)
+    if batches:  # before the search: NaN logits would make every candidate tie, not fail
+        check_finite_outputs(network(batches[0][0]), f"--model {model}")
     result = search_routing(
         network,
         batches,

@@ -24,6 +24,7 @@ from attnprune.cli_errors import HubUnavailableError
 __all__ = [
     "Paradigm",
     "check_finite",
+    "check_finite_outputs",
     "PARADIGMS",
     "get_paradigm",
     "build_model",
@@ -169,6 +170,26 @@ def check_finite(state: dict[str, Tensor], source: str) -> None:
             raise ValueError(
                 f"{source}: weight {name!r} holds {bad} non-finite values (NaN or inf); expected finite weights"
             )
+
+
+def check_finite_outputs(outputs: Tensor, source: str, where: str = "the first batch") -> None:
+    """Refuse outputs holding NaN or infinity: finite weights can still overflow (an input scaled wrongly, a
+    precision too narrow), and top-1 on NaN logits is a wrong answer, not an error.
+
+    Args:
+        outputs: the model's logits (or features) on ``where``.
+        source: the model, as the user named it.
+        where: the images the outputs are of.
+
+    Raises:
+        ValueError: naming ``source``, ``where`` and how many values are not finite.
+    """
+    if torch.is_tensor(outputs) and outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
+        bad = int((~torch.isfinite(outputs)).sum())
+        raise ValueError(
+            f"{source}: the model's outputs on {where} hold {bad} non-finite values (NaN or inf) of "
+            f"{outputs.numel()}; expected finite logits (check the weights, the input scaling and the precision)"
+        )
 
 
 def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:

@@ -22,7 +22,7 @@ from attnprune.atomic import staged_dir, write_text_atomic
 from attnprune.cli_errors import one_line, run_cli
 from attnprune.lit.cli import parse_routing
 from attnprune.lit.modules import PrunedClassifier
-from attnprune.paradigms import METADATA_KEY, check_finite
+from attnprune.paradigms import METADATA_KEY, check_finite, check_finite_outputs
 from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +54,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         broken = dict(state)
         broken["head.weight"] = torch.full_like(broken["head.weight"], value)
         save_file(broken, str(root / f"{bad}.safetensors"), metadata={METADATA_KEY: meta[METADATA_KEY]})
+    overflow = dict(state)  # finite weights whose logits overflow to inf
+    overflow["head.weight"] = torch.full_like(overflow["head.weight"], 3e38)
+    overflow["norm.bias"] = torch.full_like(overflow["norm.bias"], 10.0)
+    save_file(overflow, str(root / "overflow.safetensors"), metadata={METADATA_KEY: meta[METADATA_KEY]})
     (root / "garbage.safetensors").write_bytes(b"this is not a safetensors file at all")
     (root / "truncated.safetensors").write_bytes(good.read_bytes()[: len(head) + 100])
     (root / "empty.safetensors").write_bytes(b"")
@@ -177,6 +181,12 @@ API_CASES = [
     ("load-pth-no-arch", lambda f: load_model(f["garbage.pth"]), ValueError, "garbage.pth"),
     ("load-unknown-name", lambda f: load_model("not_a_model_xyz"), ValueError, "not_a_model_xyz"),
     ("load-unknown-tag", lambda f: load_model("deit_tiny_patch16_224.nope"), ValueError, "nope"),
+    (
+        "check-finite-outputs",
+        lambda f: check_finite_outputs(torch.tensor([[1.0, math.inf]]), "m.bin"),
+        ValueError,
+        "m.bin: the model's outputs on the first batch hold 1 non-finite values",
+    ),
     ("check-finite", lambda f: check_finite({"w": torch.tensor([1.0, math.nan])}, "w.bin"), ValueError, "'w'"),
 ]
 
@@ -212,6 +222,10 @@ def _data(files) -> list[str]:
         "--data.init_args.cache_dir",
         str(files["root"] / "hf"),
     ]
+
+
+def _out(files, name: str) -> str:
+    return str(files["root"] / f"out-{name}" / ("routing.yaml" if name == "search" else ""))
 
 
 def _analyze(files, *extra):
@@ -267,6 +281,11 @@ CLI_CASES = [
     ("evaluate-throughput-batches-zero", lambda f: _evaluate(f, "--throughput_batches", "0"), "--throughput_batches"),
     ("evaluate-throughput-repeats-negative", lambda f: _evaluate(f, "--throughput_repeats", "-1"), "-1"),
     ("evaluate-nan-model", lambda f: _evaluate(f, checkpoint=str(f["nan.safetensors"])), "non-finite"),
+    (
+        "evaluate-logits-overflow",
+        lambda f: _evaluate(f, checkpoint=str(f["overflow.safetensors"])),
+        "overflow.safetensors",
+    ),
     ("evaluate-garbage-model", lambda f: _evaluate(f, checkpoint=str(f["garbage.safetensors"])), "garbage.safetensors"),
     ("evaluate-missing-model", lambda f: _evaluate(f, checkpoint="missing.safetensors"), "missing.safetensors"),
     ("evaluate-unknown-option", lambda f: _evaluate(f, "--routingz", "[unpruned]"), "routingz"),
@@ -287,6 +306,11 @@ CLI_CASES = [
         lambda f: ("quickstart", ["--model", str(f["root"] / "missing.safetensors")]),
         "missing.safetensors",
     ),
+    (
+        "quickstart-logits-overflow",
+        lambda f: ("quickstart", ["--model", str(f["overflow.safetensors"]), "--test-images", "4", "--repeats", "1"]),
+        "overflow.safetensors",
+    ),
     ("quickstart-directory-model", lambda f: ("quickstart", ["--model", str(f["folder"])]), "directory"),
     ("quickstart-nan-model", lambda f: ("quickstart", ["--model", str(f["nan.safetensors"])]), "non-finite"),
     ("analyze-num-images-zero", lambda f: _analyze(f, "--num_images", "0"), "--num_images"),
@@ -294,6 +318,14 @@ CLI_CASES = [
     ("analyze-token-maps-zero", lambda f: _analyze(f, "--token_map_images", "0"), "--token_map_images"),
     ("analyze-routing-typo", lambda f: _analyze(f, "--routings", f"[{f['typo.yaml']}]"), "l2_nrom"),
     ("analyze-routing-missing", lambda f: _analyze(f, "--routings", "[nope.yaml]"), "nope.yaml"),
+    (
+        "analyze-logits-overflow",
+        lambda f: (
+            "analyze",
+            ["--model", str(f["overflow.safetensors"]), *_data(f), "--output_dir", _out(f, "analyze")],
+        ),
+        "overflow.safetensors",
+    ),
     ("analyze-nan-model", lambda f: ("analyze", ["--model", str(f["nan.safetensors"]), *_data(f)]), "non-finite"),
     (
         "analyze-garbage-model",
@@ -307,6 +339,14 @@ CLI_CASES = [
         "search-missing-model",
         lambda f: ("search", ["--model", "x.safetensors", *_data(f), "--budget", "0.5"]),
         "x.safetensors",
+    ),
+    (
+        "search-logits-overflow",
+        lambda f: (
+            "search",
+            ["--model", str(f["overflow.safetensors"]), *_data(f), "--budget", "0.5", "--output", _out(f, "search")],
+        ),
+        "overflow.safetensors",
     ),
     (
         "search-nan-model",

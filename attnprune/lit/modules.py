@@ -25,7 +25,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from attnprune.flops import count_flops
 from attnprune.lit.optim import warmup_cosine
-from attnprune.paradigms import build_from_spec, build_model, get_paradigm, knn_predict, load_model
+from attnprune.paradigms import (
+    build_from_spec,
+    build_model,
+    check_finite_outputs,
+    get_paradigm,
+    knn_predict,
+    load_model,
+)
 from attnprune.paradigms import model_spec as build_spec
 from attnprune.routing import Routing
 from attnprune.vit import forward_tokens, prune
@@ -112,19 +119,22 @@ class _PrunedModule(L.LightningModule):
     def gflops(self) -> float:
         return count_flops(self.backbone, self.routing) / 1e9
 
-    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> None:
         images, labels = batch
         logits = self(images)
+        if batch_idx == 0 and stage == "test":  # once per run: NaN logits would give a top-1, not an error
+            source = f"model {self.hparams.get('checkpoint') or self.hparams.get('model')!r}"
+            check_finite_outputs(logits, source, f"the first test batch under routing {self.routing.name!r}")
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=len(labels))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(logits, labels)
         self.log_dict(metrics, batch_size=len(labels))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/gflops", self.gflops())
