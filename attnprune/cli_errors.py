@@ -54,8 +54,12 @@ _NOISE = re.compile(
 
 def one_line(err: BaseException) -> str:
     """The error's message on one line: jsonargparse's nested reports keep their most specific lines (the 'Given
-    value: Namespace(...)' dumps are dropped), and ``raise X(...) from Y`` adds nothing Y's message already had."""
+    value: Namespace(...)' dumps are dropped), and ``raise X(...) from Y`` adds nothing Y's message already had; an
+    error re-raised from a DataLoader worker keeps only the original error's message, not the worker's traceback."""
     text = str(err).strip() or type(err).__name__
+    if "Original Traceback (most recent call last):" in text:  # re-raised from a DataLoader worker: the last line
+        last = text.splitlines()[-1].strip()
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+(Error|Exception): ", last) else last
     lines = [line.strip().removeprefix("- ") for line in text.splitlines() if line.strip() and not _NOISE.match(line)]
     if not lines:
         lines = [text.splitlines()[0].strip()]

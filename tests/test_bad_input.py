@@ -21,6 +21,7 @@ from attnprune import Routing, count_flops, load_model, match_flops, prune, save
 from attnprune.atomic import staged_dir, write_text_atomic
 from attnprune.cli_errors import one_line, run_cli
 from attnprune.lit.cli import parse_routing
+from attnprune.lit.data import ImageDataModule, ImageFolderDataModule, check_input_size
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.paradigms import METADATA_KEY, check_finite, check_finite_outputs
 from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
@@ -71,6 +72,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "ok.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5}]}))
     (root / "broken.yaml").write_text("rules: [{layer: 1, score: l2_norm, keep: 0.5")
     make_image_folder(root / "data", train_per_class=2, test_per_class=2)
+    make_image_folder(root / "one-class", train_per_class=2, test_per_class=2, classes=1)
+    make_image_folder(root / "corrupt", train_per_class=3, test_per_class=2)
+    (root / "corrupt" / "val" / "class_1" / "bad.jpg").write_bytes(b"this is not a JPEG")
+    jpeg = root / "corrupt" / "train" / "class_0" / "2.jpg"  # a CMYK JPEG of make_image_folder, cut short
+    (root / "truncated").mkdir()
+    (root / "truncated" / "cut.jpg").write_bytes(jpeg.read_bytes()[:200])
     return {p.name: p for p in root.iterdir()} | {"root": root}
 
 
@@ -187,6 +194,44 @@ API_CASES = [
         ValueError,
         "m.bin: the model's outputs on the first batch hold 1 non-finite values",
     ),
+    (
+        "folder-one-class",
+        lambda f: ImageFolderDataModule(str(f["one-class"]), cache_dir=str(f["root"] / "hf")).prepare_splits(),
+        ValueError,
+        "one-class has images of 1 class (class_0)",
+    ),
+    (
+        "folder-corrupt-image",
+        lambda f: (
+            ImageFolderDataModule(str(f["corrupt"]), cache_dir=str(f["root"] / "hf"))
+            .for_model(load_model(f["tiny.safetensors"]))
+            .take("test", 100)
+        ),
+        ValueError,
+        "bad.jpg cannot be read as an image",
+    ),
+    (
+        "folder-truncated-image",
+        lambda f: ImageDataModule.make_transform(
+            ImageFolderDataModule(str(f["data"]), data_config={"input_size": (3, 16, 16)}), False
+        )({"path": str(f["truncated"] / "cut.jpg"), "bytes": None}),
+        ValueError,
+        "cut.jpg cannot be read as an image",
+    ),
+    (
+        "folder-input-size",
+        lambda f: ImageFolderDataModule(str(f["data"]), data_config={"input_size": (3, 32, 32)}).for_model(
+            load_model(f["tiny.safetensors"])
+        ),
+        ValueError,
+        "input_size [3, 32, 32] does not fit the model, which takes [3, 16, 16]",
+    ),
+    (
+        "folder-input-channels",
+        lambda f: check_input_size(load_model(f["tiny.safetensors"]), (1, 16, 16), "data_config"),
+        ValueError,
+        "input_size [1, 16, 16]",
+    ),
     ("check-finite", lambda f: check_finite({"w": torch.tensor([1.0, math.nan])}, "w.bin"), ValueError, "'w'"),
 ]
 
@@ -207,18 +252,26 @@ def test_prune_takes_a_dict_or_a_routing_file(files):
     assert count_flops(tiny_vit(), img_size=(32, 16)) < count_flops(tiny_vit(), img_size=32)
 
 
+def test_one_line_keeps_only_the_error_a_dataloader_worker_raised():
+    err = ValueError(
+        "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "data.py", line 1, in apply\nValueError: image file a.jpg cannot be read as an image'
+    )
+    assert one_line(err) == "image file a.jpg cannot be read as an image"
+
+
 def test_one_line_drops_jsonargparse_dumps():
     err = ValueError("Problem with given class_path 'x':\n  bad keep 1.5\n  Given value: Namespace(a=1)")
     assert one_line(err) == "bad keep 1.5"
 
 
 # ------------------------------------------------------------------------------------- entry points in-process
-def _data(files) -> list[str]:
+def _data(files, folder: str = "data") -> list[str]:
     return [
         "--data.class_path",
         "attnprune.lit.data.ImageFolderDataModule",
         "--data.init_args.root",
-        str(files["data"]),
+        str(files[folder]),
         "--data.init_args.cache_dir",
         str(files["root"] / "hf"),
     ]
@@ -242,7 +295,7 @@ def _quickstart(files, *extra):
     return "quickstart", ["--model", str(files["tiny.safetensors"]), *extra]
 
 
-def _module(files, checkpoint: str) -> list[str]:
+def _module(files, checkpoint: str, folder: str = "data") -> list[str]:
     return [
         "--model.class_path",
         "attnprune.lit.modules.PrunedClassifier",
@@ -250,7 +303,7 @@ def _module(files, checkpoint: str) -> list[str]:
         "auto",
         "--model.init_args.checkpoint",
         checkpoint,
-        *_data(files),
+        *_data(files, folder),
         "--trainer.logger",
         "false",
         "--trainer.accelerator",
@@ -258,14 +311,14 @@ def _module(files, checkpoint: str) -> list[str]:
     ]
 
 
-def _evaluate(files, *extra, checkpoint: str | None = None):
+def _evaluate(files, *extra, checkpoint: str | None = None, folder: str = "data"):
     out = files["root"] / "out-evaluate"
-    args = _module(files, checkpoint or str(files["tiny.safetensors"]))
+    args = _module(files, checkpoint or str(files["tiny.safetensors"]), folder)
     return "evaluate", [*args, "--output_dir", str(out), *extra]
 
 
-def _train(files, *extra, checkpoint: str | None = None):
-    args = _module(files, checkpoint or str(files["tiny.safetensors"]))
+def _train(files, *extra, checkpoint: str | None = None, folder: str = "data"):
+    args = _module(files, checkpoint or str(files["tiny.safetensors"]), folder)
     return "train", ["fit", *args, "--trainer.default_root_dir", str(files["root"] / "out-train"), *extra]
 
 
@@ -285,6 +338,39 @@ CLI_CASES = [
         "evaluate-logits-overflow",
         lambda f: _evaluate(f, checkpoint=str(f["overflow.safetensors"])),
         "overflow.safetensors",
+    ),
+    ("evaluate-one-class", lambda f: _evaluate(f, folder="one-class"), "one-class"),
+    ("evaluate-corrupt-image", lambda f: _evaluate(f, folder="corrupt"), "bad.jpg"),
+    (
+        "evaluate-corrupt-image-in-a-worker",
+        lambda f: _evaluate(f, "--data.init_args.num_workers", "1", folder="corrupt"),
+        "bad.jpg",
+    ),
+    (
+        "evaluate-input-size",
+        lambda f: _evaluate(f, "--data.init_args.data_config", "{input_size: [3, 32, 32]}"),
+        "input_size [3, 32, 32]",
+    ),
+    ("train-one-class", lambda f: _train(f, folder="one-class"), "one-class"),
+    (
+        "train-input-size",
+        lambda f: _train(f, "--data.init_args.data_config", "{input_size: [3, 32, 32]}"),
+        "input_size [3, 32, 32]",
+    ),
+    (
+        "analyze-input-size",
+        lambda f: _analyze(f, "--data.init_args.data_config", "{input_size: [3, 32, 32]}"),
+        "input_size [3, 32, 32]",
+    ),
+    (
+        "analyze-one-class",
+        lambda f: ("analyze", ["--model", str(f["tiny.safetensors"]), *_data(f, "one-class")]),
+        "one-class",
+    ),
+    (
+        "search-input-size",
+        lambda f: _search(f, "--budget", "0.5", "--data.init_args.data_config", "{input_size: [3, 32, 32]}"),
+        "input_size [3, 32, 32]",
     ),
     ("evaluate-garbage-model", lambda f: _evaluate(f, checkpoint=str(f["garbage.safetensors"])), "garbage.safetensors"),
     ("evaluate-missing-model", lambda f: _evaluate(f, checkpoint="missing.safetensors"), "missing.safetensors"),

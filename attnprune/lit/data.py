@@ -41,6 +41,7 @@ __all__ = [
     "ImageFolderDataModule",
     "ImageNetDataModule",
     "FashionMNISTDataModule",
+    "check_input_size",
     "collate_images",
     "read_idx",
 ]
@@ -71,9 +72,37 @@ def collate_images(batch: list[dict[str, Any]]) -> tuple[torch.Tensor | list[tor
 
 
 def _to_pil(image: Any, mode: str) -> Image.Image:
+    if isinstance(image, dict):  # an undecoded image file ({"path", "bytes"}): decoded here, so errors name it
+        try:
+            image = datasets.Image().decode_example(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            where = f"image file {image['path']}" if image.get("path") else "an embedded image (no file name)"
+            raise ValueError(f"{where} cannot be read as an image ({err}); remove or replace it") from err
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     return image if image.mode == mode else image.convert(mode)  # grayscale, CMYK, RGBA, palette -> the model's
+
+
+def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str) -> None:
+    """Refuse an input size (``(C, H, W)`` of a timm data config) that a ViT with a fixed input size cannot take
+    (timm would fail mid-run with a bare AssertionError); models with ``dynamic_img_size`` take any size.
+
+    Raises:
+        ValueError: naming ``where``, the size and the size the model takes.
+    """
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if embed is None or getattr(embed, "img_size", None) is None or not isinstance(proj, torch.nn.Conv2d):
+        return
+    channels, size = int(input_size[0]), tuple(int(v) for v in input_size[-2:])
+    expected = tuple(int(v) for v in embed.img_size)
+    fixed = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
+    if channels != proj.in_channels or (fixed and size != expected):
+        raise ValueError(
+            f"{where}: input_size {[channels, *size]} does not fit the model, which takes "
+            f"{[proj.in_channels, *expected]} (channels, height, width); leave data_config out to use the model's "
+            "own preprocessing, or give its input_size"
+        )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -214,6 +243,9 @@ class ImageDataModule(L.LightningDataModule):
         return apply
 
     def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:  # before any image is read: a size the model cannot take fails here, in one line
+            check_input_size(getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data")
         if not self.splits:
             self.prepare_splits()
         if stage in ("fit", "validate") and "train" not in self.splits:
@@ -239,6 +271,9 @@ class ImageDataModule(L.LightningDataModule):
             return {"image": [transform(image) for image in batch["image"]], "label": batch["label"]}
 
         data = self.splits["train" if split == "bank" else split]
+        feature = data.features.get("image") if data.features is not None else None
+        if isinstance(data, datasets.Dataset) and isinstance(feature, datasets.Image) and feature.decode:
+            data = data.cast_column("image", datasets.Image(decode=False))  # decoded by _to_pil, naming the file
         if isinstance(data, datasets.IterableDataset):
             return data.map(apply, batched=True, batch_size=self.hparams.batch_size)
         return data.with_transform(apply)
@@ -279,9 +314,14 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def for_model(self, model: torch.nn.Module) -> ImageDataModule:
-        """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self."""
+        """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self.
+
+        Raises:
+            ValueError: a given data config's ``input_size`` does not fit the model.
+        """
         if self.hparams.data_config is None:
             self.hparams.data_config = resolve_model_data_config(model)
+        check_input_size(model, self.resolved_data_config()["input_size"], "data_config")
         return self
 
     def take(self, split: str, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -394,7 +434,15 @@ class ImageFolderDataModule(ImageDataModule):
                 f"image folder {self.root} has no train/ subfolder and no val/ or test/ subfolder. Provide the data as "
                 f"{self.root}/train/<class>/*.jpg with {self.root}/val/<class>/*.jpg (or test/) for the held-out split"
             )
-        return self._class_folder_splits(folders)
+        splits = self._class_folder_splits(folders)
+        names = next(iter(splits.values())).features["label"].names
+        used = sorted({names[label] for split in splits.values() for label in set(split["label"])})
+        if len(used) < 2:
+            raise ValueError(
+                f"image folder {self.root} has images of {len(used)} class ({', '.join(used)}); a classifier needs at "
+                f"least two class subfolders with images ({self.root}/<split>/<class>/*.jpg)"
+            )
+        return splits
 
     @staticmethod
     def _split_folders(root: Path) -> dict[str, Path]:
