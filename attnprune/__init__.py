@@ -1,6 +1,7 @@
 """attnprune: per-layer static token pruning for timm Vision Transformers."""
 
 from attnprune.flops import count_flops, match_flops
+from attnprune.inference import compile
 from attnprune.paradigms import PARADIGMS, load_model, save_model
 from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing, Rule
@@ -14,6 +15,7 @@ __all__ = [
     "LayerPlan",
     "Routing",
     "Rule",
+    "compile",
     "count_flops",
     "load_model",
     "match_flops",

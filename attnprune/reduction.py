@@ -66,7 +66,9 @@ def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Te
     prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
-        similarity = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+        # bmm, not @: under torch.compile, matmul's decomposition guards on the parity of the token count, which
+        # would compile a block twice more (odd and even counts)
+        similarity = torch.bmm(metric[:, ::2], metric[:, 1::2].transpose(1, 2))
         similarity[:, :prefix_a, :] = -torch.inf
         similarity[:, :, :prefix_b] = -torch.inf
         best, partner = similarity.max(dim=-1)

@@ -1,12 +1,19 @@
-"""Throughput of pruned DeiT-S against the unpruned model, at equal FLOPs across methods.
+"""Throughput of pruned ViTs against the unpruned model, at equal FLOPs across methods, in every inference mode.
 
-Every routing is tuned to about ``--ratio`` of the unpruned FLOPs, then all are timed side by side in one process
-(warm-up, interleaved rounds, median), eager and under ``torch.compile``, at every batch size of ``--batches`` and
-every weight/activation dtype of ``--dtypes``. Prints one table and writes ``benchmarks/results/throughput.json``.
+Every routing (EViT, ToMe, a layer-wise routing) is tuned to the same fraction of the unpruned FLOPs (``--ratio``, or
+ToMe's ``--tome-r`` with the others matched to it). For each model, dtype and mode (see
+:data:`attnprune.inference.MODES`), the unpruned model and every routing are timed side by side in one process
+(first call timed on its own: compilation and graph capture; then warm-up and interleaved rounds, median), at every
+batch size of ``--batches``. Before timing, each mode's float32 logits are checked against the eager PyTorch
+reference (reference reducers) on a small batch. Prints one table and writes a JSON file
+``{"device", "torch", "rows": [{"model", "dtype", "mode", "batch", "routing", "gflops", "ms", "speedup",
+"efficiency", ...}], "checks": [...]}``, where ``efficiency`` is the speed-up divided by the FLOPs reduction
+(1.0: the FLOPs saved became time). ``--summarize FILE`` prints the README's Markdown table from such a file.
 
-    .venv/bin/python benchmarks/throughput.py                 # CPU, float32, batches 1, 8, 32
-    .venv/bin/python benchmarks/throughput.py --device cuda --dtypes float32 bfloat16 --batches 1 64 256 \
-        --no-compile --out benchmarks/results/throughput_gpu.json   # on a GPU
+    .venv/bin/python benchmarks/throughput.py                 # CPU, DeiT-S, float32, eager and compiled
+    .venv/bin/python benchmarks/throughput.py --smoke         # a tiny model in seconds (what the tests run)
+    bash benchmarks/gpu_session.sh                            # the CUDA run (see its header)
+    .venv/bin/python benchmarks/throughput.py --summarize benchmarks/results/throughput_gpu.json
 """
 
 from __future__ import annotations
@@ -14,40 +21,61 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from torch import nn
 
-from attnprune import Routing, count_flops, match_flops, prune
+from attnprune import Routing, count_flops, fused, match_flops, prune
 from attnprune.bench import time_interleaved
+from attnprune.inference import MODES, InferenceModel
 
 KNOBS = np.round(np.arange(0.30, 1.0, 0.01), 2).tolist()
+ROUTINGS = ("unpruned", "evit", "layerwise", "tome")
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+CHECK_BATCH = 4
+TOLERANCE = 1e-4
 
 
-def layerwise(keep: float) -> Routing:
+def _layers(depth: int, at: tuple[int, ...]) -> list[int]:
+    """Layers given for a 12-block model, scaled to ``depth`` blocks."""
+    return sorted({min(depth - 1, round(layer * depth / 12)) for layer in at})
+
+
+def layerwise(keep: float, depth: int = 12) -> Routing:
     """Statistics where attention is still diffuse, CLS attention with fusion deeper."""
-    return Routing.from_dict(
-        {
-            "name": "layerwise",
-            "rules": [
-                {"layer": 1, "score": "l2_norm", "keep": min(1.0, keep + 0.15), "reduce": "drop"},
-                {"layer": 4, "score": "cls_attention", "keep": keep, "reduce": "fuse"},
-                {"layer": 7, "score": "cls_attention", "keep": keep, "reduce": "fuse"},
-            ],
-        }
-    )
+    first, *deeper = _layers(depth, (1, 4, 7))
+    rules = [{"layer": first, "score": "l2_norm", "keep": min(1.0, keep + 0.15), "reduce": "drop"}]
+    rules += [{"layer": layer, "score": "cls_attention", "keep": keep, "reduce": "fuse"} for layer in deeper]
+    return Routing.from_dict({"name": "layerwise", "rules": rules})
 
 
-def build_routings(model: torch.nn.Module, ratio: float) -> dict[str, Routing]:
+def build_routings(model: nn.Module, ratio: float, tome_r: int | None = None) -> dict[str, Routing]:
+    """The routings of :data:`ROUTINGS` at about ``ratio`` of the FLOPs (ToMe's with ``tome_r`` when given)."""
     depth = len(model.blocks)
+    if tome_r is not None:
+        tome = Routing.tome(tome_r, depth)
+        ratio = count_flops(model, tome) / count_flops(model)
+    else:
+        tome = match_flops(model, lambda r: Routing.tome(int(r), depth), range(1, 30), ratio)
+    evit_layers = _layers(depth, (3, 6, 9))
     return {
         "unpruned": Routing(),
-        "evit": match_flops(model, lambda k: Routing.evit(keep=k), KNOBS, ratio),
-        "tome": match_flops(model, lambda r: Routing.tome(int(r), depth), range(1, 30), ratio),
-        "layerwise": match_flops(model, layerwise, KNOBS, ratio),
+        "evit": match_flops(model, lambda k: Routing.evit(keep=k, layers=evit_layers), KNOBS, ratio),
+        "layerwise": match_flops(model, lambda k: layerwise(k, depth), KNOBS, ratio),
+        "tome": tome,
     }
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    """A seeded random-init timm model (offline: ``pretrained=False``); ``tiny``: a depth-4, width-32 ViT on 32 px."""
+    torch.manual_seed(seed)
+    if name == "tiny":
+        return timm.models.vision_transformer.VisionTransformer(**TINY).eval()
+    return timm.create_model(name, pretrained=False).eval()
 
 
 def device_name(device: torch.device) -> str:
@@ -56,87 +84,246 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def main() -> None:
+def wrap(model: nn.Module, mode: str, backend: str) -> nn.Module:
+    """``model`` in ``mode``: eager as it is, else an :class:`~attnprune.inference.InferenceModel`."""
+    if mode == "eager":
+        return model
+    return InferenceModel(model, mode, **({} if mode in ("eager", "cudagraph") else {"backend": backend}))
+
+
+def check_outputs(
+    model_name: str, routings: dict[str, Routing], modes: list[str], device: torch.device, backend: str
+) -> list[dict]:
+    """Float32 logits of every routing in every mode against the eager PyTorch reference (reference reducers)."""
+    checks = []
+    for name, routing in routings.items():
+        model = prune(make_model(model_name).to(device), routing)
+        size = model.patch_embed.img_size
+        x = torch.randn(CHECK_BATCH, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.no_grad(), fused.use_impl("reference"):
+            expected = model(x)
+        for mode in modes:
+            with torch.no_grad():
+                got = wrap(model, mode, backend)(x)
+            diff = (got.float() - expected).abs().max().item()
+            checks.append(
+                {"model": model_name, "routing": name, "mode": mode, "max_abs_diff": diff, "ok": diff <= TOLERANCE}
+            )
+            flag = "ok" if diff <= TOLERANCE else f"MISMATCH (> {TOLERANCE:g})"
+            print(f"check {model_name} {name:10} {mode:19} float32 max |diff| {diff:.2e} {flag}", flush=True)
+        torch._dynamo.reset()
+    return checks
+
+
+def time_group(
+    model_name: str,
+    routings: dict[str, Routing],
+    dtype: torch.dtype,
+    mode: str,
+    batches: list[int],
+    args: argparse.Namespace,
+) -> list[dict]:
+    """Time every routing of one (model, dtype, mode) side by side at each batch size."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    models = {
+        name: wrap(prune(make_model(model_name).to(device, dtype), r), mode, args.backend)
+        for name, r in routings.items()
+    }
+    reference = next(iter(models.values()))
+    img_size = (reference.model if isinstance(reference, InferenceModel) else reference).patch_embed.img_size
+    flops = {name: count_flops(make_model(model_name), routing) for name, routing in routings.items()}
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, *img_size, device=device, dtype=dtype)
+        first = {}
+        for name, model in models.items():  # compilation and capture, timed on their own
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            _sync(device)
+            first[name] = time.perf_counter() - start
+        seconds = time_interleaved(models, x, warmup=args.warmup, repeats=args.repeats, progress=False)
+        for name in routings:
+            speedup = seconds["unpruned"] / seconds[name]
+            flops_ratio = flops[name] / flops["unpruned"]
+            rows.append(
+                {
+                    "model": model_name,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "mode": mode,
+                    "batch": batch,
+                    "routing": name,
+                    "routing_name": routings[name].name,
+                    "gflops": flops[name] / 1e9,
+                    "flops_ratio": flops_ratio,
+                    "ms": 1e3 * seconds[name],
+                    "images_per_s": batch / seconds[name],
+                    "speedup": speedup,
+                    "efficiency": speedup * flops_ratio,
+                    "first_call_s": first[name],
+                }
+            )
+            print_row(rows[-1])
+        for model in models.values():  # free this batch's CUDA graphs before the next
+            if isinstance(model, InferenceModel):
+                model.clear_graphs()
+    torch._dynamo.reset()
+    return rows
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+HEADER = (
+    f"{'model':24}{'dtype':10}{'mode':20}{'batch':>6}  {'routing':10}{'GFLOPs':>8}{'FLOPs':>7}{'ms':>10}"
+    f"{'speedup':>9}{'efficiency':>11}{'first s':>9}"
+)
+
+
+def print_row(row: dict) -> None:
+    print(
+        f"{row['model'][:23]:24}{row['dtype']:10}{row['mode']:20}{row['batch']:>6}  {row['routing']:10}"
+        f"{row['gflops']:>8.2f}{row['flops_ratio']:>7.0%}{row['ms']:>10.2f}{row['speedup']:>9.2f}"
+        f"{row['efficiency']:>11.2f}{row['first_call_s']:>9.1f}",
+        flush=True,
+    )
+
+
+def best_modes(rows: list[dict]) -> list[dict]:
+    """Per (model, dtype, batch, routing), the row of the fastest mode; speed-up and efficiency recomputed against
+    the unpruned model in ITS fastest mode (each model as a user would run it)."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        key = (row["model"], row["dtype"], row["batch"], row["routing"])
+        if key not in best or row["ms"] < best[key]["ms"]:
+            best[key] = row
+    out = []
+    for (model, dtype, batch, _), row in best.items():
+        base = best.get((model, dtype, batch, "unpruned"))
+        if base is None:
+            continue
+        speedup = base["ms"] / row["ms"]
+        out.append({**row, "speedup": speedup, "efficiency": speedup * row["flops_ratio"]})
+    return out
+
+
+def summarize(result: dict) -> str:
+    """The README table: per model, dtype and batch, the unpruned model's time and each routing's speed-up
+    (efficiency), every model in its fastest mode."""
+    rows = best_modes(result["rows"])
+    routings = [r for r in ROUTINGS if r != "unpruned" and any(row["routing"] == r for row in rows)]
+    lines = [
+        f"Device: {result['device']} (torch {result['torch']}); each entry in its fastest mode; "
+        "speed-up over the unpruned model (efficiency = speed-up / FLOPs reduction).",
+        "",
+        "| model | dtype | batch | unpruned ms (mode) | " + " | ".join(routings) + " |",
+        "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in routings) + " |",
+    ]
+    index = {(r["model"], r["dtype"], r["batch"], r["routing"]): r for r in rows}
+    for model, dtype, batch in sorted({(r["model"], r["dtype"], r["batch"]) for r in rows}):
+        base = index[(model, dtype, batch, "unpruned")]
+        cells = []
+        for routing in routings:
+            row = index.get((model, dtype, batch, routing))
+            cells.append("" if row is None else f"{row['speedup']:.2f}x ({row['efficiency']:.2f}, {row['mode']})")
+        lines.append(f"| {model} | {dtype} | {batch} | {base['ms']:.2f} ({base['mode']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
     parser.add_argument("--ratio", type=float, default=0.65, help="target FLOPs as a fraction of the unpruned model")
+    parser.add_argument("--tome-r", type=int, default=None, help="ToMe's r; the other routings match its FLOPs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
+    parser.add_argument("--modes", nargs="+", default=["eager", "regional"], choices=MODES)
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="DTYPE:MODE:BATCHES",
+        help="time only these (dtype, mode) pairs, each at its own batches, e.g. bfloat16:cudagraph:1,64,256 "
+        "(repeatable; overrides --dtypes/--modes/--batches)",
+    )
+    parser.add_argument("--check-modes", nargs="*", default=None, help="modes checked in float32 (default: --modes)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
+    parser.add_argument("--impl", default="auto", choices=fused.IMPLS, help="reducers: lean on CUDA by default")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the groups left once this much has run")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, float32, batches 1 and 4, 2 rounds")
+    parser.add_argument("--summarize", type=Path, default=None, help="print the Markdown table of a results file")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.batches, args.repeats, args.warmup, args.ratio = ["tiny"], [1, 4], 2, 1, 0.65
+    return args
 
+
+def groups(args: argparse.Namespace) -> list[tuple[str, str, list[int]]]:
+    """(dtype, mode, batches) to time for every model."""
+    if not args.group:
+        return [(dtype, mode, args.batches) for dtype in args.dtypes for mode in args.modes]
+    out = []
+    for spec in args.group:
+        dtype, mode, batches = spec.split(":")
+        if dtype not in ("float32", "bfloat16", "float16") or mode not in MODES:
+            raise SystemExit(f"--group {spec!r}: expected DTYPE:MODE:BATCHES with a dtype and a mode of {MODES}")
+        out.append((dtype, mode, [int(b) for b in batches.split(",")]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.summarize is not None:
+        print(summarize(json.loads(args.summarize.read_text())))
+        return None
+    fused.set_impl(args.impl)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    reference = timm.create_model(args.model, pretrained=False).eval()
-    routings = build_routings(reference, args.ratio)
-    base_flops = count_flops(reference)
-    flops = {name: count_flops(reference, routing) for name, routing in routings.items()}
-
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for mode in modes:
-            models = {}
-            for name, routing in routings.items():
-                model = prune(timm.create_model(args.model, pretrained=False).eval().to(device, dtype), routing)
-                models[name] = torch.compile(model) if mode == "compiled" else model
-            for batch in args.batches:
-                x = torch.randn(batch, 3, *reference.patch_embed.img_size, device=device, dtype=dtype)
-                seconds = time_interleaved(models, x, warmup=args.warmup, repeats=args.repeats)
-                for name in routings:
-                    flops_ratio = base_flops / flops[name]
-                    speedup = seconds["unpruned"] / seconds[name]
-                    rows.append(
-                        {
-                            "dtype": dtype_name,
-                            "mode": mode,
-                            "batch": batch,
-                            "routing": name,
-                            "gflops": flops[name] / 1e9,
-                            "flops_ratio": flops[name] / base_flops,
-                            "images_per_s": batch / seconds[name],
-                            "latency_ms": 1e3 * seconds[name],
-                            "speedup": speedup,
-                            "speedup_over_flops_reduction": speedup / flops_ratio,
-                        }
-                    )
-
-    header = f"{'dtype':10}{'mode':9}{'batch':>6}  {'routing':10}{'GFLOPs':>8}{'FLOPs':>7}{'img/s':>9}{'ms/batch':>10}"
-    header += f"{'speedup':>9}{'speedup/FLOPs-reduction':>25}"
-    print(f"{args.model}, {device_name(device)}")
-    print(header)
-    for row in rows:
-        print(
-            f"{row['dtype']:10}{row['mode']:9}{row['batch']:>6}  {row['routing']:10}"
-            f"{row['gflops']:>8.2f}{row['flops_ratio']:>7.0%}"
-            f"{row['images_per_s']:>9.1f}{row['latency_ms']:>10.1f}{row['speedup']:>9.2f}"
-            f"{row['speedup_over_flops_reduction']:>25.2f}"
-        )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     result = {
-        "model": args.model,
-        "dtypes": args.dtypes,
         "device": device_name(device),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "command": "python benchmarks/throughput.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items()
-            if k not in ("out", "no_compile")
-        )
-        + (" --no-compile" if args.no_compile else ""),
-        "routings": {name: routing.to_dict() for name, routing in routings.items()},
-        "rows": rows,
+        "impl": args.impl,
+        "command": "python benchmarks/throughput.py " + " ".join(argv) if argv is not None else None,
+        "routings": {},
+        "checks": [],
+        "skipped": [],
+        "rows": [],
     }
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    check_modes = args.check_modes if args.check_modes is not None else sorted({m for _, m, _ in groups(args)})
+    print(HEADER)
+    for model_name in args.models:
+        routings = build_routings(make_model(model_name), args.ratio, args.tome_r)
+        result["routings"][model_name] = {name: routing.to_dict() for name, routing in routings.items()}
+        result["checks"] += check_outputs(model_name, routings, check_modes, device, args.backend)
+        for dtype, mode, batches in groups(args):
+            if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+                result["skipped"].append({"model": model_name, "dtype": dtype, "mode": mode, "batches": batches})
+                print(f"skipped {model_name} {dtype} {mode}: over --budget-s {args.budget_s:g}", flush=True)
+                continue
+            result["rows"] += time_group(model_name, routings, getattr(torch, dtype), mode, batches, args)
+            _write(args.out, result)  # after every group: a run cut short keeps what it measured
+    result["elapsed_s"] = time.perf_counter() - started
+    _write(args.out, result)
+    print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
+    if not all(check["ok"] for check in result["checks"]):
+        print("WARNING: some outputs differ from the PyTorch reference by more than", TOLERANCE)
+    return result
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])
