@@ -32,7 +32,7 @@ from attnprune.atomic import staged_dir
 from attnprune.bench import time_interleaved
 from attnprune.cli_errors import lightning_parser_kwargs, run_cli
 from attnprune.flops import count_flops
-from attnprune.lit.cli import AttnpruneCLI, parse_routing, trainer_defaults
+from attnprune.lit.cli import AttnpruneCLI, discard_failed_run, existing_folders, parse_routing, trainer_defaults
 from attnprune.paradigms import check_finite
 from attnprune.report import plot_accuracy_vs_flops
 from attnprune.routing import Routing
@@ -266,9 +266,14 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     cli = EvaluateCLI(
         run=False, args=args, trainer_defaults=trainer_defaults(), parser_kwargs=lightning_parser_kwargs(())
     )
-    rows = evaluate(cli)
-    if cli.trainer.is_global_zero:
-        report(rows, Path(cli.config.output_dir), cli.trainer.logger)
+    existed = existing_folders(cli.trainer)
+    try:
+        rows = evaluate(cli)
+        if cli.trainer.is_global_zero:
+            report(rows, Path(cli.config.output_dir), cli.trainer.logger)
+    except BaseException:  # a failed evaluation leaves no logger folders behind
+        discard_failed_run(cli.trainer, existed)
+        raise
     return rows
 
 

@@ -74,7 +74,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     make_image_folder(root / "data", train_per_class=2, test_per_class=2)
     make_image_folder(root / "one-class", train_per_class=2, test_per_class=2, classes=1)
     make_image_folder(root / "corrupt", train_per_class=3, test_per_class=2)
-    (root / "corrupt" / "val" / "class_1" / "bad.jpg").write_bytes(b"this is not a JPEG")
+    for split in ("train", "val"):
+        (root / "corrupt" / split / "class_1" / "bad.jpg").write_bytes(b"this is not a JPEG")
     jpeg = root / "corrupt" / "train" / "class_0" / "2.jpg"  # a CMYK JPEG of make_image_folder, cut short
     (root / "truncated").mkdir()
     (root / "truncated" / "cut.jpg").write_bytes(jpeg.read_bytes()[:200])
@@ -281,6 +282,12 @@ def _out(files, name: str) -> str:
     return str(files["root"] / f"out-{name}" / ("routing.yaml" if name == "search" else ""))
 
 
+def _logger(files, name: str, folder: str) -> list[str]:
+    """A logger writing under out-train/ (the table checks that a failed run leaves no out-* folder)."""
+    save_dir = files["root"] / "out-train" / folder
+    return ["--trainer.logger", f"lightning.pytorch.loggers.{name}", "--trainer.logger.save_dir", str(save_dir)]
+
+
 def _analyze(files, *extra):
     out = files["root"] / "out-analyze"
     return "analyze", ["--model", str(files["tiny.safetensors"]), *_data(files), "--output_dir", str(out), *extra]
@@ -352,6 +359,29 @@ CLI_CASES = [
         "input_size [3, 32, 32]",
     ),
     ("train-one-class", lambda f: _train(f, folder="one-class"), "one-class"),
+    (
+        "train-one-class-csv-logger",
+        lambda f: _train(f, *_logger(f, "CSVLogger", "logs"), folder="one-class"),
+        "one-class",
+    ),
+    (
+        "train-one-class-wandb-logger",
+        lambda f: _train(f, *_logger(f, "WandbLogger", "runs"), "--trainer.logger.offline", "true", folder="one-class"),
+        "one-class",
+    ),
+    (
+        "train-corrupt-image-csv-logger",
+        lambda f: _train(f, *_logger(f, "CSVLogger", "logs"), "--trainer.max_epochs", "1", folder="corrupt"),
+        "bad.jpg",
+    ),
+    ("train-corrupt-image-no-logger", lambda f: _train(f, "--trainer.max_epochs", "1", folder="corrupt"), "bad.jpg"),
+    (
+        "evaluate-corrupt-image-wandb-logger",
+        lambda f: _evaluate(
+            f, *_logger(f, "WandbLogger", "runs"), "--trainer.logger.offline", "true", folder="corrupt"
+        ),
+        "bad.jpg",
+    ),
     (
         "train-input-size",
         lambda f: _train(f, "--data.init_args.data_config", "{input_size: [3, 32, 32]}"),
@@ -452,7 +482,8 @@ def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, b
         run_cli(module.main, argv)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    err = [line for line in err if "warn" not in line.lower() and "site-packages/" not in line]  # not ours
+    not_ours = ("warn", "site-packages/", "wandb")  # library warnings, W&B's own report of the offline run
+    err = [line for line in err if not any(text in line.lower() for text in not_ours)]
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert text in err[0]
     assert "Traceback" not in err[0]

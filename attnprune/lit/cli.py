@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,15 @@ from attnprune.flops import baseline_layers
 from attnprune.lit.modules import load_routing
 from attnprune.routing import Routing
 
-__all__ = ["AttnpruneCLI", "RunConfigCallback", "parse_routing", "wandb_offline", "trainer_defaults"]
+__all__ = [
+    "AttnpruneCLI",
+    "RunConfigCallback",
+    "discard_failed_run",
+    "existing_folders",
+    "parse_routing",
+    "wandb_offline",
+    "trainer_defaults",
+]
 
 CONFIG_FILE = "lightning_config.yaml"
 PRESETS = {
@@ -153,6 +162,78 @@ class RunConfigCallback(SaveConfigCallback):
         self.saved_path = path
 
 
+class LoggedLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor``, idle without a logger (``--trainer.logger false``) instead of failing
+    the run: there is nothing to log the learning rate to."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def _run_roots(trainer: L.Trainer) -> list[Path]:
+    """The folders a run writes under: the trainer's root, every logger's save folder, the checkpoint folders."""
+    roots = [Path(trainer.default_root_dir)]
+    roots += [Path(logger.save_dir) for logger in trainer.loggers if logger.save_dir]
+    roots += [Path(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    return roots
+
+
+def existing_folders(trainer: L.Trainer) -> set[Path]:
+    """The run's root folders and their parents that exist now, before the run (see :func:`discard_failed_run`)."""
+    return {p for root in _run_roots(trainer) for p in (root.absolute(), *root.absolute().parents) if p.exists()}
+
+
+def discard_failed_run(trainer: L.Trainer, existed: set[Path]) -> list[Path]:
+    """After a failed run that saved no checkpoint, remove what it created for its loggers: the W&B run folder
+    (finished first) and its dangling ``latest-run``/``debug*.log`` links, a CSV/TensorBoard logger's version
+    folder, the saved config, then every parent left empty that did not exist before the run (``existed``, from
+    :func:`existing_folders`). A run that saved a checkpoint keeps everything, so it can be resumed.
+
+    Returns:
+        The paths removed (rank zero; other ranks remove nothing).
+    """
+    checkpoints = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    if not trainer.is_global_zero or any(cb.last_model_path or cb.best_model_path for cb in checkpoints):
+        return []
+    paths = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            if logger._experiment is not None:  # created by this run (never create it here)
+                run_dir = Path(logger.experiment.dir).parent
+                logger.experiment.finish(exit_code=1)
+                paths.append(run_dir)
+        elif logger.log_dir is not None:
+            paths.append(Path(logger.log_dir))
+    paths += [cb.saved_path for cb in trainer.callbacks if getattr(cb, "saved_path", None) is not None]
+    removed = []
+    for path in (p.absolute() for p in paths):
+        if path in existed or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            for link in path.parent.iterdir():  # W&B's latest-run and debug*.log links into the run folder
+                if link.is_symlink() and not link.exists():
+                    link.unlink()
+        else:
+            path.unlink()
+        removed.append(path)
+        parent = path.parent
+        while parent not in existed and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            removed.append(parent)
+            parent = parent.parent
+    return removed
+
+
 def wandb_offline() -> bool:
     """True unless W&B can log online: an API key in ``WANDB_API_KEY`` or ``~/.netrc`` and no ``WANDB_MODE=offline``.
 
@@ -185,9 +266,18 @@ class AttnpruneCLI(LightningCLI):
             L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
         )
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run that fails before saving a checkpoint leaves no logger folders (:func:`discard_failed_run`)."""
+        existed = existing_folders(self.trainer)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            discard_failed_run(self.trainer, existed)
+            raise
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming) and a learning-rate monitor."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(LoggedLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
