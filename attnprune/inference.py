@@ -79,7 +79,7 @@ class InferenceModel(nn.Module):
         if mode.startswith("regional"):
             # every block, of every routing compiled in this process, goes through the same two functions: allow
             # more than the default 8 variants of each (token counts, plans, batch sizes) before Dynamo gives up
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            _raise_recompile_limit(RECOMPILE_LIMIT)
             for name, fn in (
                 ("embed", embed),
                 ("block", _plain_block),
@@ -149,6 +149,12 @@ class InferenceModel(nn.Module):
         with torch.cuda.graph(graph, pool=self._pool):
             static_out = self._run(static_in)
         return graph, static_in, static_out
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # the name before 2.7
+    setattr(config, name, max(getattr(config, name), limit))
 
 
 def _plain_block(block: nn.Module, x: Tensor) -> Tensor:

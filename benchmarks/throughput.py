@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -125,14 +126,14 @@ def time_group(
 ) -> list[dict]:
     """Time every routing of one (model, dtype, mode) side by side at each batch size."""
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    models = {
-        name: wrap(prune(make_model(model_name).to(device, dtype), r), mode, args.backend)
-        for name, r in routings.items()
-    }
-    reference = next(iter(models.values()))
-    img_size = (reference.model if isinstance(reference, InferenceModel) else reference).patch_embed.img_size
-    flops = {name: count_flops(make_model(model_name), routing) for name, routing in routings.items()}
+    plain = make_model(model_name)
+    img_size = plain.patch_embed.img_size
+    flops = {name: count_flops(plain, routing) for name, routing in routings.items()}
+    models = {}
+    for name, routing in routings.items():
+        models[name] = wrap(prune(make_model(model_name).to(device, dtype), routing), mode, args.backend)
+    if mode not in ("eager", "cudagraph"):
+        warm_compiler(device)
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, *img_size, device=device, dtype=dtype)
@@ -168,6 +169,41 @@ def time_group(
         for model in models.values():  # free this batch's CUDA graphs before the next
             if isinstance(model, InferenceModel):
                 model.clear_graphs()
+    torch._dynamo.reset()
+    return rows
+
+
+def warm_compiler(device: torch.device) -> None:
+    """Compile something small first, so that the compiler's start-up (worker processes, imports) is not charged to
+    whichever routing compiles first."""
+    torch.compile(lambda t: (t * 2.0).sin().sum(dim=-1))(torch.randn(8, 8, device=device))
+
+
+def compile_times(
+    model_name: str, routings: dict[str, Routing], dtype: torch.dtype, mode: str, batch: int, args: argparse.Namespace
+) -> list[dict]:
+    """Seconds to the first output of each routing in ``mode`` (compilation, warm-up, capture), each from a cold
+    compiler cache (Dynamo reset, Inductor's on-disk caches off), so no routing reuses another's graphs."""
+    device = torch.device(args.device)
+    warm_compiler(device)
+    rows = []
+    for name, routing in routings.items():
+        torch._dynamo.reset()
+        model = wrap(prune(make_model(model_name).to(device, dtype), routing), mode, args.backend)
+        inner = model.model if isinstance(model, InferenceModel) else model
+        x = torch.randn(batch, 3, *inner.patch_embed.img_size, device=device, dtype=dtype)
+        cold = {
+            key: False for key in ("fx_graph_cache", "autotune_local_cache") if hasattr(torch._inductor.config, key)
+        }
+        with torch._inductor.config.patch(cold):
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(x)
+            _sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"model": model_name, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "batch": batch})
+        rows[-1].update(routing=name, compile_s=seconds)
+        print(f"compile {model_name} {rows[-1]['dtype']} {mode} batch {batch} {name:10} {seconds:.1f} s", flush=True)
     torch._dynamo.reset()
     return rows
 
@@ -213,7 +249,7 @@ def best_modes(rows: list[dict]) -> list[dict]:
 def summarize(result: dict) -> str:
     """The README table: per model, dtype and batch, the unpruned model's time and each routing's speed-up
     (efficiency), every model in its fastest mode."""
-    rows = best_modes(result["rows"])
+    rows = best_modes([row for row in result["rows"] if row.get("impl", result["impl"]) == result["impl"]])
     routings = [r for r in ROUTINGS if r != "unpruned" and any(row["routing"] == r for row in rows)]
     lines = [
         f"Device: {result['device']} (torch {result['torch']}); each entry in its fastest mode; "
@@ -230,6 +266,16 @@ def summarize(result: dict) -> str:
             row = index.get((model, dtype, batch, routing))
             cells.append("" if row is None else f"{row['speedup']:.2f}x ({row['efficiency']:.2f}, {row['mode']})")
         lines.append(f"| {model} | {dtype} | {batch} | {base['ms']:.2f} ({base['mode']}) | " + " | ".join(cells) + " |")
+    if result.get("compile"):
+        lines += ["", "| model | dtype | mode | batch | routing | first output s (compile) | x unpruned |"]
+        lines.append("| --- | --- | --- | ---: | --- | ---: | ---: |")
+        base = {(r["model"], r["mode"]): r["compile_s"] for r in result["compile"] if r["routing"] == "unpruned"}
+        for r in result["compile"]:
+            ratio = r["compile_s"] / base[(r["model"], r["mode"])] if (r["model"], r["mode"]) in base else float("nan")
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['routing']} | {r['compile_s']:.1f} "
+                f"| {ratio:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -245,12 +291,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--modes", nargs="+", default=["eager", "regional"], choices=MODES)
     parser.add_argument(
-        "--group",
+        "--step",
         action="append",
         default=[],
-        metavar="DTYPE:MODE:BATCHES",
-        help="time only these (dtype, mode) pairs, each at its own batches, e.g. bfloat16:cudagraph:1,64,256 "
-        "(repeatable; overrides --dtypes/--modes/--batches)",
+        metavar="SPEC",
+        help="run these steps in order, each for every model (repeatable; replaces --dtypes/--modes/--batches/"
+        "--check-modes): check:MODE[,MODE...] checks float32 logits, time:DTYPE:MODE:BATCHES[:IMPL] times, "
+        "e.g. time:bfloat16:cudagraph:1,64,256, compile:MODE:BATCH:DTYPE times each routing's compilation from a "
+        "cold cache",
     )
     parser.add_argument("--check-modes", nargs="*", default=None, help="modes checked in float32 (default: --modes)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
@@ -265,17 +313,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def groups(args: argparse.Namespace) -> list[tuple[str, str, list[int]]]:
-    """(dtype, mode, batches) to time for every model."""
-    if not args.group:
-        return [(dtype, mode, args.batches) for dtype in args.dtypes for mode in args.modes]
+Step = tuple  # ("check", modes) or ("time", dtype, mode, batches, impl)
+
+
+def steps(args: argparse.Namespace) -> list[Step]:
+    """What to run, in order, for every model: ``--step`` options, else checks of every mode then every
+    (dtype, mode) at ``--batches``."""
+    if not args.step:
+        modes = args.check_modes if args.check_modes is not None else args.modes
+        timed = [("time", dtype, mode, args.batches, args.impl) for dtype in args.dtypes for mode in args.modes]
+        return [("check", modes), *timed]
     out = []
-    for spec in args.group:
-        dtype, mode, batches = spec.split(":")
-        if dtype not in ("float32", "bfloat16", "float16") or mode not in MODES:
-            raise SystemExit(f"--group {spec!r}: expected DTYPE:MODE:BATCHES with a dtype and a mode of {MODES}")
-        out.append((dtype, mode, [int(b) for b in batches.split(",")]))
+    for spec in args.step:
+        kind, *fields = spec.split(":")
+        if kind == "check" and len(fields) == 1 and all(m in MODES for m in fields[0].split(",")):
+            out.append(("check", fields[0].split(",")))
+            continue
+        dtypes = ("float32", "bfloat16", "float16")
+        if (
+            kind == "compile"
+            and len(fields) == 3
+            and fields[0] in MODES
+            and fields[1].isdigit()
+            and fields[2] in dtypes
+        ):
+            out.append(("compile", fields[0], int(fields[1]), fields[2]))
+            continue
+        if kind == "time" and len(fields) in (3, 4) and fields[0] in dtypes and fields[1] in MODES:
+            impl = fields[3] if len(fields) == 4 else args.impl
+            if impl in fused.IMPLS and all(b.isdigit() for b in fields[2].split(",")):
+                out.append(("time", fields[0], fields[1], [int(b) for b in fields[2].split(",")], impl))
+                continue
+        raise SystemExit(
+            f"--step {spec!r}: expected check:MODE[,MODE...], time:DTYPE:MODE:BATCHES[:IMPL] or "
+            f"compile:MODE:BATCH:DTYPE (modes {MODES}, impls {fused.IMPLS})"
+        )
     return out
+
+
+def run_step(step: Step, model_name: str, routings: dict[str, Routing], result: dict, args: argparse.Namespace) -> None:
+    """Run one step of :func:`steps` for one model, adding its checks or rows to ``result``."""
+    if step[0] == "check":
+        with fused.use_impl(args.impl):
+            result["checks"] += check_outputs(model_name, routings, step[1], torch.device(args.device), args.backend)
+        return
+    if step[0] == "compile":
+        _, mode, batch, dtype = step
+        result["compile"] += compile_times(model_name, routings, getattr(torch, dtype), mode, batch, args)
+        return
+    _, dtype, mode, batches, impl = step
+    with fused.use_impl(impl):
+        rows = time_group(model_name, routings, getattr(torch, dtype), mode, batches, args)
+    result["rows"] += [{**row, "impl": impl} for row in rows]
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -283,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.summarize is not None:
         print(summarize(json.loads(args.summarize.read_text())))
         return None
-    fused.set_impl(args.impl)
+    plan = steps(args)
     device = torch.device(args.device)
     started = time.perf_counter()
     result = {
@@ -291,30 +380,39 @@ def main(argv: list[str] | None = None) -> dict | None:
         "torch": torch.__version__,
         "timm": timm.__version__,
         "impl": args.impl,
-        "command": "python benchmarks/throughput.py " + " ".join(argv) if argv is not None else None,
+        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "routings": {},
         "checks": [],
         "skipped": [],
+        "errors": [],
+        "compile": [],
         "rows": [],
     }
-    check_modes = args.check_modes if args.check_modes is not None else sorted({m for _, m, _ in groups(args)})
+    routings = {name: build_routings(make_model(name), args.ratio, args.tome_r) for name in args.models}
+    result["routings"] = {m: {name: r.to_dict() for name, r in rs.items()} for m, rs in routings.items()}
     print(HEADER)
-    for model_name in args.models:
-        routings = build_routings(make_model(model_name), args.ratio, args.tome_r)
-        result["routings"][model_name] = {name: routing.to_dict() for name, routing in routings.items()}
-        result["checks"] += check_outputs(model_name, routings, check_modes, device, args.backend)
-        for dtype, mode, batches in groups(args):
+    for step in plan:
+        for model_name in args.models:
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
-                result["skipped"].append({"model": model_name, "dtype": dtype, "mode": mode, "batches": batches})
-                print(f"skipped {model_name} {dtype} {mode}: over --budget-s {args.budget_s:g}", flush=True)
+                result["skipped"].append({"model": model_name, "step": list(step)})
+                print(f"skipped {model_name} {step}: over --budget-s {args.budget_s:g}", flush=True)
                 continue
-            result["rows"] += time_group(model_name, routings, getattr(torch, dtype), mode, batches, args)
-            _write(args.out, result)  # after every group: a run cut short keeps what it measured
+            try:
+                run_step(step, model_name, routings[model_name], result, args)
+            except Exception as error:  # noqa: BLE001  (one failing step must not lose the others' results)
+                result["errors"].append({"model": model_name, "step": list(step), "error": repr(error)})
+                print(f"FAILED {model_name} {step}: {error!r}", flush=True)
+                torch._dynamo.reset()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            _write(args.out, result)  # after every step: a run cut short keeps what it measured
     result["elapsed_s"] = time.perf_counter() - started
     _write(args.out, result)
     print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
+    if result["errors"]:
+        print(f"WARNING: {len(result['errors'])} steps failed (see 'errors' in {args.out})")
     if not all(check["ok"] for check in result["checks"]):
-        print("WARNING: some outputs differ from the PyTorch reference by more than", TOLERANCE)
+        print(f"WARNING: some outputs differ from the PyTorch reference by more than {TOLERANCE:g}")
     return result
 
 
@@ -324,6 +422,4 @@ def _write(path: Path, result: dict) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    main()

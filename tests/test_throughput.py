@@ -15,7 +15,7 @@ ROW_KEYS = {"model", "dtype", "mode", "batch", "routing", "gflops", "ms", "speed
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("throughput") / "throughput_gpu.json"
-    argv = ["--smoke", "--modes", "eager", "full", "--backend", "eager", "--check-modes", "eager", "full"]
+    argv = ["--smoke", "--modes", "eager", "--backend", "eager"]  # compiled modes: test_inference.py
     throughput.main([*argv, "--out", str(out)])
     return json.loads(out.read_text()), out
 
@@ -25,8 +25,8 @@ def test_writes_every_routing_side_by_side(smoke):
     assert {"device", "torch", "rows"} <= set(result) and "CPU" in result["device"]
     rows = result["rows"]
     assert all(ROW_KEYS <= set(row) for row in rows)
-    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("eager", "full") for b in (1, 4)}
-    for mode in ("eager", "full"):
+    assert {(r["mode"], r["batch"]) for r in rows} == {("eager", 1), ("eager", 4)}
+    for mode in ("eager",):
         for batch in (1, 4):
             group = {r["routing"]: r for r in rows if r["mode"] == mode and r["batch"] == batch}
             assert set(group) == set(throughput.ROUTINGS)
@@ -47,20 +47,37 @@ def test_routings_share_one_flops_budget(smoke):
 def test_outputs_equal_the_reference(smoke):
     result, _ = smoke
     checks = result["checks"]
-    expected = {(r, m) for r in throughput.ROUTINGS for m in ("eager", "full")}
+    expected = {(r, "eager") for r in throughput.ROUTINGS}
     assert {(c["routing"], c["mode"]) for c in checks} == expected
     assert all(c["ok"] and c["max_abs_diff"] <= 1e-4 for c in checks)
 
 
-def test_summary_names_the_device_and_picks_the_fastest_mode(smoke, capsys):
+def test_summary_names_the_device(smoke, capsys):
     result, out = smoke
     throughput.main(["--summarize", str(out)])
     table = capsys.readouterr().out
     assert result["device"] in table and "| tiny | float32 | 4 |" in table
-    best = throughput.best_modes(result["rows"])
-    for row in best:
-        same = [r for r in result["rows"] if (r["batch"], r["routing"]) == (row["batch"], row["routing"])]
-        assert row["ms"] == min(r["ms"] for r in same)
+
+
+def test_best_mode_of_each_model_and_efficiency_against_the_unpruned_in_its_best_mode():
+    def row(mode, routing, ms, flops_ratio=0.5):
+        ratio = 1.0 if routing == "unpruned" else flops_ratio
+        return {
+            "model": "m",
+            "dtype": "bfloat16",
+            "batch": 64,
+            "mode": mode,
+            "routing": routing,
+            "ms": ms,
+            "flops_ratio": ratio,
+        }
+
+    rows = [row("eager", "unpruned", 10.0), row("cudagraph", "unpruned", 8.0), row("eager", "tome", 6.0)]
+    rows += [row("cudagraph", "tome", 5.0), row("regional-cudagraph", "tome", 4.4)]
+    best = {r["routing"]: r for r in throughput.best_modes(rows)}
+    assert best["unpruned"]["mode"] == "cudagraph" and best["tome"]["mode"] == "regional-cudagraph"
+    assert best["tome"]["speedup"] == pytest.approx(8.0 / 4.4)
+    assert best["tome"]["efficiency"] == pytest.approx(8.0 / 4.4 * 0.5)
 
 
 def test_layers_scale_with_depth():
@@ -69,8 +86,29 @@ def test_layers_scale_with_depth():
     assert [r.layer for r in throughput.layerwise(0.7, 12).rules] == [1, 4, 7]
 
 
-def test_group_option_parses_and_refuses_bad_specs():
-    args = throughput.parse_args(["--group", "bfloat16:cudagraph:1,64", "--group", "float32:eager:256"])
-    assert throughput.groups(args) == [("bfloat16", "cudagraph", [1, 64]), ("float32", "eager", [256])]
-    with pytest.raises(SystemExit):
-        throughput.groups(throughput.parse_args(["--group", "bfloat16:warp:1"]))
+def test_steps_parse_in_order_and_refuse_bad_specs():
+    specs = ["time:bfloat16:cudagraph:1,64", "check:eager,cudagraph", "time:float32:eager:256:reference"]
+    args = throughput.parse_args([f"--step={spec}" for spec in [*specs, "compile:regional:64:bfloat16"]])
+    assert throughput.steps(args) == [
+        ("time", "bfloat16", "cudagraph", [1, 64], "auto"),
+        ("check", ["eager", "cudagraph"]),
+        ("time", "float32", "eager", [256], "reference"),
+        ("compile", "regional", 64, "bfloat16"),
+    ]
+    bad_specs = ("time:bfloat16:warp:1", "time:bfloat16:eager:1:triton", "check:fast", "compile:regional:64")
+    for bad in (*bad_specs, "time:float32:eager:x", "compile:full:1:float8"):
+        with pytest.raises(SystemExit):
+            throughput.steps(throughput.parse_args([f"--step={bad}"]))
+
+
+def test_compile_times_and_a_failing_step_is_recorded_not_fatal(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    # a CUDA-graph step on the CPU fails at its first call: recorded, and the next step still runs
+    steps = ["--step=time:float32:cudagraph:1", "--step=compile:full:2:float32"]
+    throughput.main(["--smoke", "--backend", "eager", *steps, "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["errors"]) == 1 and "CUDA" in result["errors"][0]["error"] and not result["rows"]
+    assert [r["routing"] for r in result["compile"]] == list(throughput.ROUTINGS)
+    assert all(r["compile_s"] > 0 and r["mode"] == "full" for r in result["compile"])
+    table = throughput.summarize({**result, "rows": []})
+    assert "| tiny | float32 | full | 2 | tome |" in table and "WARNING: 1 steps failed" in capsys.readouterr().out

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs for issue 16 ("Pruning that pays on a GPU"): DeiT-S/16 and ViT-B/16 (random
+# init, offline), unpruned and EViT, the layer-wise routing and ToMe r=13 (the other two matched to ToMe's 59% of the
+# FLOPs), timed side by side in one process, in the order of what the issue's acceptance needs first:
+#   1. float32 logits of the eager (lean reducers) and CUDA-graph paths against the eager PyTorch reference;
+#   2. bfloat16, batches 1, 64, 256, 1024: CUDA graph, eager, then regional torch.compile + CUDA graph (compiles);
+#   3. bfloat16 CUDA graph with the reference reducers (does the lean path pay?);
+#   4. float32 logits of the compiled path against the reference;
+#   5. float32, CUDA graph, batches 1, 64, 256.
+# A step is started only while under --budget-s (330 s), so the run ends in about 6 minutes even when compilation is
+# slow; the JSON is rewritten after every step, and a failing step is recorded under "errors" without stopping the run.
+#
+# Run it through the device tool, from the repository root, nothing to carry (the machine's python3 has torch and
+# timm; attnprune is imported from the working tree):
+#
+#     run(command="bash benchmarks/gpu_session.sh", timeout_s=560)
+#
+# then give the machine back. It writes $OUT/throughput_gpu.json and $OUT/throughput_gpu.log (under
+# benchmarks/results/ when OUT is unset). Back here:
+#
+#     cp <files_at>/throughput_gpu.json benchmarks/results/throughput_gpu.json
+#     .venv/bin/python benchmarks/throughput.py --summarize benchmarks/results/throughput_gpu.json   # README table
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out_dir=${OUT:-benchmarks/results}
+mkdir -p "$out_dir"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python=${PYTHON:-python3}
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    "$python" -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
+    timeout 500 "$python" benchmarks/throughput.py --device cuda \
+        --models deit_small_patch16_224 vit_base_patch16_224 --tome-r 13 \
+        --warmup 3 --repeats 10 --budget-s 330 \
+        --step check:eager,cudagraph \
+        --step time:bfloat16:cudagraph:1,64,256,1024 \
+        --step time:bfloat16:eager:1,64,256,1024 \
+        --step time:bfloat16:regional-cudagraph:1,64,256,1024 \
+        --step time:bfloat16:cudagraph:1,64,256,1024:reference \
+        --step check:regional \
+        --step time:float32:cudagraph:1,64,256 \
+        --out "$out_dir/throughput_gpu.json"
+    echo "exit status $?"
+    "$python" benchmarks/throughput.py --summarize "$out_dir/throughput_gpu.json"
+} 2>&1 | tee "$out_dir/throughput_gpu.log"
