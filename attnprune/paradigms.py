@@ -8,11 +8,17 @@ transforms.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import socket
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import timm
 import torch
 from safetensors import safe_open
@@ -263,7 +269,8 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
     if path.is_dir():
         raise IsADirectoryError(f"model {str(spec)!r} is a directory; expected a weights file, checkpoint or hub name")
     try:
-        model = timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
+        with _offline_unless_hub_reachable():
+            model = timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(f"{spec!r} is neither a file nor a timm model name") from err
@@ -274,6 +281,33 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
         raise _offline_error(spec, err) from err
     check_finite(model.state_dict(), f"timm weights {str(spec)!r}")
     return model
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds (asked once per
+    process). Without one, the hub client would retry each file for about a minute before failing."""
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable() -> Iterator[None]:
+    """Hub offline mode (``HF_HUB_OFFLINE``: the local cache only, no retries) while the hub cannot be reached."""
+    constants = huggingface_hub.constants
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def _offline_error(spec: str | Path, err: Exception) -> OSError:

@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -561,6 +562,54 @@ def test_command_line_exits_2_with_one_line(files, build, text):
     assert "Traceback" not in result.stderr
     for out in ("out-analyze", "out-search", "out-evaluate", "out-train"):
         assert not (files["root"] / out).exists(), out
+
+
+# ------------------------------------------------------------------------------------- a hub name offline
+def _unreachable_hub(tmp_path) -> dict[str, str]:
+    """The environment of a machine without the hub: an endpoint nothing listens on, an empty cache."""
+    return {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+
+
+def test_a_hub_name_offline_fails_at_once(tmp_path, monkeypatch):
+    """No minute of retries: the hub is probed once, then the local cache alone is asked (issue 15)."""
+    from huggingface_hub import constants
+
+    from attnprune.cli_errors import HubUnavailableError
+    from attnprune.paradigms import hub_reachable
+
+    env = _unreachable_hub(tmp_path)
+    monkeypatch.setattr(constants, "ENDPOINT", env["HF_ENDPOINT"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_reachable.cache_clear()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(HubUnavailableError, match="deit_tiny_patch16_224"):
+            load_model("deit_tiny_patch16_224")
+        assert time.perf_counter() - start < 10
+        assert constants.HF_HUB_OFFLINE is False  # offline mode only for the call
+    finally:
+        hub_reachable.cache_clear()
+
+
+def test_a_hub_name_offline_fails_at_once_on_the_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ATTNPRUNE_DEBUG", "HF_"))}
+    env.update(_unreachable_hub(tmp_path), PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "quickstart.py"), "--model", "deit_tiny_patch16_224"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - start
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "deit_tiny_patch16_224" in lines[0] and "Offline, pass a local file" in lines[0], lines
+    assert "Retrying" not in result.stderr
+    assert seconds < 60  # the process start and imports; the hub's retries took 46-68 s on their own
 
 
 # ------------------------------------------------------------------------------------- outputs only on success
