@@ -343,3 +343,47 @@ def test_mixup_cutmix_train_on_soft_targets(datamodule):
     assert (soft > 0).sum() > 8  # labels were mixed and smoothed, not one-hot
     trainer(max_epochs=1).fit(module, fixed_batch(images, labels, 2))
     assert torch.isfinite(module.compute_loss(mixed, soft))
+
+
+def test_last_checkpoint_holds_the_last_epoch_when_the_metric_does_not_improve(folder, tmp_path):
+    """Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint is saved; train.py's checkpoint callback
+    rewrites it every epoch, so resuming never goes back. With lr 0, val/top1 cannot improve after epoch 0."""
+    from attnprune.cli_errors import lightning_parser_kwargs
+    from attnprune.lit.cli import AttnpruneCLI
+
+    weights = save_model(
+        PrunedClassifier(**TINY_CLASSIFIER).model,
+        tmp_path / "tiny.safetensors",
+        "vit_tiny_patch16_224",
+        model_kwargs=TINY_CLASSIFIER["model_kwargs"],
+    )
+    checkpoints = tmp_path / "checkpoints"
+    args = {
+        "model.class_path": "attnprune.lit.modules.PrunedClassifier",
+        "model.init_args.model": "auto",
+        "model.init_args.checkpoint": str(weights),
+        "model.init_args.lr": "0.0",
+        "data.class_path": "attnprune.lit.data.ImageFolderDataModule",
+        "data.init_args.root": str(folder),
+        "data.init_args.cache_dir": str(tmp_path / "hf"),
+        "data.init_args.batch_size": "8",
+        "trainer.accelerator": "cpu",
+        "trainer.logger": "false",
+        "trainer.max_epochs": "2",
+        "trainer.enable_progress_bar": "false",
+        "trainer.default_root_dir": str(tmp_path),
+        "checkpoint.dirpath": str(checkpoints),
+        "checkpoint.monitor": "val/top1",
+        "checkpoint.mode": "max",
+        "checkpoint.filename": "best",
+    }
+    cli = AttnpruneCLI(
+        args=["fit", *[item for key, value in args.items() for item in (f"--{key}", value)]],
+        parser_kwargs=lightning_parser_kwargs(),
+    )
+    steps_per_epoch = cli.trainer.global_step // 2
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == 0 and best["global_step"] == steps_per_epoch  # the metric did not improve in epoch 1
+    assert last["epoch"] == 1 and last["global_step"] == 2 * steps_per_epoch
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]

@@ -26,6 +26,7 @@ from attnprune.routing import Routing
 
 __all__ = [
     "AttnpruneCLI",
+    "LastEpochCheckpoint",
     "RunConfigCallback",
     "discard_failed_run",
     "existing_folders",
@@ -162,6 +163,36 @@ class RunConfigCallback(SaveConfigCallback):
         self.saved_path = path
 
 
+class LastEpochCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) holds the latest epoch.
+
+    Since Lightning 2.6, ``last.ckpt`` is rewritten only when a top-k checkpoint is saved, that is when the
+    monitored metric improves, so resuming from it can go back several epochs. Here it is also written at every
+    epoch end where no top-k checkpoint was (at the end of validation, or of the training epoch when validation does
+    not run every epoch, as Lightning decides where to save). ``save_last='link'`` keeps Lightning's behaviour.
+    """
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_stale(trainer)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_saved_at = (trainer.current_epoch, trainer.global_step)
+
+    def _save_last_if_stale(self, trainer: L.Trainer) -> None:
+        if self.save_last is not True or self._should_skip_saving_checkpoint(trainer):
+            return
+        if getattr(self, "_last_saved_at", None) != (trainer.current_epoch, trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class LoggedLearningRateMonitor(LearningRateMonitor):
     """Lightning's ``LearningRateMonitor``, idle without a logger (``--trainer.logger false``) instead of failing
     the run: there is nothing to log the learning rate to."""
@@ -277,7 +308,7 @@ class AttnpruneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming) and a learning-rate monitor."""
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastEpochCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(LoggedLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
