@@ -137,7 +137,7 @@ def merge(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, metric
     first_b = num_prefix + kept_a.shape[1]  # output position of B token ``prefix_b``
     target = (destinations - prefix_b + first_b)[..., None].expand(-1, -1, xs.shape[-1])
     out = out.scatter_add_(1, target, _gather(xs, sources * 2))
-    merged_size = out[..., width : width + 1]
+    merged_size = out[..., width : width + 1].contiguous()  # the layout of the reference's sizes
     return out[..., :width] / merged_size, merged_size
 
 

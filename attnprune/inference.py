@@ -110,12 +110,18 @@ class InferenceModel(nn.Module):
         plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
         size = None
         for i, block in enumerate(model.blocks):
-            _mark_tokens_dynamic(x, size)
             plan = plans.get(i)
+            if plan is not None and size is None and plan.rule.reduce in ("fuse", "merge"):
+                # sizes of one (a zero attention bias) instead of None: the first averaging block then runs the same
+                # compiled graph as the later ones
+                size = x.new_ones(x.shape[0], x.shape[1], 1)
+            _mark_tokens_dynamic(x, size)
             if plan is None and (size is None or not routing.prop_attn):
                 x = compiled["block"](block, x)
             else:
-                x, size, _ = compiled["pruned"](block, x, size, plan, routing, num_prefix, i)
+                # the layer index only seeds the random scorer: a constant elsewhere lets every block share a graph
+                layer = i if plan is not None and plan.rule.score == "random" else 0
+                x, size, _ = compiled["pruned"](block, x, size, plan, routing, num_prefix, layer)
         return compiled["tail"](model, x, size)
 
     def clear_graphs(self) -> None:

@@ -265,7 +265,8 @@ def pruned_block_forward(
     bias = size.log().to(x.dtype).view(len(x), 1, 1, tokens) if size is not None and routing.prop_attn else None
     scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
     x, q, k, probs = attend(block, x, bias, need_probs=scorer is not None and scorer.needs_attention)
-    if plan is not None and plan.n_out != plan.n_in:
+    n_out = _tokens_out(plan, tokens, num_prefix)
+    if n_out is not None:
         ctx = ScoreContext(q, k, block.attn.scale, num_prefix, bias, probs, layer, routing.seed)
         scores = scorer(x, ctx) if scorer is not None else None
         metric = ctx.key_metric if plan.rule.reduce == "merge" else None
@@ -273,7 +274,18 @@ def pruned_block_forward(
         if source is not None:  # every reducer gathers, sums or averages: membership survives the same operations
             x = torch.cat([x, source], dim=-1)
         reducer = fused.reducer_for(plan.rule.reduce, x.device)
-        x, size = reducer(x, size, plan.n_out, num_prefix, scores=scores, metric=metric)
+        x, size = reducer(x, size, n_out, num_prefix, scores=scores, metric=metric)
         if source is not None:
             x, source = x[..., :width], x[..., width:]
     return feed_forward(block, x), size, source
+
+
+def _tokens_out(plan: LayerPlan | None, tokens: int, num_prefix: int) -> int | None:
+    """Non-prefix tokens leaving a block (None when it removes none). A merge given by ``r`` counts them from the
+    tokens present, ``tokens - num_prefix - r``, rather than reading the plan: under ``torch.compile`` one graph then
+    serves every block merging the same ``r`` (all of ToMe's), see :mod:`attnprune.inference`."""
+    if plan is None:
+        return None
+    if plan.rule.reduce == "merge" and plan.rule.r is not None:
+        return tokens - num_prefix - plan.rule.r if plan.rule.r > 0 else None
+    return plan.n_out if plan.n_out != plan.n_in else None

@@ -5,8 +5,9 @@
 #   1. float32 logits of the eager (lean reducers) and CUDA-graph paths against the eager PyTorch reference;
 #   2. bfloat16, batches 1, 64, 256, 1024: CUDA graph, eager, then regional torch.compile + CUDA graph (compiles);
 #   3. bfloat16 CUDA graph with the reference reducers (does the lean path pay?);
-#   4. float32 logits of the compiled path against the reference;
-#   5. float32, CUDA graph, batches 1, 64, 256.
+#   4. compile time of every routing from a cold cache (regional compile + CUDA graph, bf16, batch 64);
+#   5. float32 logits of the compiled path against the reference;
+#   6. float32, CUDA graph, batches 1, 64, 256.
 # A step is started only while under --budget-s (330 s), so the run ends in about 6 minutes even when compilation is
 # slow; the JSON is rewritten after every step, and a failing step is recorded under "errors" without stopping the run.
 #
@@ -38,6 +39,7 @@ python=${PYTHON:-python3}
         --step time:bfloat16:eager:1,64,256,1024 \
         --step time:bfloat16:regional-cudagraph:1,64,256,1024 \
         --step time:bfloat16:cudagraph:1,64,256,1024:reference \
+        --step compile:regional-cudagraph:64:bfloat16 \
         --step check:regional \
         --step time:float32:cudagraph:1,64,256 \
         --out "$out_dir/throughput_gpu.json"
