@@ -31,12 +31,13 @@ MODES = ("eager", "cudagraph", "regional", "regional-cudagraph", "full")
 RECOMPILE_LIMIT = 64
 
 
-def compile(model: nn.Module, mode: str = "regional-cudagraph", **compile_kwargs) -> InferenceModel:  # noqa: A001
+def compile(model: nn.Module, mode: str | None = None, **compile_kwargs) -> InferenceModel:  # noqa: A001
     """Wrap a timm ViT, pruned by :func:`attnprune.prune` or not, for fast inference.
 
     Args:
         model: the model (its routing, if any, is read at every call, so prune before or after alike).
-        mode: one of :data:`MODES`.
+        mode: one of :data:`MODES`; by default ``regional-cudagraph`` for a model on a CUDA device, else
+            ``regional``.
         compile_kwargs: passed to ``torch.compile`` (``regional``, ``regional-cudagraph``, ``full``), for example
             ``options`` or ``backend``.
 
@@ -47,6 +48,8 @@ def compile(model: nn.Module, mode: str = "regional-cudagraph", **compile_kwargs
         ValueError: an unknown mode.
         RuntimeError: a CUDA-graph mode without CUDA or with a model that is not on a CUDA device.
     """
+    if mode is None:
+        mode = "regional-cudagraph" if next(model.parameters()).device.type == "cuda" else "regional"
     if mode not in MODES:
         raise ValueError(f"attnprune.compile: mode must be one of {MODES}, got {mode!r}")
     if mode.endswith("cudagraph"):

@@ -51,6 +51,10 @@ def test_cuda_graph_replay_refuses_cpu_inputs(small_images):
         model(small_images)
 
 
+def test_default_mode_off_cuda_is_regional():
+    assert attnprune.compile(tiny_vit(**SMALL), backend="eager").mode == "regional"
+
+
 def test_eager_mode_is_the_model(small_images):
     model = prune(tiny_vit(**SMALL), Routing.tome(2, 4))
     with torch.no_grad():
@@ -107,8 +111,11 @@ def test_wrapper_shares_the_models_parameters_and_state_dict():
 
 @pytest.mark.skipif(not os.environ.get("ATTNPRUNE_INDUCTOR_TESTS"), reason="Inductor on this CPU takes minutes")
 @pytest.mark.parametrize("mode", [m for m in MODES if "cudagraph" not in m and m != "eager"])
-def test_inductor_equals_eager(mode, small_images):
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_inductor_equals_eager(mode, impl, small_images):
     model = prune(tiny_vit(depth=2, **SMALL), Routing.tome(2, 2))
     with torch.no_grad():
         expected = model(small_images)
-    torch.testing.assert_close(attnprune.compile(model, mode)(small_images), expected, rtol=1e-5, atol=1e-5)
+    with fused.use_impl(impl):
+        got = attnprune.compile(model, mode)(small_images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
