@@ -104,11 +104,16 @@ def test_steps_parse_in_order_and_refuse_bad_specs():
 def test_compile_times_and_a_failing_step_is_recorded_not_fatal(tmp_path, capsys):
     out = tmp_path / "run.json"
     # a CUDA-graph step on the CPU fails at its first call: recorded, and the next step still runs
-    steps = ["--step=time:float32:cudagraph:1", "--step=compile:full:2:float32"]
+    steps = ["--step=check:cudagraph,eager", "--step=time:float32:cudagraph:1", "--step=compile:full:2:float32"]
     throughput.main(["--smoke", "--backend", "eager", *steps, "--out", str(out)])
     result = json.loads(out.read_text())
     assert len(result["errors"]) == 1 and "CUDA" in result["errors"][0]["error"] and not result["rows"]
+    checks = {(c["routing"], c["mode"]): c for c in result["checks"]}
+    assert len(checks) == 8 and all(c["ok"] == (mode == "eager") for (_, mode), c in checks.items())
+    assert "CUDA" in checks[("tome", "cudagraph")]["error"]
     assert [r["routing"] for r in result["compile"]] == list(throughput.ROUTINGS)
     assert all(r["compile_s"] > 0 and r["mode"] == "full" for r in result["compile"])
     table = throughput.summarize({**result, "rows": []})
-    assert "| tiny | float32 | full | 2 | tome |" in table and "WARNING: 1 steps failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| tiny | float32 | full | 2 | tome |" in table and "WARNING: 1 steps failed" in printed
+    assert "WARNING: some outputs differ" in printed
