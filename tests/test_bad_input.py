@@ -322,7 +322,8 @@ def _module(files, checkpoint: str, folder: str = "data") -> list[str]:
 def _evaluate(files, *extra, checkpoint: str | None = None, folder: str = "data"):
     out = files["root"] / "out-evaluate"
     args = _module(files, checkpoint or str(files["tiny.safetensors"]), folder)
-    return "evaluate", [*args, "--output_dir", str(out), *extra]
+    # the run's own folder (a saved config, logs) is out-evaluate too, so the table sees anything a failure leaves
+    return "evaluate", [*args, "--output_dir", str(out), "--trainer.default_root_dir", str(out), *extra]
 
 
 def _train(files, *extra, checkpoint: str | None = None, folder: str = "data"):
