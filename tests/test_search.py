@@ -24,6 +24,7 @@ from attnprune.search import (
 )
 from attnprune.search import state as search_state
 from attnprune.search.beam import consider, fill_budget
+from attnprune.search.space import cheapest_flops, completion
 from tests.conftest import tiny_vit
 
 SMALL = SearchSpace(
@@ -193,6 +194,21 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
         search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
     with pytest.raises(ValueError, match=rf"state_path {tmp_path} is a directory"):
         search_routing(model, data, 0.7, space=SMALL, state_path=tmp_path, progress=False)
+
+
+def test_completion_caps_each_merge_at_what_bipartite_matching_allows(model):
+    """64 tokens, ToMe in blocks 0-2: the tightest completion merges 32, 16 and 8 (half of what reaches each block),
+    the cheapest routing of a merge-only space; a uniform r cannot get there without an invalid r (32 in block 1).
+    After a fixed drop to 45 tokens in block 0, blocks 1-2 merge at most 22 and 11; nothing meets 0 FLOPs."""
+    merge_only = SearchSpace(reducers=("merge",), layers=(0, 1, 2))
+    tightest = completion(model, [], [0, 1, 2], cheapest_flops(model, merge_only))
+    assert [(rule.layer, rule.r) for rule in tightest.rules] == [(0, 32), (1, 16), (2, 8)]
+    assert count_flops(model, tightest) == cheapest_flops(model, merge_only)
+    drop = {"layer": 0, "score": "l2_norm", "keep": 0.7, "reduce": "drop"}
+    assert completion(model, [drop], [1, 2], 0) is None
+    cheapest = Routing((drop, {"layer": 1, "r": 22, "reduce": "merge"}, {"layer": 2, "r": 11, "reduce": "merge"}))
+    capped = completion(model, [drop], [1, 2], count_flops(model, cheapest))
+    assert capped == Routing(cheapest.rules, name="searched")
 
 
 def test_infeasible_budget_names_the_cheapest_flops(model, data):

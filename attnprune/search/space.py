@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,27 +83,27 @@ def completion(model: VisionTransformer, fixed: list[dict], free: list[int], tar
     (``[r + 1] * m + [r] * (len(free) - m)``), so the completion spends the budget as closely as ToMe itself can.
     """
 
+    depth, tokens = len(model.blocks), num_patch_tokens(model)
+
     def merged(step: int) -> Routing:  # step = r * len(free) + m
         r, extra = divmod(step, len(free)) if free else (0, 0)
         schedule = [r + 1] * extra + [r] * (len(free) - extra)
-        merges = [{"layer": layer, "r": n, "reduce": "merge"} for layer, n in zip(free, schedule, strict=True) if n]
+        merges: list[dict] = []
+        for layer, n in sorted(zip(free, schedule, strict=True)):
+            # as the official ToMe does, a layer merges at most what bipartite matching allows (stated, not clipped)
+            reaching = Routing(tuple(fixed + merges)).token_counts(depth, tokens)[layer]
+            if min(n, max_merge(reaching)):
+                merges.append({"layer": layer, "r": min(n, max_merge(reaching)), "reduce": "merge"})
         return Routing(tuple(fixed + merges), name="searched")
 
-    def flops(step: int) -> float:
-        try:
-            return count_flops(model, merged(step))
-        except ValueError:  # more tokens merged than are left
-            return math.inf
+    def flops(step: int) -> int:
+        return count_flops(model, merged(step))
 
-    # More merging means fewer FLOPs until the tokens run out (then the routing is invalid): bisect twice.
-    low, high = 0, num_patch_tokens(model) // 2 * len(free)
-    while low < high:  # the last valid step
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if flops(mid) < math.inf else (low, mid - 1)
+    low = tokens // 2 * len(free)  # the most merging: every free layer merges all it can
     if flops(low) > target:
         return None
     first = 0
-    while first < low:  # the first step within budget
+    while first < low:  # more merging, fewer FLOPs: bisect for the first step within budget
         mid = (first + low) // 2
         first, low = (first, mid) if flops(mid) <= target else (mid + 1, low)
     return merged(first)
