@@ -25,6 +25,7 @@ from attnprune.lit.cli import parse_routing
 from attnprune.lit.data import ImageDataModule, ImageFolderDataModule, check_input_size
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.paradigms import METADATA_KEY, check_finite, check_finite_outputs
+from attnprune.search import search_routing
 from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,6 +191,12 @@ API_CASES = [
     ("load-pth-no-arch", lambda f: load_model(f["garbage.pth"]), ValueError, "garbage.pth"),
     ("load-unknown-name", lambda f: load_model("not_a_model_xyz"), ValueError, "not_a_model_xyz"),
     ("load-unknown-tag", lambda f: load_model("deit_tiny_patch16_224.nope"), ValueError, "nope"),
+    (
+        "search-routing-logits-overflow",
+        lambda f: search_routing(load_model(f["overflow.safetensors"]), [torch.zeros(2, 3, 16, 16)], 0.6),
+        ValueError,
+        "the searched model: the model's outputs on validation batch 0 hold",
+    ),
     (
         "check-finite-outputs",
         lambda f: check_finite_outputs(torch.tensor([[1.0, math.inf]]), "m.bin"),

@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
+from attnprune.paradigms import check_finite_outputs
 from attnprune.routing import Routing
 from attnprune.search.objective import LOSSES, fidelity_metric, top1_error
 from attnprune.vit import embed, head, run_blocks
@@ -40,6 +41,8 @@ class Evaluator:
                 head(model, model.norm(run_blocks(model, x, None, Routing(), {}, 0, depth)[0]), None)
                 for x in self.inputs
             ]
+        for index, reference in enumerate(self.reference):  # a search ranking NaN losses would return garbage
+            check_finite_outputs(reference, "the searched model", f"validation batch {index}")
         self.block_passes = depth  # blocks run over the whole validation set (the reference pass included)
         self.candidates = 0
 
