@@ -309,10 +309,29 @@ def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better
         decisions[confidence] = check["returned"]
     assert decisions == {0.95: "searched", 1 - 1e-12: best}  # the data make the two levels disagree
     assert "with 100% confidence" in check["note"] and f"so {best} is returned" in check["note"]
+    assert check["note"].endswith("the routing found is in searched_routing") and check["confidence"] == 1 - 1e-12
+    default = check_against_baselines(model, held_out, Routing(), target)[1]  # 95% by default
+    assert default["confidence"] == 0.95 and default["returned"] == "searched" and "note" not in default
     same, tie = check_against_baselines(model, held_out, baselines["tome"], target, 0.5)
     assert tie["paired"]["tome"]["upper_bound"] == 0 and tie["returned"] != "searched"
     with pytest.raises(ValueError, match="search confidence must be in \\[0.5, 1\\), got 1"):
         check_against_baselines(model, held_out, Routing(), target, 1)
+
+
+def test_check_on_one_or_two_images_and_without_baselines(model, data):
+    """One held-out image says nothing of the spread (infinite standard error: a baseline is returned); two give
+    the usual bound; a budget no baseline meets leaves the routing found unchallenged."""
+    target = 0.6 * count_flops(model, Routing())
+    one = Evaluator(model, [(data[0][0][:1], data[0][1][:1])], "kl")
+    _, check = check_against_baselines(model, one, Routing(), target, 0.5)
+    assert check["paired"]["tome"]["standard_error"] == math.inf and check["returned"] != "searched"
+    two = Evaluator(model, [(data[0][0][:2], data[0][1][:2])], "kl")
+    _, check = check_against_baselines(model, two, Routing(), target, 0.5)  # z = 0: the mean difference decides
+    kl = torch.tensor([check["paired"][m]["difference"] for m in check["paired"]])
+    assert check["returned"] == "searched" and (kl < 0).all()
+    assert all(0 < p["standard_error"] < math.inf for p in check["paired"].values())
+    routing, check = check_against_baselines(model, two, Routing(), 1.0, 0.95)  # 1 FLOP: no baseline fits
+    assert routing == Routing() and check["returned"] == "searched" and check["paired"] == {}
 
 
 def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):
