@@ -4,6 +4,7 @@ the held-out check, resumable, clear errors."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 
@@ -209,6 +210,66 @@ def test_completion_caps_each_merge_at_what_bipartite_matching_allows(model):
     cheapest = Routing((drop, {"layer": 1, "r": 22, "reduce": "merge"}, {"layer": 2, "r": 11, "reduce": "merge"}))
     capped = completion(model, [drop], [1, 2], count_flops(model, cheapest))
     assert capped == Routing(cheapest.rules, name="searched")
+
+
+def test_a_beam_wider_than_the_space_finds_the_exhaustive_best(model, data, tmp_path):
+    """With the beam and the finalists wider than every layer's candidates, the beam keeps every partial routing:
+    it ends holding every full combination within budget, and before the budget fill it must return the lowest loss
+    over those and every completed partial routing, enumerated here by hand (3 layers, 4 rules each: none, a merge,
+    two drops)."""
+    space = SearchSpace(scorers=("l2_norm",), reducers=("drop", "merge"), keeps=(0.6, 0.8), merge_keeps=(0.7,))
+    target = 0.7 * count_flops(model, Routing())
+    evaluator = Evaluator(model, data, "kl")
+    layers = space.pruning_layers(len(model.blocks))
+    assert layers == [0, 1, 2]
+    losses, prefixes = [], [[]]
+    for step, layer in enumerate(layers):
+        grown = []
+        for fixed in prefixes:
+            for rule in space.candidates(layer, True):
+                rules = fixed + ([rule] if rule is not None else [])
+                routing = completion(model, rules, layers[step + 1 :], target)
+                if routing is not None:
+                    losses.append(evaluator.measure(evaluator.initial(), routing, 0)["loss"])
+                    grown.append(rules)
+        prefixes = grown
+    path = tmp_path / "state.json"
+    result = search_routing(
+        model,
+        data,
+        0.7,
+        space=space,
+        holdout=0,
+        state_path=path,
+        beam_width=100,
+        finalists=100,
+        screen_images=5,
+        progress=False,
+    )
+    kept = json.loads(path.read_text())["beam"]
+    assert sorted(map(json.dumps, kept)) == sorted(map(json.dumps, prefixes)) and len(prefixes) > 20
+    assert result.report["before_fill"]["val_loss"] == pytest.approx(min(losses), rel=1e-6)
+    assert result.report["val_loss"] <= min(losses)  # the fill only ever lowers it
+
+
+def test_screening_on_fewer_images_costs_fewer_block_passes(model, data):
+    """Every candidate is screened on the first ``screen_images`` images only: screening on 5 of the 24 runs fewer
+    blocks than screening on all of them (which confirms nothing new)."""
+    passes = {
+        images: search_routing(
+            model, data, 0.7, space=SMALL, holdout=0, screen_images=images, finalists=2, progress=False
+        ).report["block_passes"]
+        for images in (5, 24)
+    }
+    assert passes[5] < 0.6 * passes[24]
+
+
+def test_progress_bar_counts_the_layers_and_stays_silent_when_off(model, data, capsys):
+    search_routing(model, data, 0.7, space=SMALL, holdout=0, progress=False)
+    assert "routing search" not in capsys.readouterr().err
+    search_routing(model, data, 0.7, space=SMALL, holdout=0, progress=True)
+    err = capsys.readouterr().err
+    assert "routing search (beam)" in err and "3/3" in err
 
 
 def test_infeasible_budget_names_the_cheapest_flops(model, data):
