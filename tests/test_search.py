@@ -24,7 +24,7 @@ from attnprune.search import (
     split_holdout,
 )
 from attnprune.search import state as search_state
-from attnprune.search.beam import consider, fill_budget
+from attnprune.search.beam import _screen_layer, consider, fill_budget
 from attnprune.search.space import cheapest_flops, completion
 from tests.conftest import tiny_vit
 
@@ -180,6 +180,8 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     assert resumed.routing == full.routing and resumed.report["val_kl"] == full.report["val_kl"]
     assert resumed.report["check"] == full.report["check"]
     assert resumed.report["candidates_evaluated"] == full.report["candidates_evaluated"]
+    again = search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)  # finished: no new work
+    assert again.report["candidates_evaluated"] == full.report["candidates_evaluated"] and again.routing == full.routing
     with pytest.raises(ValueError, match="belongs to another search"):
         search_routing(model, data, 0.6, space=SMALL, state_path=state, progress=False)
     retrained_head = copy.deepcopy(model)  # same backbone, another classifier: the saved state no longer applies
@@ -262,6 +264,28 @@ def test_screening_on_fewer_images_costs_fewer_block_passes(model, data):
         for images in (5, 24)
     }
     assert passes[5] < 0.6 * passes[24]
+
+
+def test_scorers_are_shortlisted_by_one_probe_each(model, data):
+    """With ``shortlist=1`` of three scorers, a layer screens one drop per scorer at the median keep, then every keep
+    and reducer of the best-probed scorer only; each screened loss is the objective on the first 5 images."""
+    space = SearchSpace(scorers=("l2_norm", "std", "cls_attention"), keeps=(0.6, 0.7, 0.8), shortlist=1)
+    evaluator = Evaluator(model, data, "kl")
+    target = 0.7 * count_flops(model, Routing())
+    screened = _screen_layer(model, evaluator, space, target, [], (evaluator.initial(), 0), 0, [1, 2], 5)
+    probes = [{"layer": 0, "score": s, "keep": 0.7, "reduce": "drop"} for s in ("l2_norm", "std", "cls_attention")]
+    probe_loss = {}
+    for rule in probes:
+        routing = completion(model, [rule], [1, 2], target)
+        probe_loss[rule["score"]] = evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"]
+    best = min(probe_loss, key=probe_loss.get)
+    expected = [[p] for p in probes] + [
+        [rule] if rule is not None else [] for rule in space.candidates(0, True, [best]) if rule not in probes
+    ]
+    assert [rules for _, rules, _ in screened] == expected
+    for loss, rules, routing in screened:
+        assert routing == completion(model, rules, [1, 2], target)
+        assert loss == pytest.approx(evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"], rel=1e-6)
 
 
 def test_progress_bar_counts_the_layers_and_stays_silent_when_off(model, data, capsys):
