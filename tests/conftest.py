@@ -14,8 +14,13 @@ import pytest
 import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
 
 from attnprune import REDUCERS, SCORERS, Routing
+
+# no tqdm monitor thread: mutmut forks a process per mutant, and a fork taken while that thread holds tqdm's lock
+# leaves the child waiting on it forever
+tqdm.monitor_interval = 0
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 
