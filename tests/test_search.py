@@ -139,6 +139,43 @@ def test_fill_spends_the_budget_left_without_raising_the_loss(model, data):
     assert result.report["flops_ratio"] >= before["flops_ratio"] and result.report["val_loss"] <= before["val_loss"]
 
 
+def test_fill_follows_the_cheapest_screened_move_until_the_loss_would_rise(model, data):
+    """Three drops at keep 0.5; each step makes one rule milder (0.5 -> 0.7 -> 0.9 -> removed), among the moves within
+    budget takes the lowest loss on the first 5 images (ties to more FLOPs, then the earlier rule), and keeps it
+    while the loss on all 24 images does not rise. The budget is exactly the FLOPs of one reachable routing, which
+    must count as within it. The steps are replayed here by hand."""
+    evaluator, space = Evaluator(model, data, "kl"), SearchSpace(keeps=(0.5, 0.7, 0.9))
+    rules = [{"layer": layer, "score": "l2_norm", "keep": 0.5, "reduce": "drop"} for layer in (0, 1, 2)]
+    start = Routing.from_dict({"rules": rules})
+    edge = Routing.from_dict({"rules": [{**rules[0], "keep": 0.7}, rules[1], {**rules[2], "keep": 0.9}]})
+    target = count_flops(model, edge)
+
+    def loss(routing: Routing, images: int | None = None) -> float:
+        return evaluator.measure(evaluator.initial(), routing, 0, images)["loss"]
+
+    best, best_loss, steps = start, loss(start), 0
+    while True:
+        moves = []
+        for index, rule in enumerate(best.rules):
+            changed = [r.to_dict() for r in best.rules]
+            keeps = [k for k in space.keeps if k > rule.keep]
+            changed[index : index + 1] = [{**changed[index], "keep": min(keeps)}] if keeps else []
+            routing = Routing.from_dict({"rules": changed})
+            if count_flops(model, routing) <= target:
+                moves.append((loss(routing, 5), -count_flops(model, routing), index, routing))
+        if not moves:
+            break
+        chosen = min(moves, key=lambda move: move[:3])[3]
+        if loss(chosen) > best_loss:
+            break
+        best, best_loss, steps = chosen, loss(chosen), steps + 1
+    assert steps >= 2  # the replay takes several moves, so the order of the moves matters
+    state = {"best": {"routing": start.to_dict(), "metrics": {"loss": loss(start)}}}
+    fill_budget(model, evaluator, space, target, state, screen_images=5)
+    assert Routing.from_dict(state["best"]["routing"]) == best
+    assert state["best"]["metrics"]["loss"] == pytest.approx(best_loss, rel=1e-6)
+
+
 def test_prefix_caching_gives_the_same_measurement(model, data):
     evaluator = Evaluator(model, data, "kl")
     routing = Routing.from_dict(
