@@ -324,6 +324,9 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
     for loss, rules, routing in screened:
         assert routing == completion(model, rules, [1, 2], target)
         assert loss == pytest.approx(evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"], rel=1e-6)
+    unlisted = _screen_layer(model, evaluator, SMALL, target, [], (evaluator.initial(), 0), 0, [1, 2], 5)
+    expected = [[rule] if rule is not None else [] for rule in SMALL.candidates(0, True)]  # no shortlist: all
+    assert [rules for _, rules, _ in unlisted] == expected and any("cls_attention" in str(r) for r in expected)
 
 
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="a progress bar hangs mutmut's forked test runs")
