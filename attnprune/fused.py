@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnprune import reduction
-from attnprune.reduction import Reducer, bipartite_match
+from attnprune.reduction import Reducer, bipartite_match, prefix_split
 
 __all__ = [
     "FUSED_REDUCERS",
@@ -123,7 +123,7 @@ def merge(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, metric
     """:func:`attnprune.reduction.merge` with tokens and sizes merged together: one scatter instead of two."""
     batch, tokens, width = x.shape
     r = tokens - num_prefix - n_out
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    prefix_a, prefix_b = prefix_split(num_prefix)
     unmerged, sources, destinations = bipartite_match(metric, r, num_prefix)
     # size as an extra channel, padded so that rows stay 16-byte aligned for vectorised gathers
     pad = -(width + 1) % 8

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["REDUCERS", "drop", "fuse", "merge", "bipartite_match", "bipartite_merge_plan"]
+__all__ = ["REDUCERS", "drop", "fuse", "merge", "prefix_split", "bipartite_match", "bipartite_merge_plan"]
 
 Reducer = Callable[..., tuple[Tensor, Tensor | None]]
 
@@ -56,6 +56,11 @@ def fuse(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, scores:
     return x, size
 
 
+def prefix_split(num_prefix: int) -> tuple[int, int]:
+    """Prefix tokens in ToMe's set A (even positions) and set B (odd positions)."""
+    return (num_prefix + 1) // 2, num_prefix // 2
+
+
 def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's matching (see :func:`bipartite_merge_plan`), as indices into set A (even positions) and B (odd).
 
@@ -63,7 +68,7 @@ def bipartite_match(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Te
         ``unmerged`` ``[B, N_A - r]`` A indices kept, in index order; ``sources`` ``[B, r]`` A indices merged away;
         ``destinations`` ``[B, r]`` the B index each source is summed into.
     """
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    prefix_a, prefix_b = prefix_split(num_prefix)
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         # bmm, not @: under torch.compile, matmul's decomposition guards on the parity of the token count, which
@@ -97,7 +102,7 @@ def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[T
         ``merge(x) -> x'`` mapping ``[B, T, C]`` to ``[B, T - r, C]`` by summation (divide by merged sizes for
         averages).
     """
-    prefix_a, prefix_b = (num_prefix + 1) // 2, num_prefix // 2
+    prefix_a, prefix_b = prefix_split(num_prefix)
     unmerged, sources, destinations = bipartite_match(metric, r, num_prefix)
 
     def merge_sum(x: Tensor) -> Tensor:
