@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import time
 
 import pytest
 import torch
@@ -333,17 +334,34 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
 def test_progress_bar_counts_the_layers_and_stays_silent_when_off(model, data, capsys):
     search_routing(model, data, 0.7, space=SMALL, holdout=0, progress=False)
     assert "routing search" not in capsys.readouterr().err
-    search_routing(model, data, 0.7, space=SMALL, holdout=0, progress=True)
+    search_routing(model, data, 0.7, space=SMALL, holdout=0)  # on by default
     err = capsys.readouterr().err
     assert "routing search (beam)" in err and "3/3" in err
 
 
+def test_a_default_search_uses_the_documented_settings(model, data, tmp_path):
+    """A search state resumes only under the very settings that made it: the finished default search reruns, with no
+    new work, when its settings are spelled out as documented (beam width 2, screening on 256 images, 4 finalists,
+    30% held out, checked at 95%), and refuses a rerun with any one of them changed."""
+    path = tmp_path / "state.json"
+    first = search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False)
+    assert first.report["check"]["confidence"] == 0.95 and first.report["images"] == round(0.7 * 24)
+    documented = {"beam_width": 2, "screen_images": 256, "finalists": 4, "holdout": 0.3, "objective": "fidelity"}
+    again = search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False, **documented)
+    assert again.routing == first.routing
+    assert again.report["candidates_evaluated"] == first.report["candidates_evaluated"]
+    for setting, value in (("beam_width", 3), ("screen_images", 257), ("finalists", 5)):
+        with pytest.raises(ValueError, match="belongs to another search"):
+            search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False, **{setting: value})
+
+
 def test_infeasible_budget_names_the_cheapest_flops(model, data):
-    with pytest.raises(
-        InfeasibleBudget,
-        match=r"budget 0.05 .* cheapest routing the search space reaches: "
-        r"[0-9.]+ GFLOPs \([0-9.]+% of the unpruned model\)",
-    ):
+    unpruned, cheapest = count_flops(model, Routing()), cheapest_flops(model, SMALL)
+    message = (
+        f"budget 0.05 ({0.05 * unpruned / 1e9:.4g} GFLOPs) is below the cheapest routing the search space reaches: "
+        f"{cheapest / 1e9:.4g} GFLOPs ({cheapest / unpruned:.1%} of the unpruned model)"
+    )
+    with pytest.raises(InfeasibleBudget, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
         search_routing(model, data, 0.05, space=SMALL, progress=False)
 
 
@@ -351,6 +369,9 @@ def test_label_free_picks_a_transition_routing_without_labels(model, data):
     images_only = [images for images, _ in data]
     result = search_routing(model, images_only, 0.7, space=SMALL, strategy="label_free", holdout=0, progress=False)
     assert result.routing.name.startswith("transition-t") and "val_top1" not in result.report
+    depth = result.report["transition_depth"]  # the routing ranks by attention from the transition depth on
+    assert result.routing.name.startswith(f"transition-t{depth}-") and 0 <= depth < len(model.blocks)
+    assert "check" not in result.report  # holdout 0 checks nothing
     assert result.report["candidates_evaluated"] == 1 and result.report["val_kl"] > 0
     with pytest.raises(ValueError, match="unknown search strategy 'greedy'"):
         search_routing(model, data, 0.7, strategy="greedy")
@@ -377,22 +398,39 @@ def test_model_without_class_token_is_checked_against_tome_only(data):
     assert set(matched_baselines(pooled, 0.7 * count_flops(pooled, Routing()))) == {"tome", "random"}
 
 
-def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_worse(model):
+def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_worse(model, tmp_path):
     """A space of random drops of half the tokens in block 0 finds only poor routings; by default the search checks
-    them on held-out images against the baselines by the same KL objective, and returns the best baseline."""
+    them on held-out images against the baselines by the same KL objective, and returns the best baseline. The
+    report counts the check's work and gives the returned baseline's metrics on the searched images."""
     g = torch.Generator().manual_seed(2)
     data = [(torch.randn(10, 3, 32, 32, generator=g), torch.randint(0, 4, (10,), generator=g)) for _ in range(4)]
     poor = SearchSpace(scorers=("random",), reducers=("drop",), keeps=(0.5,), layers=(0,), shortlist=0)
-    budget = 0.6
-    result = search_routing(model, data, budget, space=poor, progress=False)
-    check = result.report["check"]
-    assert result.report["images"] == 28 and check["holdout_images"] == 12 and check["objective"] == "kl"
+    budget, path = 0.6, tmp_path / "state.json"
+    start = time.perf_counter()
+    result = search_routing(model, data, budget, space=poor, confidence=0.9, state_path=path, progress=False)
+    elapsed = time.perf_counter() - start
+    check, report = result.report["check"], result.report
+    assert report["images"] == 28 and check["holdout_images"] == 12 and check["objective"] == "kl"
+    assert check["confidence"] == 0.9 and 0 < report["wall_time_s"] <= elapsed
+    # the search's own work (saved in its state), then the check: a reference pass and one pass per contender over
+    # 12 images, counted in passes over the 28 searched images, and the returned baseline measured on those 28
+    state, depth = json.loads(path.read_text()), len(model.blocks)
+    assert report["candidates_evaluated"] == state["candidates"] + 4 + 1
+    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 5 * 12 / 28 + depth)
+    assert report["full_forward_equivalents"] == pytest.approx(report["block_passes"] / depth)
     assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention"}
     losses = {method: metrics["loss"] for method, metrics in check["holdout"].items()}
     best = min(losses, key=losses.get)
     assert best != "searched" and check["returned"] == best and f"the baseline {best}" in check["note"]
     baselines = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
     assert result.routing == baselines[best]
+    with torch.no_grad():  # the baseline's KL on the first 28 images, the searched ones
+        searched = [data[0][0], data[1][0], data[2][0][:8]]
+        reference = torch.cat([model(x) for x in searched])
+        prune(model, baselines[best])
+        pruned = torch.cat([model(x) for x in searched])
+        unprune(model)
+    assert report["val_kl"] == report["val_loss"] == pytest.approx(kl_divergence(reference, pruned).mean().item())
     found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
     assert found.rules[0].score == "random" and found.rules[0].layer == 0
     held_out = [(data[2][0][8:], data[2][1][8:]), data[3]]  # the last 12 of 40 images
@@ -476,6 +514,7 @@ def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):
     check = result.report["check"]
     assert check["holdout"]["tome"]["top1"] == 1.0 > check["holdout"]["searched"]["top1"]
     assert check["returned"] == "tome" and result.routing == tome and result.report["val_top1"] == 1.0
+    assert result.report["val_loss"] == 0.0  # ToMe's top-1 error on the searched images, the objective here
 
 
 def test_split_holdout_cuts_by_images():
@@ -485,8 +524,18 @@ def test_split_holdout_cuts_by_images():
     assert held_out[0][1].tolist() == [1, 2, 3]
     everything, none = split_holdout(batches, 0)
     assert [y.tolist() for _, y in everything] == [[0, 1, 2, 3]] * 3 and none == []
-    with pytest.raises(ValueError, match=r"holdout 0.01 of 12 validation images leaves 12 to search on and 0"):
-        split_holdout(batches, 0.01)
+    _, one = split_holdout(batches, 1 / 12)  # one image is enough to check on
+    assert [y.tolist() for _, y in one] == [[3]]
+    for holdout, searched_count, held_count in ((0.01, 12, 0), (0.99, 0, 12)):
+        message = (
+            f"holdout {holdout:g} of 12 validation images leaves {searched_count} to search on and {held_count} to "
+            "check on; it must leave at least one image for each"
+        )
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            split_holdout(batches, holdout)
+    for holdout in (1.0, -0.1, float("nan"), "0.3", True):
+        with pytest.raises(ValueError, match=rf"^holdout must be a fraction .* in \[0, 1\), got {holdout!r}$"):
+            split_holdout(batches, holdout)
 
 
 @pytest.mark.parametrize(
@@ -498,7 +547,13 @@ def test_split_holdout_cuts_by_images():
         ({"beam_width": 0}, "search beam_width must be a positive integer, got 0"),
         ({"screen_images": -5}, "search screen_images must be a positive integer, got -5"),
         ({"objective": "accuracy"}, "objective 'accuracy' is not one of fidelity, kl, cosine, top1"),
-        ({"holdout": 1.0}, "holdout 1 of 24 validation images"),
+        ({"budget": "0.5"}, "search budget must be .* got '0.5'"),
+        ({"budget": True}, "search budget must be .* got True"),
+        ({"beam_width": 2.5}, "search beam_width must be a positive integer, got 2.5"),
+        ({"finalists": True}, "^search finalists must be a positive integer, got True$"),
+        ({"confidence": "0.9"}, "^search confidence must be in \\[0.5, 1\\), got '0.9'$"),
+        ({"holdout": 1.0}, "holdout must be a fraction of the validation images in \\[0, 1\\), got 1.0"),
+        ({"strategy": "greedy"}, "^unknown search strategy 'greedy' \\(known: beam, transition, label_free\\)$"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(model, data, kwargs, message):
@@ -509,10 +564,18 @@ def test_bad_settings_are_refused_before_any_work(model, data, kwargs, message):
 
 
 def test_bad_data_is_refused_with_what_is_wrong(model, data):
-    with pytest.raises(ValueError, match="search dataloader yielded no images"):
-        search_routing(model, [], 0.7, space=SMALL, progress=False)
-    outside = [(data[0][0], torch.full((12,), 7))]
-    with pytest.raises(ValueError, match="search dataloader label 7 is outside the model's 4 classes"):
-        search_routing(model, outside, 0.7, space=SMALL, progress=False)
+    for empty in ([], [torch.zeros(0, 3, 32, 32)]):
+        with pytest.raises(ValueError, match="^search dataloader yielded no images$"):
+            search_routing(model, empty, 0.7, space=SMALL, progress=False)
+    # the label named is the one out of range: the lowest when negative, else the highest (4 = num_classes)
+    for labels, bad in (([7] * 12, 7), ([0] * 11 + [4], 4), ([-1] + [2] * 11, -1), ([-2] + [5] * 11, -2)):
+        outside = [(data[0][0], torch.tensor(labels))]
+        with pytest.raises(ValueError, match=f"^search dataloader label {bad} is outside the model's 4 classes$"):
+            search_routing(model, outside, 0.7, space=SMALL, progress=False)
+    one_class = tiny_vit(num_classes=1)
+    with pytest.raises(ValueError, match="label 3 is outside the model's 1 classes"):
+        search_routing(one_class, [(data[0][0], torch.full((12,), 3))], 0.7, space=SMALL, progress=False)
+    with pytest.raises(TypeError, match="got ndarray$"):
+        search_routing(model, [data[0][0].numpy()], 0.7, space=SMALL, progress=False)
     with pytest.raises(TypeError, match=r"got a tensor of shape \[3, 32, 32\]"):
         search_routing(model, [torch.zeros(3, 32, 32)], 0.7, space=SMALL, progress=False)

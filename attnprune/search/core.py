@@ -201,12 +201,14 @@ def search_routing(
 def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
     """The validation images searched on and the last ``holdout`` fraction of them kept out to check the result,
     as batches (a batch straddling the boundary is split)."""
+    if not isinstance(holdout, numbers.Real) or isinstance(holdout, bool) or not 0 <= holdout < 1:
+        raise ValueError(f"holdout must be a fraction of the validation images in [0, 1), got {holdout!r}")
     total = sum(len(images) for images, _ in batches)
-    count = round(holdout * total) if isinstance(holdout, numbers.Real) and math.isfinite(holdout) else -1
-    if not 0 <= holdout < 1 or (holdout > 0 and not 0 < count < total):
+    count = round(holdout * total)
+    if holdout > 0 and not 0 < count < total:
         raise ValueError(
             f"holdout {holdout:g} of {total} validation images leaves {total - count} to search on and {count} to "
-            "check on; it must be in [0, 1) and leave at least one image for each"
+            "check on; it must leave at least one image for each"
         )
     searched, held_out, seen = [], [], 0
     for images, labels in batches:
