@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -177,6 +178,65 @@ def test_fill_follows_the_cheapest_screened_move_until_the_loss_would_rise(model
     assert state["best"]["metrics"]["loss"] == pytest.approx(best_loss, rel=1e-6)
 
 
+class TableEvaluator:
+    """Losses looked up by each rule's (layer, keep), screened (on ``screen`` images) and confirmed (on all) apart:
+    the fill's choices then follow from the table alone, however the tiny model's own losses would rank them."""
+
+    def __init__(self, screened: dict, confirmed: dict, screen: int) -> None:
+        self.screened, self.confirmed, self.screen = screened, confirmed, screen
+
+    def initial(self) -> str:
+        return "input"
+
+    def measure(self, states: str, routing: Routing, start: int, images: int | None = None) -> dict[str, float]:
+        assert states == "input" and start == 0  # the fill measures whole routings from the input
+        key = tuple((rule.layer, rule.keep) for rule in routing.rules)
+        table = self.confirmed if images is None else self.screened
+        assert images in (None, self.screen)
+        return {"loss": table.get(key, 10.0)}
+
+
+def test_fill_takes_the_screened_best_move_ties_to_more_flops_and_stops_when_confirmed_loss_rises(model):
+    """Two drops at keep 0.5 (layers 0 and 2), keeps (0.5, 0.9). Step 1: softening layer 2 screens best although
+    softening layer 0 adds more FLOPs and confirms better; its confirmed loss equals the current one, which counts
+    as not rising. Step 2: both moves screen equal, so the one with more FLOPs (layer 0) is taken; its confirmed loss
+    rises, so the fill stops at step 1's routing."""
+    space = SearchSpace(keeps=(0.5, 0.9))
+    start = ((0, 0.5), (2, 0.5))
+    screened = {((0, 0.9), (2, 0.5)): 2.0, ((0, 0.5), (2, 0.9)): 1.0, ((0, 0.9), (2, 0.9)): 1.0, ((0, 0.5),): 1.0}
+    confirmed = {start: 5.0, ((0, 0.9), (2, 0.5)): 3.0, ((0, 0.5), (2, 0.9)): 5.0, ((0, 0.9), (2, 0.9)): 6.0}
+    confirmed[((0, 0.5),)] = 4.0
+
+    def routing(keeps: tuple) -> Routing:
+        return Routing.from_dict(
+            {"rules": [{"layer": layer, "score": "l2_norm", "keep": k, "reduce": "drop"} for layer, k in keeps]}
+        )
+
+    assert count_flops(model, routing(((0, 0.9), (2, 0.9)))) > count_flops(model, routing(((0, 0.5),)))
+    assert count_flops(model, routing(((0, 0.9), (2, 0.5)))) > count_flops(model, routing(((0, 0.5), (2, 0.9))))
+    state = {"best": {"routing": routing(start).to_dict(), "metrics": {"loss": 5.0}}}
+    evaluator = TableEvaluator(screened, confirmed, screen=5)
+    fill_budget(model, evaluator, space, count_flops(model, Routing()), state, screen_images=5)
+    assert Routing.from_dict(state["best"]["routing"]) == routing(((0, 0.5), (2, 0.9)))
+    assert state["best"]["metrics"] == {"loss": 5.0}
+    assert state["before_fill"] == {"metrics": {"loss": 5.0}, "flops": count_flops(model, routing(start))}
+
+
+def test_beam_fills_the_budget_it_leaves_and_saves_the_filled_routing(model, data, tmp_path):
+    """Rules in every block leave no block to a ToMe completion, so the beam's best falls short of the budget and the
+    fill gives tokens back. The filled routing is what the state file holds, and a rerun from it repeats no fill."""
+    space = SearchSpace(scorers=("l2_norm",), reducers=("drop",), keeps=(0.5, 0.7, 0.9), layers=(0, 1, 2, 3))
+    path = tmp_path / "state.json"
+    result = search_routing(model, data, 0.8, space=space, holdout=0, state_path=path, screen_images=5, progress=False)
+    report, saved = result.report, json.loads(path.read_text())
+    assert report["before_fill"]["flops_ratio"] < report["flops_ratio"] <= 0.8
+    assert report["strategy"] == "beam" and report["budget"] == 0.8
+    assert Routing.from_dict(saved["best"]["routing"]) == result.routing and "before_fill" in saved
+    again = search_routing(model, data, 0.8, space=space, holdout=0, state_path=path, screen_images=5, progress=False)
+    assert again.routing == result.routing and again.report["before_fill"] == report["before_fill"]
+    assert again.report["candidates_evaluated"] == report["candidates_evaluated"]
+
+
 def test_prefix_caching_gives_the_same_measurement(model, data):
     evaluator = Evaluator(model, data, "kl")
     routing = Routing.from_dict(
@@ -328,6 +388,10 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
     unlisted = _screen_layer(model, evaluator, SMALL, target, [], (evaluator.initial(), 0), 0, [1, 2], 5)
     expected = [[rule] if rule is not None else [] for rule in SMALL.candidates(0, True)]  # no shortlist: all
     assert [rules for _, rules, _ in unlisted] == expected and any("cls_attention" in str(r) for r in expected)
+    off = _screen_layer(
+        model, evaluator, replace(space, shortlist=0), target, [], (evaluator.initial(), 0), 0, [1, 2], 5
+    )
+    assert [rules for _, rules, _ in off] == [[r] if r is not None else [] for r in space.candidates(0, True)]
 
 
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="a progress bar hangs mutmut's forked test runs")
