@@ -563,6 +563,24 @@ def test_check_on_one_or_two_images_and_without_baselines(model, data):
     assert routing == Routing() and check["returned"] == "searched" and check["paired"] == {}
 
 
+def test_a_budget_no_baseline_meets_returns_the_routing_found_as_measured(model, data, tmp_path):
+    """At 30% of the FLOPs no baseline fits (ToMe's most merging and EViT stop above it) but a 90% drop in block 0
+    does: the check has nothing to compare, returns the routing found with the metrics the search measured, and
+    counts only its own reference pass and one contender over the 7 held-out images."""
+    space = SearchSpace(scorers=("l2_norm",), reducers=("drop",), keeps=(0.1,), layers=(0,))
+    assert matched_baselines(model, 0.3 * count_flops(model, Routing()), within=True) == {}
+    path = tmp_path / "state.json"
+    result = search_routing(model, data, 0.3, space=space, state_path=path, progress=False)
+    report, state, depth = result.report, json.loads(path.read_text()), len(model.blocks)
+    assert report["check"]["returned"] == "searched" and set(report["check"]["holdout"]) == {"searched"}
+    assert (
+        result.routing == Routing.from_dict(state["best"]["routing"])
+        and report["val_kl"] == state["best"]["metrics"]["kl"]
+    )
+    assert report["candidates_evaluated"] == state["candidates"] + 1
+    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 2 * 7 / 17)
+
+
 def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):
     """Labels are ToMe's own predictions, so ToMe scores 100% on the held-out images: with objective top1 the
     searched routing survives the check only by matching that."""
