@@ -102,8 +102,9 @@ def match_flops(
 
 
 def baseline_layers(depth: int) -> tuple[int, ...]:
-    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks."""
-    return tuple(sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)}))
+    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks (fewer on shallow models,
+    never beyond the last block)."""
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
 
 
 def matched_baselines(model: VisionTransformer, target: float, within: bool = False) -> dict[str, Routing]:

@@ -4,7 +4,9 @@ For every model and budget, the default search (``attnprune.search.search_routin
 of validation images (split seeds); every method is then scored on the test split, which no choice ever sees:
 searched, ToMe, EViT, uniform attention top-k and random, each baseline the routing with the most FLOPs within the
 same budget (EViT and attention top-k only on models with a class token). The margin is the searched routing's test
-top-1 minus the best baseline's, per split seed.
+top-1 minus the best baseline's, per split seed. Each searched row also holds ``found_top1``, the test top-1 of the
+routing the search found, returned by the held-out check or not: a second table gives its margin, what the check
+costs and saves.
 
 Rows go to ``benchmarks/results/search_generalization.json`` after every search (rerunning skips what is there, and
 each search resumes from its state file), then one table and a figure of the margins are written.
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import matplotlib
@@ -63,7 +64,10 @@ def key(routing: Routing) -> str:
 def run(args: argparse.Namespace) -> None:
     out = args.out_dir / "search_generalization.json"
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
-    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if r["method"] == "searched"}
+    # a cell is done once its searched row has the test top-1 of the routing found before the check; older rows are
+    # redone (the search resumes from its finished state in seconds)
+    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "found_top1" in r}
+    result["rows"] = [r for r in result["rows"] if (r["model"], r["budget"], r["split_seed"]) in done]
     loaded = {}
     for budget in args.budgets:
         for path in args.models:
@@ -82,7 +86,6 @@ def run(args: argparse.Namespace) -> None:
             for seed in args.split_seeds:
                 if (name, budget, seed) in done:
                     continue
-                start = time.perf_counter()
                 found = search_routing(
                     model,
                     validation_draws[seed],
@@ -90,7 +93,10 @@ def run(args: argparse.Namespace) -> None:
                     state_path=args.state_dir / f"{name}-{budget:g}-{seed}.json",
                     progress=False,
                 )
-                seconds = time.perf_counter() - start
+                seconds = found.report["wall_time_s"]  # with the time saved in the state before a resumption
+                before_check = Routing.from_dict(found.report["check"]["searched_routing"])
+                if key(before_check) not in scored:
+                    scored[key(before_check)] = top1(model, before_check, test)
                 within = matched_baselines(model, budget * unpruned, within=True)  # the most FLOPs within budget
                 for method, routing in {"searched": found.routing, **within}.items():
                     if key(routing) not in scored:
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> None:
                     }
                     if method == "searched":
                         row["returned"] = found.report["check"]["returned"]
+                        row["found_top1"] = scored[key(before_check)]
                         row["search_seconds"] = seconds
                         row["routing"] = routing.to_dict()
                     result["rows"].append(row)
@@ -132,11 +139,14 @@ def merge(out: Path, others: list[Path]) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
-def margins(result: dict) -> dict[tuple[str, float], list[float]]:
-    """Test top-1 of searched minus the best baseline, in points, per (model, budget), one value per split seed."""
+def margins(result: dict, before_check: bool = False) -> dict[tuple[str, float], list[float]]:
+    """Test top-1 of searched minus the best baseline, in points, per (model, budget), one value per split seed; with
+    ``before_check``, of the routing the search found rather than the one the held-out check returned."""
     cells: dict[tuple[str, float, int], dict[str, float]] = {}
     for row in result["rows"]:
-        cells.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row["top1"]
+        value = row.get("found_top1") if before_check and row["method"] == "searched" else row["top1"]
+        if value is not None:
+            cells.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = value
     found: dict[tuple[str, float], list[float]] = {}
     for (model, budget, _), tops in sorted(cells.items()):
         if "searched" in tops and "tome" in tops:  # EViT and attention top-k need a class token
@@ -150,23 +160,12 @@ def spread(values: list[float]) -> float:
 
 
 def summarize(result: dict, out_dir: Path) -> None:
-    """Print the table (and its Markdown for the README) and draw the margins with their spread."""
+    """Print the tables (and their Markdown for the README) and draw the margins with their spread."""
+    before = margins(result, before_check=True)
+    if before:
+        _table(result, before, "margin of the routing found, before the held-out check")
     found = margins(result)
-    models = sorted({m for m, _ in found})
-    budgets = sorted({b for _, b in found}, reverse=True)
-    print("\nmargin of searched over the best baseline, test top-1 points: mean ± std over split seeds (n)")
-    print(f"{'model':28}" + "".join(f"{b:>16.0%}" for b in budgets))
-    lines = ["| model (unpruned top-1) | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"]
-    lines.append("| --- |" + " --- |" * len(budgets))
-    for model in models:
-        cells = [found.get((model, b)) for b in budgets]
-        print(f"{model:28}" + "".join(f"{_cell(c):>16}" for c in cells))
-        unpruned = result["models"][model]["unpruned_top1"]
-        lines.append(f"| `{model}` ({unpruned:.2%}) | " + " | ".join(_cell(c) for c in cells) + " |")
-    means = [[statistics.mean(found[(m, b)]) for m in models if (m, b) in found] for b in budgets]
-    print(f"{'mean over models':28}" + "".join(f"{_cell(v, seeds=False):>16}" for v in means))
-    lines.append("| **mean over models** | " + " | ".join(f"**{_cell(v, seeds=False)}**" for v in means) + " |")
-    print("\n" + "\n".join(lines))
+    models, budgets, means = _table(result, found, "margin of searched over the best baseline")
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*X"
@@ -201,6 +200,26 @@ def summarize(result: dict, out_dir: Path) -> None:
     for suffix in (".png", ".pdf"):
         fig.savefig(out_dir / f"search_generalization{suffix}", dpi=130, bbox_inches="tight")
     print(f"wrote {out_dir / 'search_generalization.png'} and .pdf")
+
+
+def _table(result: dict, found: dict, title: str) -> tuple[list[str], list[float], list[list[float]]]:
+    """Print one margins table and its Markdown; return the models, the budgets and the per-budget model means."""
+    models = sorted({m for m, _ in found})
+    budgets = sorted({b for _, b in found}, reverse=True)
+    print(f"\n{title}, test top-1 points: mean ± std over split seeds (n)")
+    print(f"{'model':28}" + "".join(f"{b:>16.0%}" for b in budgets))
+    lines = ["| model (unpruned top-1) | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"]
+    lines.append("| --- |" + " --- |" * len(budgets))
+    for model in models:
+        cells = [found.get((model, b)) for b in budgets]
+        print(f"{model:28}" + "".join(f"{_cell(c):>16}" for c in cells))
+        unpruned = result["models"][model]["unpruned_top1"]
+        lines.append(f"| `{model}` ({unpruned:.2%}) | " + " | ".join(_cell(c) for c in cells) + " |")
+    means = [[statistics.mean(found[(m, b)]) for m in models if (m, b) in found] for b in budgets]
+    print(f"{'mean over models':28}" + "".join(f"{_cell(v, seeds=False):>16}" for v in means))
+    lines.append("| **mean over models** | " + " | ".join(f"**{_cell(v, seeds=False)}**" for v in means) + " |")
+    print("\n" + "\n".join(lines))
+    return models, budgets, means
 
 
 def _cell(values: list[float] | None, seeds: bool = True) -> str:

@@ -164,3 +164,20 @@ def test_matched_baselines_closest_schedules_and_models_without_class_token():
     # match_flops: of the routings make(knob), the one closest to the ratio of the unpruned FLOPs
     ratio = count_flops(model, Routing.tome(3, 4)) / unpruned
     assert match_flops(model, lambda r: Routing.tome(int(r), 4), range(8), ratio).rules == Routing.tome(3, 4).rules
+
+
+def test_tomes_grid_reaches_r_24_in_all_but_the_last_block():
+    """ToMe's r runs 0-23 with one more in the first blocks, so on 196 tokens (224 px, patch 16) and 2 blocks the
+    least FLOPs it reaches is r = [24, 23]; just below that ToMe is left out. EViT's layers scale to shallow models
+    without passing the last block."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from attnprune.flops import baseline_layers, matched_baselines
+
+    assert [baseline_layers(d) for d in (1, 2, 3, 4, 12)] == [(0,), (1,), (1, 2), (1, 2, 3), (3, 6, 9)]
+    model = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=4)
+    hardest = Routing.tome([24, 23], 2, num_tokens=196)
+    assert matched_baselines(model, count_flops(model, hardest), within=True)["tome"].rules == hardest.rules
+    flat = Routing.tome([23, 23], 2, num_tokens=196)
+    assert matched_baselines(model, count_flops(model, flat), within=True)["tome"].rules == flat.rules
+    assert "tome" not in matched_baselines(model, count_flops(model, hardest) - 1, within=True)
