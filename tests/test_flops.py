@@ -181,3 +181,16 @@ def test_tomes_grid_reaches_r_24_in_all_but_the_last_block():
     flat = Routing.tome([23, 23], 2, num_tokens=196)
     assert matched_baselines(model, count_flops(model, flat), within=True)["tome"].rules == flat.rules
     assert "tome" not in matched_baselines(model, count_flops(model, hardest) - 1, within=True)
+
+
+def test_match_flops_keeps_the_first_of_equally_close_knobs_and_names_the_last_error():
+    from attnprune.flops import match_flops
+
+    model = tiny_vit()
+    ratio = count_flops(model, Routing.tome(3, 4)) / count_flops(model)
+    twice = match_flops(model, lambda r: Routing.tome(int(r), 4, prop_attn=r == 3.0), [3.0, 3.5], ratio)
+    assert twice.rules == Routing.tome(3, 4).rules and twice.prop_attn  # a tie: the first knob wins
+    with pytest.raises(ValueError) as error:
+        match_flops(model, lambda r: Routing.tome(int(r), 4), [40, 50], 0.5)
+    assert str(error.value).startswith("match_flops: none of the knobs [40, 50] gives a routing that fits the model")
+    assert "(last: " in str(error.value) and "50" in str(error.value).split("(last: ")[1]
