@@ -237,6 +237,40 @@ def test_beam_fills_the_budget_it_leaves_and_saves_the_filled_routing(model, dat
     assert again.report["candidates_evaluated"] == report["candidates_evaluated"]
 
 
+def test_an_interrupted_search_fills_as_fill_budget_does_screening_on_screen_images(model, data, tmp_path, monkeypatch):
+    """Killed after its last beam step, the search saved the routing before the fill; resumed, it fills exactly as
+    ``fill_budget`` does from that state with the same screening size: the same routing, candidates and block
+    passes (each side counting one reference pass)."""
+    space = SearchSpace(scorers=("l2_norm",), reducers=("drop",), keeps=(0.5, 0.7, 0.9), layers=(0, 1, 2, 3))
+    path, calls, original = tmp_path / "state.json", {"n": 0}, search_state.checkpoint
+
+    def dies_before_the_fill(*args):
+        original(*args)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the fourth and last beam step
+            raise KeyboardInterrupt
+
+    def search():
+        return search_routing(
+            model, data, 0.8, space=space, holdout=0, state_path=path, screen_images=5, progress=False
+        )
+
+    monkeypatch.setattr(search_state, "checkpoint", dies_before_the_fill)
+    with pytest.raises(KeyboardInterrupt):
+        search()
+    monkeypatch.setattr(search_state, "checkpoint", original)
+    before = json.loads(path.read_text())
+    assert before["step"] == 4 and "before_fill" not in before
+    replay, evaluator = copy.deepcopy(before), Evaluator(model, data, "kl")
+    fill_budget(model, evaluator, space, 0.8 * count_flops(model, Routing()), replay, screen_images=5)
+    result = search()
+    after = json.loads(path.read_text())
+    assert result.routing == Routing.from_dict(replay["best"]["routing"])
+    assert result.routing != Routing.from_dict(before["best"]["routing"])  # the fill moved
+    assert after["candidates"] - before["candidates"] == evaluator.candidates
+    assert after["block_passes"] - before["block_passes"] == pytest.approx(evaluator.block_passes)
+
+
 def test_prefix_caching_gives_the_same_measurement(model, data):
     evaluator = Evaluator(model, data, "kl")
     routing = Routing.from_dict(
