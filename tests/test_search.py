@@ -51,6 +51,16 @@ def data():
     return [(torch.randn(12, 3, 32, 32, generator=g), torch.randint(0, 4, (12,), generator=g)) for _ in range(2)]
 
 
+@torch.no_grad()
+def kl_by_hand(model, routing: Routing, images: list) -> torch.Tensor:
+    """Per-image KL of ``model`` pruned by ``routing`` from the unpruned model, by plain forward passes."""
+    reference = torch.cat([model(x) for x in images])
+    prune(model, routing)
+    pruned = torch.cat([model(x) for x in images])
+    unprune(model)
+    return kl_divergence(reference, pruned)
+
+
 def test_objectives_on_hand_computed_values():
     # p = (1/2, 1/2), q = (3/4, 1/4): KL(p || q) = 1/2 ln(2/3) + 1/2 ln(2) = 1/2 ln(4/3)
     kl = kl_divergence(torch.tensor([[0.0, 0.0], [1.0, 2.0]]), torch.tensor([[math.log(3), 0.0], [1.0, 2.0]]))
@@ -522,22 +532,13 @@ def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_wors
     assert best != "searched" and check["returned"] == best and f"the baseline {best}" in check["note"]
     baselines = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
     assert result.routing == baselines[best]
-    with torch.no_grad():  # the baseline's KL on the first 28 images, the searched ones
-        searched = [data[0][0], data[1][0], data[2][0][:8]]
-        reference = torch.cat([model(x) for x in searched])
-        prune(model, baselines[best])
-        pruned = torch.cat([model(x) for x in searched])
-        unprune(model)
-    assert report["val_kl"] == report["val_loss"] == pytest.approx(kl_divergence(reference, pruned).mean().item())
+    searched = [data[0][0], data[1][0], data[2][0][:8]]  # the first 28 images
+    by_hand = kl_by_hand(model, baselines[best], searched).mean().item()
+    assert report["val_kl"] == report["val_loss"] == pytest.approx(by_hand)
     found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
     assert found.rules[0].score == "random" and found.rules[0].layer == 0
-    held_out = [(data[2][0][8:], data[2][1][8:]), data[3]]  # the last 12 of 40 images
-    with torch.no_grad():
-        reference = torch.cat([model(x) for x, _ in held_out])
-        prune(model, found)
-        pruned = torch.cat([model(x) for x, _ in held_out])
-        unprune(model)
-    assert losses["searched"] == pytest.approx(kl_divergence(reference, pruned).mean().item(), rel=1e-5)
+    held_out = [data[2][0][8:], data[3][0]]  # the last 12 of 40 images
+    assert losses["searched"] == pytest.approx(kl_by_hand(model, found, held_out).mean().item(), rel=1e-5)
 
 
 def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better(model, data):
@@ -548,13 +549,10 @@ def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better
     target = 0.6 * count_flops(model, Routing())
     baselines = matched_baselines(model, target, within=True)
     held_out = Evaluator(model, data, "kl")
-    kls = {}
-    with torch.no_grad():
-        reference = torch.cat([model(x) for x, _ in data])
-        for method in ("tome", "evit", "topk_attention"):
-            prune(model, baselines[method])
-            kls[method] = kl_divergence(reference, torch.cat([model(x) for x, _ in data])).double()
-            unprune(model)
+    images = [x for x, _ in data]
+    kls = {
+        method: kl_by_hand(model, baselines[method], images).double() for method in ("tome", "evit", "topk_attention")
+    }
     best = min(kls, key=lambda m: kls[m].mean().item())
     decisions = {}
     for confidence, z in ((0.95, 1.6448536), (1 - 1e-12, 7.0344838)):

@@ -91,9 +91,9 @@ def completion(model: VisionTransformer, fixed: list[dict], free: list[int], tar
         merges: list[dict] = []
         for layer, n in sorted(zip(free, schedule, strict=True)):
             # as the official ToMe does, a layer merges at most what bipartite matching allows (stated, not clipped)
-            reaching = Routing(tuple(fixed + merges)).token_counts(depth, tokens)[layer]
-            if min(n, max_merge(reaching)):
-                merges.append({"layer": layer, "r": min(n, max_merge(reaching)), "reduce": "merge"})
+            n = min(n, max_merge(Routing(tuple(fixed + merges)).token_counts(depth, tokens)[layer]))
+            if n:
+                merges.append({"layer": layer, "r": n, "reduce": "merge"})
         return Routing(tuple(fixed + merges), name="searched")
 
     def flops(step: int) -> int:
