@@ -6,7 +6,11 @@ searched, ToMe, EViT, uniform attention top-k and random, each baseline the rout
 same budget (EViT and attention top-k only on models with a class token). The margin is the searched routing's test
 top-1 minus the best baseline's, per split seed. Each searched row also holds ``found_top1``, the test top-1 of the
 routing the search found, returned by the held-out check or not: a second table gives its margin, what the check
-costs and saves.
+costs and saves. Every row holds ``test_kl``, the search's objective on the test images (the KL divergence of the
+pruned model's class distribution from the unpruned model's, mean over images), and each searched row
+``paired_se``: the standard error of its test top-1 minus each baseline's, paired over the test images. A third table
+gives the test KL of the routing found against the best baseline's, and the summary how large a top-1 margin the
+test split resolves.
 
 Rows go to ``benchmarks/results/search_generalization.json`` after every search (rerunning skips what is there, and
 each search resumes from its state file), then one table and a figure of the margins are written.
@@ -30,12 +34,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pareto import top1  # noqa: E402
+from torch import Tensor  # noqa: E402
 
-from attnprune import Routing, count_flops, load_model  # noqa: E402
+from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
 from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
-from attnprune.search import search_routing  # noqa: E402
+from attnprune.search import kl_divergence, search_routing  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("tome", "evit", "topk_attention", "random")
@@ -61,12 +65,32 @@ def key(routing: Routing) -> str:
     return json.dumps(routing.to_dict(), sort_keys=True)
 
 
+def logits(model: torch.nn.Module, routing: Routing, batches: list) -> Tensor:
+    """The pruned model's logits on every image of ``batches``."""
+    prune(model, routing)
+    outputs = torch.cat([model(x) for x, _ in batches])
+    unprune(model)
+    return outputs
+
+
+def score(model: torch.nn.Module, routing: Routing, test: list, reference: Tensor) -> dict[str, Tensor]:
+    """Per test image: ``correct`` (1 where the top class is the label) and ``kl`` from the unpruned ``reference``."""
+    outputs = logits(model, routing, test)
+    labels = torch.cat([y for _, y in test])
+    return {"correct": (outputs.argmax(-1) == labels).double(), "kl": kl_divergence(reference, outputs).double()}
+
+
+def paired_se(a: Tensor, b: Tensor) -> float:
+    """Standard error of ``mean(a) - mean(b)`` paired over images."""
+    return ((a - b).std() / len(a) ** 0.5).item()
+
+
 def run(args: argparse.Namespace) -> None:
     out = args.out_dir / "search_generalization.json"
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
-    # a cell is done once its searched row has the test top-1 of the routing found before the check; older rows are
-    # redone (the search resumes from its finished state in seconds)
-    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "found_top1" in r}
+    # a cell is done once its searched row has the paired standard errors; older rows are redone (the search resumes
+    # from its finished state in seconds)
+    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "paired_se" in r}
     result["rows"] = [r for r in result["rows"] if (r["model"], r["budget"], r["split_seed"]) in done]
     loaded = {}
     for budget in args.budgets:
@@ -79,9 +103,12 @@ def run(args: argparse.Namespace) -> None:
                 data = FashionMNISTDataModule(batch_size=args.batch_size).for_model(model)
                 validation = data.take("validation", args.draw_images * (max(args.split_seeds) + 1))
                 test = data.take("test", args.test_images)
-                loaded[name] = model, draws(validation, args.draw_images, args.split_seeds, args.batch_size), test
-                result["models"][name] = {"checkpoint": str(path), "unpruned_top1": top1(model, Routing(), test)}
-            model, validation_draws, test = loaded[name]
+                reference = logits(model, Routing(), test)
+                validation_draws = draws(validation, args.draw_images, args.split_seeds, args.batch_size)
+                loaded[name] = model, validation_draws, test, reference
+                unpruned_top1 = score(model, Routing(), test, reference)["correct"].mean().item()
+                result["models"][name] = {"checkpoint": str(path), "unpruned_top1": unpruned_top1}
+            model, validation_draws, test, reference = loaded[name]
             unpruned, scored = count_flops(model, Routing()), {}
             for seed in args.split_seeds:
                 if (name, budget, seed) in done:
@@ -95,29 +122,35 @@ def run(args: argparse.Namespace) -> None:
                 )
                 seconds = found.report["wall_time_s"]  # with the time saved in the state before a resumption
                 before_check = Routing.from_dict(found.report["check"]["searched_routing"])
-                if key(before_check) not in scored:
-                    scored[key(before_check)] = top1(model, before_check, test)
                 within = matched_baselines(model, budget * unpruned, within=True)  # the most FLOPs within budget
-                for method, routing in {"searched": found.routing, **within}.items():
+                contenders = {"found": before_check, "searched": found.routing, **within}
+                for routing in contenders.values():
                     if key(routing) not in scored:
-                        scored[key(routing)] = top1(model, routing, test)
+                        scored[key(routing)] = score(model, routing, test, reference)
+                returned = scored[key(found.routing)]
+                for method, routing in list(contenders.items())[1:]:
                     row = {
                         "model": name,
                         "budget": budget,
                         "split_seed": seed,
                         "method": method,
                         "gflops": count_flops(model, routing) / 1e9,
-                        "top1": scored[key(routing)],
+                        "top1": scored[key(routing)]["correct"].mean().item(),
+                        "test_kl": scored[key(routing)]["kl"].mean().item(),
                         "flops_ratio": count_flops(model, routing) / unpruned,
                     }
                     if method == "searched":
                         row["returned"] = found.report["check"]["returned"]
-                        row["found_top1"] = scored[key(before_check)]
+                        row["found_top1"] = scored[key(before_check)]["correct"].mean().item()
+                        row["found_test_kl"] = scored[key(before_check)]["kl"].mean().item()
+                        row["paired_se"] = {
+                            m: paired_se(returned["correct"], scored[key(r)]["correct"]) for m, r in within.items()
+                        }
                         row["search_seconds"] = seconds
                         row["routing"] = routing.to_dict()
                     result["rows"].append(row)
                 print(
-                    f"{name} budget {budget:g} seed {seed}: searched {scored[key(found.routing)]:.2%} "
+                    f"{name} budget {budget:g} seed {seed}: searched {returned['correct'].mean().item():.2%} "
                     f"(returned {found.report['check']['returned']}, {seconds:.0f} s)",
                     flush=True,
                 )
@@ -139,20 +172,37 @@ def merge(out: Path, others: list[Path]) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
-def margins(result: dict, before_check: bool = False) -> dict[tuple[str, float], list[float]]:
-    """Test top-1 of searched minus the best baseline, in points, per (model, budget), one value per split seed; with
+def margins(result: dict, before_check: bool = False, metric: str = "top1") -> dict[tuple[str, float], list[float]]:
+    """Searched minus the best baseline per (model, budget), one value per split seed: in test top-1 points, or with
+    ``metric="test_kl"`` in test KL (10^-3 nats; negative: closer to the unpruned model than every baseline). With
     ``before_check``, of the routing the search found rather than the one the held-out check returned."""
     cells: dict[tuple[str, float, int], dict[str, float]] = {}
     for row in result["rows"]:
-        value = row.get("found_top1") if before_check and row["method"] == "searched" else row["top1"]
+        value = row.get(f"found_{metric}") if before_check and row["method"] == "searched" else row.get(metric)
         if value is not None:
             cells.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = value
+    best_of, scale = (max, 100) if metric == "top1" else (min, 1000)
     found: dict[tuple[str, float], list[float]] = {}
-    for (model, budget, _), tops in sorted(cells.items()):
-        if "searched" in tops and "tome" in tops:  # EViT and attention top-k need a class token
-            best = max(tops[m] for m in BASELINES if m in tops)
-            found.setdefault((model, budget), []).append(100 * (tops["searched"] - best))
+    for (model, budget, _), values in sorted(cells.items()):
+        if "searched" in values and "tome" in values:  # EViT and attention top-k need a class token
+            best = best_of(values[m] for m in BASELINES if m in values)
+            found.setdefault((model, budget), []).append(scale * (values["searched"] - best))
     return found
+
+
+def resolution(result: dict) -> list[float]:
+    """The paired standard error, in points, of each returned searched routing's test top-1 margin over the best
+    baseline (draws where the check returned the routing found)."""
+    tops: dict[tuple[str, float, int], dict[str, float]] = {}
+    for row in result["rows"]:
+        tops.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row["top1"]
+    errors = []
+    for row in result["rows"]:
+        if row["method"] == "searched" and row.get("returned") == "searched" and "paired_se" in row:
+            cell = tops[(row["model"], row["budget"], row["split_seed"])]
+            best = max((m for m in BASELINES if m in cell), key=cell.get)
+            errors.append(100 * row["paired_se"][best])
+    return errors
 
 
 def spread(values: list[float]) -> float:
@@ -163,9 +213,20 @@ def summarize(result: dict, out_dir: Path) -> None:
     """Print the tables (and their Markdown for the README) and draw the margins with their spread."""
     before = margins(result, before_check=True)
     if before:
-        _table(result, before, "margin of the routing found, before the held-out check")
+        _table(result, before, "margin of the routing found, before the held-out check, test top-1 points")
+    kl = margins(result, before_check=True, metric="test_kl")
+    if kl:
+        _table(result, kl, "test KL of the routing found minus the best baseline's, 10^-3 nats (lower: closer)")
+        lower = sum(v < 0 for values in kl.values() for v in values)
+        print(f"the routing found has the lower test KL in {lower} of {sum(map(len, kl.values()))} searches")
     found = margins(result)
-    models, budgets, means = _table(result, found, "margin of searched over the best baseline")
+    models, budgets, means = _table(result, found, "margin of searched over the best baseline, test top-1 points")
+    errors = resolution(result)
+    if errors:
+        print(
+            f"paired standard error of a returned routing's test top-1 margin: {min(errors):.2f} to "
+            f"{max(errors):.2f} points (median {statistics.median(errors):.2f}, {len(errors)} searches)"
+        )
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*X"
@@ -203,10 +264,10 @@ def summarize(result: dict, out_dir: Path) -> None:
 
 
 def _table(result: dict, found: dict, title: str) -> tuple[list[str], list[float], list[list[float]]]:
-    """Print one margins table and its Markdown; return the models, the budgets and the per-budget model means."""
+    """Print one table of margins and its Markdown; return the models, the budgets and the per-budget model means."""
     models = sorted({m for m, _ in found})
     budgets = sorted({b for _, b in found}, reverse=True)
-    print(f"\n{title}, test top-1 points: mean ± std over split seeds (n)")
+    print(f"\n{title}: mean ± std over split seeds (n)")
     print(f"{'model':28}" + "".join(f"{b:>16.0%}" for b in budgets))
     lines = ["| model (unpruned top-1) | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"]
     lines.append("| --- |" + " --- |" * len(budgets))

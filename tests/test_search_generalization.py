@@ -1,17 +1,23 @@
 """benchmarks/search_generalization.py: the margins over the best baseline, of the routing returned and of the one
-found before the held-out check, on hand-built rows."""
+found before the held-out check, in test top-1 and test KL, and the paired standard errors, on hand-built rows."""
 
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
-def margins(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))  # it imports its sibling pareto.py
-    from search_generalization import margins
+def benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import search_generalization
 
-    return margins
+    return search_generalization
+
+
+@pytest.fixture
+def margins(benchmark):
+    return benchmark.margins
 
 
 def _rows(seed: int, searched: float, found: float | None, tome: float, evit: float) -> list[dict]:
@@ -29,3 +35,31 @@ def test_margins_of_the_returned_and_of_the_found_routing(margins):
     assert margins(result, before_check=True)[("m", 0.5)] == pytest.approx([1.0, 1.0])
     older = {"rows": _rows(0, 0.80, None, 0.79, 0.70)}  # a row written before found_top1 existed
     assert margins(older)[("m", 0.5)] == pytest.approx([1.0]) and margins(older, before_check=True) == {}
+
+
+def test_test_kl_margins_take_the_lowest_baseline(margins):
+    cell = {"model": "m", "budget": 0.6, "split_seed": 0}
+    rows = [
+        {**cell, "method": "searched", "top1": 0.8, "test_kl": 0.050, "found_top1": 0.81, "found_test_kl": 0.020},
+        {**cell, "method": "tome", "top1": 0.8, "test_kl": 0.050},
+        {**cell, "method": "random", "top1": 0.7, "test_kl": 0.030},
+    ]
+    # the routing found (0.020) against the closest baseline, random (0.030): -10 in 10^-3 nats
+    assert margins({"rows": rows}, before_check=True, metric="test_kl")[("m", 0.6)] == pytest.approx([-10.0])
+    assert margins({"rows": rows}, metric="test_kl")[("m", 0.6)] == pytest.approx([20.0])  # the returned ToMe
+
+
+def test_resolution_is_the_paired_error_against_the_best_baseline_of_returned_routings(benchmark):
+    def draw(seed: int, returned: str, se: dict) -> list[dict]:
+        cell = {"model": "m", "budget": 0.5, "split_seed": seed}
+        searched = {**cell, "method": "searched", "top1": 0.85, "returned": returned, "paired_se": se}
+        return [searched, {**cell, "method": "tome", "top1": 0.84}, {**cell, "method": "evit", "top1": 0.82}]
+
+    rows = draw(0, "searched", {"tome": 0.0015, "evit": 0.003}) + draw(1, "tome", {"tome": 0.0, "evit": 0.002})
+    assert benchmark.resolution({"rows": rows}) == pytest.approx([0.15])  # ToMe is the best; seed 1 kept no routing
+
+
+def test_paired_se_of_a_hand_computed_difference(benchmark):
+    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # differences 0, 1, 0, 1: sample standard deviation sqrt(1/3), over sqrt(4) images
+    assert benchmark.paired_se(a, b) == pytest.approx((1 / 3) ** 0.5 / 2)
