@@ -7,10 +7,10 @@ same budget (EViT and attention top-k only on models with a class token). The ma
 top-1 minus the best baseline's, per split seed. Each searched row also holds ``found_top1``, the test top-1 of the
 routing the search found, returned by the held-out check or not: a second table gives its margin, what the check
 costs and saves. Every row holds ``test_kl``, the search's objective on the test images (the KL divergence of the
-pruned model's class distribution from the unpruned model's, mean over images), and each searched row
-``paired_se``: the standard error of its test top-1 minus each baseline's, paired over the test images. A third table
-gives the test KL of the routing found against the best baseline's, and the summary how large a top-1 margin the
-test split resolves.
+pruned model's class distribution from the unpruned model's, mean over images), and each searched row ``paired_se``
+(``found_paired_se`` for the routing found): the standard error of its test top-1 minus each baseline's, paired over
+the test images. A third table gives the test KL of the routing found against the closest baseline's; the summary
+ends with how large a top-1 margin the test split resolves and, seed by seed, the cells with a negative mean margin.
 
 Rows go to ``benchmarks/results/search_generalization.json`` after every search (rerunning skips what is there, and
 each search resumes from its state file), then one table and a figure of the margins are written.
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
     # a cell is done once its searched row has the paired standard errors; older rows are redone (the search resumes
     # from its finished state in seconds)
-    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "paired_se" in r}
+    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "found_paired_se" in r}
     result["rows"] = [r for r in result["rows"] if (r["model"], r["budget"], r["split_seed"]) in done]
     loaded = {}
     for budget in args.budgets:
@@ -143,9 +143,14 @@ def run(args: argparse.Namespace) -> None:
                         row["returned"] = found.report["check"]["returned"]
                         row["found_top1"] = scored[key(before_check)]["correct"].mean().item()
                         row["found_test_kl"] = scored[key(before_check)]["kl"].mean().item()
-                        row["paired_se"] = {
-                            m: paired_se(returned["correct"], scored[key(r)]["correct"]) for m, r in within.items()
-                        }
+                        for field, routing_scores in (
+                            ("paired_se", returned),
+                            ("found_paired_se", scored[key(before_check)]),
+                        ):
+                            row[field] = {
+                                m: paired_se(routing_scores["correct"], scored[key(r)]["correct"])
+                                for m, r in within.items()
+                            }
                         row["search_seconds"] = seconds
                         row["routing"] = routing.to_dict()
                     result["rows"].append(row)
@@ -190,19 +195,41 @@ def margins(result: dict, before_check: bool = False, metric: str = "top1") -> d
     return found
 
 
-def resolution(result: dict) -> list[float]:
-    """The paired standard error, in points, of each returned searched routing's test top-1 margin over the best
-    baseline (draws where the check returned the routing found)."""
+def resolution(result: dict, before_check: bool = False) -> dict[tuple[str, float], list[tuple[float, float]]]:
+    """Per (model, budget), a ``(margin, standard error)`` pair in test top-1 points per split seed: the margin over the
+    best baseline and its standard error paired over the test images. Of the draws where the held-out check returned
+    the routing found (a returned baseline's margin is exactly 0); with ``before_check``, of the routing found in
+    every draw."""
     tops: dict[tuple[str, float, int], dict[str, float]] = {}
     for row in result["rows"]:
         tops.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row["top1"]
-    errors = []
+    field = "found_paired_se" if before_check else "paired_se"
+    pairs: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for row in result["rows"]:
-        if row["method"] == "searched" and row.get("returned") == "searched" and "paired_se" in row:
-            cell = tops[(row["model"], row["budget"], row["split_seed"])]
-            best = max((m for m in BASELINES if m in cell), key=cell.get)
-            errors.append(100 * row["paired_se"][best])
-    return errors
+        if row["method"] != "searched" or field not in row or not before_check and row["returned"] != "searched":
+            continue
+        cell = tops[(row["model"], row["budget"], row["split_seed"])]
+        best = max((m for m in BASELINES if m in cell), key=cell.get)
+        top1 = row["found_top1"] if before_check else row["top1"]
+        pairs.setdefault((row["model"], row["budget"]), []).append((100 * (top1 - cell[best]), 100 * row[field][best]))
+    return pairs
+
+
+def _print_resolution(result: dict, before_check: bool) -> None:
+    """The range of the paired standard errors, and each cell with a negative mean margin, seed by seed."""
+    pairs = resolution(result, before_check)
+    errors = [error for cell in pairs.values() for _, error in cell]
+    if not errors:
+        return
+    which = "found" if before_check else "returned (when the check returned the routing found)"
+    print(
+        f"\npaired standard error of the test top-1 margin of the routing {which}: {min(errors):.2f} to "
+        f"{max(errors):.2f} points (median {statistics.median(errors):.2f}, {len(errors)} searches)"
+    )
+    for cell, values in margins(result, before_check).items():
+        if statistics.mean(values) < 0 and cell in pairs:
+            seeds = ", ".join(f"{margin:+.2f} ± {error:.2f}" for margin, error in pairs[cell])
+            print(f"  {cell[0]} at {cell[1]:.0%}, mean {statistics.mean(values):+.2f}: {seeds}")
 
 
 def spread(values: list[float]) -> float:
@@ -221,12 +248,8 @@ def summarize(result: dict, out_dir: Path) -> None:
         print(f"the routing found has the lower test KL in {lower} of {sum(map(len, kl.values()))} searches")
     found = margins(result)
     models, budgets, means = _table(result, found, "margin of searched over the best baseline, test top-1 points")
-    errors = resolution(result)
-    if errors:
-        print(
-            f"paired standard error of a returned routing's test top-1 margin: {min(errors):.2f} to "
-            f"{max(errors):.2f} points (median {statistics.median(errors):.2f}, {len(errors)} searches)"
-        )
+    for before_check in (True, False):
+        _print_resolution(result, before_check)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*X"

@@ -49,14 +49,20 @@ def test_test_kl_margins_take_the_lowest_baseline(margins):
     assert margins({"rows": rows}, metric="test_kl")[("m", 0.6)] == pytest.approx([20.0])  # the returned ToMe
 
 
-def test_resolution_is_the_paired_error_against_the_best_baseline_of_returned_routings(benchmark):
-    def draw(seed: int, returned: str, se: dict) -> list[dict]:
+def test_resolution_pairs_each_margin_with_its_paired_error_against_the_best_baseline(benchmark):
+    def draw(seed: int, returned: str, top1: float, se: dict, found_se: dict) -> list[dict]:
         cell = {"model": "m", "budget": 0.5, "split_seed": seed}
-        searched = {**cell, "method": "searched", "top1": 0.85, "returned": returned, "paired_se": se}
+        searched = {**cell, "method": "searched", "top1": top1, "found_top1": 0.85, "returned": returned}
+        searched |= {"paired_se": se, "found_paired_se": found_se}
         return [searched, {**cell, "method": "tome", "top1": 0.84}, {**cell, "method": "evit", "top1": 0.82}]
 
-    rows = draw(0, "searched", {"tome": 0.0015, "evit": 0.003}) + draw(1, "tome", {"tome": 0.0, "evit": 0.002})
-    assert benchmark.resolution({"rows": rows}) == pytest.approx([0.15])  # ToMe is the best; seed 1 kept no routing
+    rows = draw(0, "searched", 0.85, {"tome": 0.0015, "evit": 0.003}, {"tome": 0.0015, "evit": 0.003})
+    rows += draw(1, "tome", 0.84, {"tome": 0.0, "evit": 0.002}, {"tome": 0.002, "evit": 0.004})
+    # ToMe is the best baseline; seed 1 returned it, so only seed 0 has a returned routing's margin to resolve
+    ((margin, error),) = benchmark.resolution({"rows": rows})[("m", 0.5)]
+    assert (margin, error) == (pytest.approx(1.0), pytest.approx(0.15))
+    found = benchmark.resolution({"rows": rows}, before_check=True)[("m", 0.5)]
+    assert [pytest.approx(pair) for pair in found] == [(1.0, 0.15), (1.0, 0.2)]
 
 
 def test_paired_se_of_a_hand_computed_difference(benchmark):
