@@ -34,12 +34,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
 
-from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
+from attnprune import Routing, count_flops, load_model  # noqa: E402
 from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
-from attnprune.search import kl_divergence, search_routing  # noqa: E402
+from attnprune.search import search_routing  # noqa: E402
+from attnprune.search.core import standard_error  # noqa: E402
+from attnprune.search.evaluator import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BASELINES = ("tome", "evit", "topk_attention", "random")
@@ -65,26 +66,6 @@ def key(routing: Routing) -> str:
     return json.dumps(routing.to_dict(), sort_keys=True)
 
 
-def logits(model: torch.nn.Module, routing: Routing, batches: list) -> Tensor:
-    """The pruned model's logits on every image of ``batches``."""
-    prune(model, routing)
-    outputs = torch.cat([model(x) for x, _ in batches])
-    unprune(model)
-    return outputs
-
-
-def score(model: torch.nn.Module, routing: Routing, test: list, reference: Tensor) -> dict[str, Tensor]:
-    """Per test image: ``correct`` (1 where the top class is the label) and ``kl`` from the unpruned ``reference``."""
-    outputs = logits(model, routing, test)
-    labels = torch.cat([y for _, y in test])
-    return {"correct": (outputs.argmax(-1) == labels).double(), "kl": kl_divergence(reference, outputs).double()}
-
-
-def paired_se(a: Tensor, b: Tensor) -> float:
-    """Standard error of ``mean(a) - mean(b)`` paired over images."""
-    return ((a - b).std() / len(a) ** 0.5).item()
-
-
 def run(args: argparse.Namespace) -> None:
     out = args.out_dir / "search_generalization.json"
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
@@ -102,13 +83,12 @@ def run(args: argparse.Namespace) -> None:
                 model = load_model(path)
                 data = FashionMNISTDataModule(batch_size=args.batch_size).for_model(model)
                 validation = data.take("validation", args.draw_images * (max(args.split_seeds) + 1))
-                test = data.take("test", args.test_images)
-                reference = logits(model, Routing(), test)
-                validation_draws = draws(validation, args.draw_images, args.split_seeds, args.batch_size)
-                loaded[name] = model, validation_draws, test, reference
-                unpruned_top1 = score(model, Routing(), test, reference)["correct"].mean().item()
+                # per test image: top1 (1 if correct) and kl from the unpruned model, whose outputs it computes once
+                test = Evaluator(model, data.take("test", args.test_images), "kl")
+                loaded[name] = model, draws(validation, args.draw_images, args.split_seeds, args.batch_size), test
+                unpruned_top1 = test.per_image(test.initial(), Routing(), 0)["top1"].mean().item()
                 result["models"][name] = {"checkpoint": str(path), "unpruned_top1": unpruned_top1}
-            model, validation_draws, test, reference = loaded[name]
+            model, validation_draws, test = loaded[name]
             unpruned, scored = count_flops(model, Routing()), {}
             for seed in args.split_seeds:
                 if (name, budget, seed) in done:
@@ -123,39 +103,39 @@ def run(args: argparse.Namespace) -> None:
                 seconds = found.report["wall_time_s"]  # with the time saved in the state before a resumption
                 before_check = Routing.from_dict(found.report["check"]["searched_routing"])
                 within = matched_baselines(model, budget * unpruned, within=True)  # the most FLOPs within budget
-                contenders = {"found": before_check, "searched": found.routing, **within}
-                for routing in contenders.values():
+                contenders = {"searched": found.routing, **within}
+                for routing in (before_check, *contenders.values()):
                     if key(routing) not in scored:
-                        scored[key(routing)] = score(model, routing, test, reference)
+                        scored[key(routing)] = test.per_image(test.initial(), routing, 0)
                 returned = scored[key(found.routing)]
-                for method, routing in list(contenders.items())[1:]:
+                for method, routing in contenders.items():
                     row = {
                         "model": name,
                         "budget": budget,
                         "split_seed": seed,
                         "method": method,
                         "gflops": count_flops(model, routing) / 1e9,
-                        "top1": scored[key(routing)]["correct"].mean().item(),
+                        "top1": scored[key(routing)]["top1"].mean().item(),
                         "test_kl": scored[key(routing)]["kl"].mean().item(),
                         "flops_ratio": count_flops(model, routing) / unpruned,
                     }
                     if method == "searched":
                         row["returned"] = found.report["check"]["returned"]
-                        row["found_top1"] = scored[key(before_check)]["correct"].mean().item()
+                        row["found_top1"] = scored[key(before_check)]["top1"].mean().item()
                         row["found_test_kl"] = scored[key(before_check)]["kl"].mean().item()
                         for field, routing_scores in (
                             ("paired_se", returned),
                             ("found_paired_se", scored[key(before_check)]),
                         ):
                             row[field] = {
-                                m: paired_se(routing_scores["correct"], scored[key(r)]["correct"])
+                                m: standard_error(routing_scores["top1"] - scored[key(r)]["top1"])
                                 for m, r in within.items()
                             }
                         row["search_seconds"] = seconds
                         row["routing"] = routing.to_dict()
                     result["rows"].append(row)
                 print(
-                    f"{name} budget {budget:g} seed {seed}: searched {returned['correct'].mean().item():.2%} "
+                    f"{name} budget {budget:g} seed {seed}: searched {returned['top1'].mean().item():.2%} "
                     f"(returned {found.report['check']['returned']}, {seconds:.0f} s)",
                     flush=True,
                 )
@@ -177,18 +157,24 @@ def merge(out: Path, others: list[Path]) -> None:
     out.write_text(json.dumps(result, indent=1))
 
 
+def by_draw(result: dict, before_check: bool = False, metric: str = "top1") -> dict[tuple, dict[str, float]]:
+    """``metric`` of every method per (model, budget, split seed), the searched one's of the routing found with
+    ``before_check``; rows without it are left out."""
+    values: dict[tuple, dict[str, float]] = {}
+    for row in result["rows"]:
+        value = row.get(f"found_{metric}") if before_check and row["method"] == "searched" else row.get(metric)
+        if value is not None:
+            values.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = value
+    return values
+
+
 def margins(result: dict, before_check: bool = False, metric: str = "top1") -> dict[tuple[str, float], list[float]]:
     """Searched minus the best baseline per (model, budget), one value per split seed: in test top-1 points, or with
     ``metric="test_kl"`` in test KL (10^-3 nats; negative: closer to the unpruned model than every baseline). With
     ``before_check``, of the routing the search found rather than the one the held-out check returned."""
-    cells: dict[tuple[str, float, int], dict[str, float]] = {}
-    for row in result["rows"]:
-        value = row.get(f"found_{metric}") if before_check and row["method"] == "searched" else row.get(metric)
-        if value is not None:
-            cells.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = value
     best_of, scale = (max, 100) if metric == "top1" else (min, 1000)
     found: dict[tuple[str, float], list[float]] = {}
-    for (model, budget, _), values in sorted(cells.items()):
+    for (model, budget, _), values in sorted(by_draw(result, before_check, metric).items()):
         if "searched" in values and "tome" in values:  # EViT and attention top-k need a class token
             best = best_of(values[m] for m in BASELINES if m in values)
             found.setdefault((model, budget), []).append(scale * (values["searched"] - best))
@@ -200,18 +186,15 @@ def resolution(result: dict, before_check: bool = False) -> dict[tuple[str, floa
     best baseline and its standard error paired over the test images. Of the draws where the held-out check returned
     the routing found (a returned baseline's margin is exactly 0); with ``before_check``, of the routing found in
     every draw."""
-    tops: dict[tuple[str, float, int], dict[str, float]] = {}
-    for row in result["rows"]:
-        tops.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row["top1"]
+    tops = by_draw(result, before_check)
     field = "found_paired_se" if before_check else "paired_se"
     pairs: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for row in result["rows"]:
-        if row["method"] != "searched" or field not in row or not before_check and row["returned"] != "searched":
-            continue
-        cell = tops[(row["model"], row["budget"], row["split_seed"])]
-        best = max((m for m in BASELINES if m in cell), key=cell.get)
-        top1 = row["found_top1"] if before_check else row["top1"]
-        pairs.setdefault((row["model"], row["budget"]), []).append((100 * (top1 - cell[best]), 100 * row[field][best]))
+        if row["method"] == "searched" and field in row and (before_check or row["returned"] == "searched"):
+            cell = tops[(row["model"], row["budget"], row["split_seed"])]
+            best = max((m for m in BASELINES if m in cell), key=cell.get)
+            margin = 100 * (cell["searched"] - cell[best])
+            pairs.setdefault((row["model"], row["budget"]), []).append((margin, 100 * row[field][best]))
     return pairs
 
 

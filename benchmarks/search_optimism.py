@@ -54,14 +54,14 @@ def main() -> None:
 
     def line(label: str, m: dict[str, dict[str, float]]) -> str:
         gap = 100 * (m["searched"]["top1"] - m["held_out"]["top1"])
-        kl = f"{m['searched']['kl']:>12.4f} {m['held_out']['kl']:>9.4f}" if "kl" in m["searched"] else ""
+        kl = f"{m['searched']['kl']:>12.4f} {m['held_out']['kl']:>9.4f}"
         return f"{label:>14} {m['searched']['top1']:>15.2%} {m['held_out']['top1']:>9.2%} {gap:>+6.2f} | {kl}"
 
     unpruned = measure(Routing())
     result = {"model": name, "unpruned": {half: m["top1"] for half, m in unpruned.items()}, "found": []}
     print(f"{name}: the {first['images']} searched / {first['check']['holdout_images']} held-out validation images")
     print(f"{'':>14} {'top-1 searched':>15} {'held out':>9} {'gap':>6} | {'KL searched':>12} {'held out':>9}")
-    print(line("unpruned", {half: {"top1": m["top1"]} for half, m in unpruned.items()}))
+    print(line("unpruned", unpruned))
     for row in rows:
         found = measure(Routing.from_dict(row["search"]["check"]["searched_routing"]))
         tome = measure(matched_baselines(model, row["budget"] * count_flops(model, Routing()), within=True)["tome"])

@@ -28,6 +28,7 @@ from attnprune.search import (
 )
 from attnprune.search import state as search_state
 from attnprune.search.beam import _screen_layer, consider, fill_budget
+from attnprune.search.core import standard_error
 from attnprune.search.space import cheapest_flops, completion
 from tests.conftest import tiny_vit
 
@@ -593,6 +594,12 @@ def test_check_on_one_or_two_images_and_without_baselines(model, data):
     assert all(0 < p["standard_error"] < math.inf for p in check["paired"].values())
     routing, check = check_against_baselines(model, two, Routing(), 1.0, 0.95)  # 1 FLOP: no baseline fits
     assert routing == Routing() and check["returned"] == "searched" and check["paired"] == {}
+
+
+def test_standard_error_of_a_hand_computed_paired_difference():
+    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # differences 0, 1, 0, 1: sample standard deviation sqrt(1/3), over sqrt(4) images
+    assert standard_error(a - b) == pytest.approx((1 / 3) ** 0.5 / 2)
 
 
 def test_a_budget_no_baseline_meets_returns_the_routing_found_as_measured(model, data, tmp_path):

@@ -1,10 +1,9 @@
 """benchmarks/search_generalization.py: the margins over the best baseline, of the routing returned and of the one
-found before the held-out check, in test top-1 and test KL, and the paired standard errors, on hand-built rows."""
+found before the held-out check, in test top-1 and test KL, with their paired standard errors, on hand-built rows."""
 
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture
@@ -63,9 +62,3 @@ def test_resolution_pairs_each_margin_with_its_paired_error_against_the_best_bas
     assert (margin, error) == (pytest.approx(1.0), pytest.approx(0.15))
     found = benchmark.resolution({"rows": rows}, before_check=True)[("m", 0.5)]
     assert [pytest.approx(pair) for pair in found] == [(1.0, 0.15), (1.0, 0.2)]
-
-
-def test_paired_se_of_a_hand_computed_difference(benchmark):
-    a, b = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
-    # differences 0, 1, 0, 1: sample standard deviation sqrt(1/3), over sqrt(4) images
-    assert benchmark.paired_se(a, b) == pytest.approx((1 / 3) ** 0.5 / 2)

@@ -25,7 +25,7 @@ from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
 from attnprune.search.transition import label_free, transition
 from attnprune.vit import check_prunable
 
-__all__ = ["SearchResult", "search_routing", "split_holdout", "check_against_baselines"]
+__all__ = ["SearchResult", "search_routing", "split_holdout", "check_against_baselines", "standard_error"]
 
 STRATEGIES = {"beam": beam, "transition": transition, "label_free": label_free}
 
@@ -241,9 +241,7 @@ def check_against_baselines(
     paired = {}
     for method in [m for m in contenders if m != "searched"]:
         difference = values["searched"]["loss"] - values[method]["loss"]
-        # one image says nothing of the spread: an infinite error, so the routing found cannot win on it
-        error = difference.std().item() / math.sqrt(len(difference)) if len(difference) > 1 else math.inf
-        mean = difference.mean().item()
+        mean, error = difference.mean().item(), standard_error(difference)
         paired[method] = {"difference": mean, "standard_error": error, "upper_bound": mean + z * error}
     method = "searched"  # also when no baseline gets within the budget
     if not all(p["upper_bound"] < 0 for p in paired.values()):
@@ -266,3 +264,9 @@ def check_against_baselines(
             "returned; the routing found is in searched_routing"
         )
     return contenders[method], check
+
+
+def standard_error(values: Tensor) -> float:
+    """Standard error of the mean of ``values`` (per-image differences for a paired comparison); infinite for one
+    value, which says nothing of the spread (so a routing cannot be confirmed on one image)."""
+    return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.inf
