@@ -1,20 +1,9 @@
-"""Train or fine-tune a (pruned) ViT: a LightningCLI entry point configured by YAML under configs/.
+"""Train or fine-tune a (pruned) ViT from a YAML config.
 
-python train.py fit --config configs/fashion_mnist/supervised.yaml
-python train.py fit --config configs/fashion_mnist/supervised.yaml --ckpt_path runs/.../last.ckpt   # resume
-python train.py fit --config ... --model.routing configs/routing/layerwise_example.yaml             # fine-tune pruned
-
-A bad option, file or routing ends with exit status 2 and one line on stderr (``--debug`` or ``ATTNPRUNE_DEBUG=1``
-for a traceback).
+The same as the ``attnprune-train`` console script; the code is :mod:`attnprune.cli.train`.
 """
 
-from attnprune.cli_errors import lightning_parser_kwargs, run_cli
-from attnprune.lit.cli import AttnpruneCLI
-
-
-def main(args: list[str] | None = None) -> None:
-    AttnpruneCLI(args=args, parser_kwargs=lightning_parser_kwargs())
-
+from attnprune.cli.train import run
 
 if __name__ == "__main__":
-    run_cli(main)
+    run()

@@ -1,10 +1,12 @@
 """attnprune: per-layer static token pruning for timm Vision Transformers."""
 
-from attnprune.flops import count_flops, match_flops
+from attnprune.flops import count_flops
 from attnprune.inference import compile
-from attnprune.paradigms import PARADIGMS, load_model, save_model
+from attnprune.io import load_model, save_model
+from attnprune.paradigms import PARADIGMS
 from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing, Rule
+from attnprune.routing.baselines import match_flops
 from attnprune.scoring import SCORERS
 from attnprune.vit import prune, unprune
 

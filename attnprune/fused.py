@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnprune import reduction
+from attnprune.errors import UserError
 from attnprune.reduction import Reducer, bipartite_match, prefix_split
 
 __all__ = [
@@ -49,7 +50,7 @@ def set_impl(impl: str) -> None:
     """Choose the reducers: ``auto`` (lean on CUDA, reference elsewhere), ``reference`` or ``fused`` everywhere."""
     global _impl
     if impl not in IMPLS:
-        raise ValueError(f"reduction impl must be one of {IMPLS}, got {impl!r}")
+        raise UserError(f"reduction impl must be one of {IMPLS}, got {impl!r}")
     _impl = impl
 
 

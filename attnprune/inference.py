@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from attnprune.errors import UserError
 from attnprune.routing import Routing
 from attnprune.vit import _plans, embed, head, pruned_block_forward
 
@@ -51,7 +52,7 @@ def compile(model: nn.Module, mode: str | None = None, **compile_kwargs) -> Infe
     if mode is None:
         mode = "regional-cudagraph" if next(model.parameters()).device.type == "cuda" else "regional"
     if mode not in MODES:
-        raise ValueError(f"attnprune.compile: mode must be one of {MODES}, got {mode!r}")
+        raise UserError(f"attnprune.compile: mode must be one of {MODES}, got {mode!r}")
     if mode.endswith("cudagraph"):
         _check_cuda(model, mode)
     return InferenceModel(model, mode, **compile_kwargs)

@@ -1,48 +1,24 @@
-"""Training paradigms, and loading models whose preprocessing travels with their weights.
+"""Training paradigms and how each reads out its prediction.
 
-A model comes from a timm hub name, a local weights file (safetensors with our metadata, or a state dict with the
-architecture given), or a Lightning checkpoint of one of our modules. Every loaded model is in eval mode and its
-``pretrained_cfg`` carries its input size, mean and std, so ``timm.data.resolve_model_data_config`` builds the right
-transforms.
+| paradigm | readout |
+| --- | --- |
+| ``supervised`` | the class token (``cls``) |
+| ``distilled`` | class and distillation heads averaged at eval (``cls+dist``, DeiT) |
+| ``dino`` | a linear probe or k-NN on frozen class-token features (``probe``) |
+| ``mae`` | the average of the patch tokens (``avg``, with ``fc_norm``) |
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import socket
-import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import huggingface_hub
-import timm
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from attnprune.cli_errors import HubUnavailableError
+from attnprune.errors import UserError
 
-__all__ = [
-    "Paradigm",
-    "check_finite",
-    "check_finite_outputs",
-    "PARADIGMS",
-    "get_paradigm",
-    "build_model",
-    "build_from_spec",
-    "model_spec",
-    "load_model",
-    "save_model",
-    "knn_predict",
-]
-
-METADATA_KEY = "attnprune"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+__all__ = ["Paradigm", "PARADIGMS", "get_paradigm", "knn_predict"]
 
 
 @dataclass(frozen=True)
@@ -97,243 +73,8 @@ PARADIGMS: dict[str, Paradigm] = {
 def get_paradigm(name: str) -> Paradigm:
     """The paradigm called ``name``; a ``ValueError`` listing the known ones otherwise."""
     if name not in PARADIGMS:
-        raise ValueError(f"unknown paradigm {name!r} (known: {', '.join(PARADIGMS)})")
+        raise UserError(f"unknown paradigm {name!r} (known: {', '.join(PARADIGMS)})")
     return PARADIGMS[name]
-
-
-def build_model(
-    architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None, **model_kwargs: Any
-) -> nn.Module:
-    """A randomly initialised timm model with the paradigm's readout, in eval mode."""
-    kwargs = {**get_paradigm(paradigm).model_kwargs, **model_kwargs}
-    try:
-        model = timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"unknown timm architecture {architecture!r}") from err
-        raise
-    return model.eval()
-
-
-def model_spec(
-    model: nn.Module, architecture: str, paradigm: str = "supervised", model_kwargs: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Everything needed to rebuild ``model`` before loading its weights: architecture, constructor arguments,
-    paradigm and the preprocessing of its ``pretrained_cfg``. Stored in weights files and Lightning checkpoints."""
-    keys = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-    cfg = {k: model.pretrained_cfg[k] for k in keys if k in model.pretrained_cfg}
-    kwargs = {**(model_kwargs or {}), "num_classes": model.num_classes}
-    return {"architecture": architecture, "paradigm": paradigm, "model_kwargs": kwargs, "pretrained_cfg": cfg}
-
-
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """A randomly initialised model from a :func:`model_spec` dict."""
-    return build_model(
-        spec["architecture"],
-        spec.get("paradigm", "supervised"),
-        spec.get("pretrained_cfg"),
-        **spec.get("model_kwargs", {}),
-    )
-
-
-def _read_metadata(path: Path) -> dict[str, Any] | None:
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get(METADATA_KEY)
-        if text:
-            return json.loads(text)
-    sidecar = path.with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
-
-
-def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise ValueError(
-            f"{source} does not fit architecture {architecture!r}: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}, shape mismatch (checkpoint vs model) {mismatched[:5]}"
-        )
-    check_finite(state, source)
-    model.load_state_dict(state)
-
-
-def check_finite(state: dict[str, Tensor], source: str) -> None:
-    """Refuse weights holding NaN or infinity (a diverged run's checkpoint gives wrong answers, not an error).
-
-    Raises:
-        ValueError: naming ``source`` and the first non-finite tensor.
-    """
-    for name, tensor in state.items():
-        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"{source}: weight {name!r} holds {bad} non-finite values (NaN or inf); expected finite weights"
-            )
-
-
-def check_finite_outputs(outputs: Tensor, source: str, where: str = "the first batch") -> None:
-    """Refuse outputs holding NaN or infinity: finite weights can still overflow (an input scaled wrongly, a
-    precision too narrow), and top-1 on NaN logits is a wrong answer, not an error.
-
-    Args:
-        outputs: the model's logits (or features) on ``where``.
-        source: the model, as the user named it.
-        where: the images the outputs are of.
-
-    Raises:
-        ValueError: naming ``source``, ``where`` and how many values are not finite.
-    """
-    if torch.is_tensor(outputs) and outputs.is_floating_point() and not bool(torch.isfinite(outputs).all()):
-        bad = int((~torch.isfinite(outputs)).sum())
-        raise ValueError(
-            f"{source}: the model's outputs on {where} hold {bad} non-finite values (NaN or inf) of "
-            f"{outputs.numel()}; expected finite logits (check the weights, the input scaling and the precision)"
-        )
-
-
-def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
-    meta = _read_metadata(path)
-    if meta is not None:
-        if architecture is not None and architecture != meta["architecture"]:
-            raise ValueError(f"{path} holds a {meta['architecture']!r} but architecture {architecture!r} was asked for")
-        architecture = meta["architecture"]
-    elif architecture is None:
-        raise ValueError(
-            f"{path} carries no architecture (no '{METADATA_KEY}' metadata, no {path.with_suffix('.json').name}): "
-            "pass it, e.g. load_model(path, architecture='deit_small_patch16_224')"
-        )
-    spec = dict(meta or {"architecture": architecture})
-    spec["model_kwargs"] = {**spec.get("model_kwargs", {}), **model_kwargs}
-    model = build_from_spec(spec)
-    model.attnprune_spec = spec
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-    _load_state(model, state, str(path), architecture)
-    return model
-
-
-def _load_lightning_checkpoint(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    spec = checkpoint.get("hyper_parameters", {}).get("model_spec")
-    if spec is None:
-        raise ValueError(f"{path} is not a checkpoint of an attnprune module (no 'model_spec' hyper-parameter)")
-    if architecture is not None and architecture != spec["architecture"]:
-        raise ValueError(f"{path} holds a {spec['architecture']!r} but architecture {architecture!r} was asked for")
-    spec = {**spec, "model_kwargs": {**spec["model_kwargs"], **model_kwargs}}
-    model = build_from_spec(spec)
-    state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    _load_state(model, state, str(path), spec["architecture"])
-    model.attnprune_spec = spec
-    return model
-
-
-def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs: Any) -> nn.Module:
-    """Load a model for inference.
-
-    Args:
-        spec: a timm hub name (``deit_small_patch16_224.fb_in1k``), a local weights file (``.safetensors`` with our
-            metadata, or ``.pth``/``.bin`` state dict with ``architecture``), or a Lightning ``.ckpt`` of one of
-            attnprune's classification modules.
-        architecture: the timm architecture, required for a weights file that does not name its own.
-        **model_kwargs: timm ``create_model`` arguments; they complete (or override) those a file records.
-
-    Returns:
-        The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std.
-    """
-    path = Path(spec)
-    if path.suffix == ".ckpt" or path.suffix in WEIGHT_SUFFIXES:
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        loader = _load_lightning_checkpoint if path.suffix == ".ckpt" else _load_weights_file
-        try:
-            return loader(path, architecture, model_kwargs)
-        except (ValueError, TypeError, FileNotFoundError) as err:
-            if str(path) in str(err):
-                raise
-            raise type(err)(f"checkpoint {path}: {err}") from err
-        except Exception as err:  # safetensors header errors, unpickling errors, truncated zip files, missing keys
-            raise ValueError(
-                f"checkpoint {path} cannot be read ({type(err).__name__}: {str(err).strip()}); expected a "
-                "safetensors/.pth weights file or a Lightning checkpoint of an attnprune module"
-            ) from err
-    if path.is_dir():
-        raise IsADirectoryError(f"model {str(spec)!r} is a directory; expected a weights file, checkpoint or hub name")
-    try:
-        with _offline_unless_hub_reachable():
-            model = timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ValueError(f"{spec!r} is neither a file nor a timm model name") from err
-        if "Invalid pretrained tag" in str(err):
-            raise ValueError(f"{spec!r}: {err}") from err
-        raise _offline_error(spec, err) from err
-    except Exception as err:  # no network, no cache: the hub download failed
-        raise _offline_error(spec, err) from err
-    check_finite(model.state_dict(), f"timm weights {str(spec)!r}")
-    return model
-
-
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds (asked once per
-    process). Without one, the hub client would retry each file for about a minute before failing."""
-    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _offline_unless_hub_reachable() -> Iterator[None]:
-    """Hub offline mode (``HF_HUB_OFFLINE``: the local cache only, no retries) while the hub cannot be reached."""
-    constants = huggingface_hub.constants
-    if constants.HF_HUB_OFFLINE or hub_reachable():
-        yield
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = False
-
-
-def _offline_error(spec: str | Path, err: Exception) -> OSError:
-    return HubUnavailableError(
-        f"could not load timm weights {str(spec)!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
-        "Offline, pass a local file instead: load_model('weights.safetensors') for files saved by "
-        "attnprune.save_model, or load_model('weights.pth', architecture='deit_small_patch16_224')"
-    )
-
-
-def save_model(
-    model: nn.Module,
-    path: str | Path,
-    architecture: str,
-    paradigm: str = "supervised",
-    model_kwargs: dict[str, Any] | None = None,
-    **extra: Any,
-) -> Path:
-    """Write ``model``'s weights as safetensors with its :func:`model_spec` (and ``extra`` fields) as metadata, so
-    that :func:`load_model` rebuilds it from the file alone."""
-    meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-    return path
 
 
 @torch.no_grad()

@@ -17,7 +17,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from attnprune import fused
-from attnprune.routing import LayerPlan, Routing, as_routing
+from attnprune.errors import UserError, UserTypeError
+from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS, ScoreContext
 
 __all__ = [
@@ -42,16 +43,34 @@ def num_patch_tokens(model: VisionTransformer, img_size: int | tuple[int, int] |
     size = (img_size, img_size) if isinstance(img_size, int) and not isinstance(img_size, bool) else img_size
     ok = isinstance(size, (tuple, list)) and len(size) == 2
     if not ok or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
-        raise TypeError(f"img_size must be an int or an (h, w) pair of ints, got {img_size!r}")
+        raise UserTypeError(f"img_size must be an int or an (h, w) pair of ints, got {img_size!r}")
     height, width = size
     patch = tuple(model.patch_embed.patch_size)
     pad = getattr(model.patch_embed, "dynamic_img_pad", False)
     if height <= 0 or width <= 0 or (not pad and (height % patch[0] or width % patch[1])):
-        raise ValueError(
+        raise UserError(
             f"img_size {img_size!r} does not fit the model: expected positive multiples of its patch size {patch}"
         )
     grid = model.patch_embed.dynamic_feat_size((height, width))
     return grid[0] * grid[1]
+
+
+def _check_vit(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise UserTypeError(f"attnprune.prune expects a timm VisionTransformer, got {type(model).__name__}")
+
+
+def routing_of(model: VisionTransformer, routing: Routing | dict | str | Path | None) -> Routing:
+    """``routing`` read for ``model`` (:meth:`Routing.parse` with the model's depth); None is the routing the model
+    was pruned with, if any, else no pruning.
+
+    Raises:
+        UserTypeError: the model is not a timm ``VisionTransformer``.
+    """
+    _check_vit(model)
+    if routing is None:
+        return getattr(model, "routing", None) or Routing()
+    return Routing.parse(routing, len(model.blocks))
 
 
 def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
@@ -61,20 +80,19 @@ def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
         TypeError: the model is not a timm ``VisionTransformer`` with standard pre-norm blocks where rules apply.
         ValueError: a rule does not fit the model (the message names the rule and the field).
     """
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"attnprune.prune expects a timm VisionTransformer, got {type(model).__name__}")
+    _check_vit(model)
     plans = routing.resolve(len(model.blocks), num_patch_tokens(model))
     first = routing.rules[0].layer if routing.rules else len(model.blocks)
     for i, block in enumerate(model.blocks):
         if i >= first and not (isinstance(block, Block) and isinstance(block.attn, Attention)):
-            raise TypeError(
+            raise UserTypeError(
                 f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}; attnprune "
                 "prunes timm's pre-norm Block with Attention"
             )
     for position, rule in enumerate(routing.rules):
         scorer = SCORERS.get(rule.score)
         if scorer is not None and scorer.needs_class_token and not model.has_class_token:
-            raise ValueError(
+            raise UserError(
                 f"routing rule {position}: field 'score' is {rule.score!r}, which reads the class token, "
                 "but the model has none (class_token=False)"
             )
@@ -87,14 +105,16 @@ def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None 
     Args:
         model: a timm ``VisionTransformer`` (DeiT-distilled, register tokens, average pooling, ``num_classes=0``,
             layer scale and qk-norm included).
-        routing: the per-layer rules (a Routing, a dict or a routing YAML path); None or an empty routing
-            restores timm's forward.
+        routing: the per-layer rules, anything :meth:`Routing.parse` reads (a Routing, a dict, a preset spec such
+            as ``"tome:r=13"`` or a routing YAML path); None or an empty routing restores timm's forward.
 
     Returns:
         The same model: ``model(x)`` now prunes, ``model.routing`` holds the routing.
     """
-    routing = as_routing(routing)
-    if routing is None or len(routing) == 0:
+    if routing is None:
+        return unprune(model)
+    routing = routing_of(model, routing)
+    if len(routing) == 0:
         return unprune(model)
     plans = check_prunable(model, routing)
     model.routing = routing

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnprune import load_model
+from attnprune.io import build_from_spec
 from attnprune.lit.data import FashionMNISTDataModule
-from attnprune.paradigms import build_from_spec, knn_predict
+from attnprune.paradigms import knn_predict
 
 CLASSES = len(FashionMNISTDataModule.CLASSES)
 

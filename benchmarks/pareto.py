@@ -6,7 +6,7 @@ on the test split together with
 ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the searched routing's
 FLOPs (within 1% where the knob allows). Prints one table, writes ``benchmarks/results/pareto_<model>.json`` and a PNG
 plot of top-1 against GFLOPs, one line per method; the searched routings also go to
-``configs/routing/searched/<model>-<budget>.yaml``.
+``benchmarks/results/routings/<model>-<budget>.yaml``.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
-from attnprune.flops import matched_baselines  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
+from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 
-SEARCHED_ROUTINGS = Path(__file__).parents[1] / "configs" / "routing" / "searched"
+SEARCHED_ROUTINGS = Path(__file__).parent / "results" / "routings"
 METHODS = ("searched", "tome", "evit", "topk_attention", "random")
 LABELS = {
     "searched": "searched",

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from attnprune import Routing, count_flops, load_model
-from attnprune.flops import matched_baselines
 from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.routing.baselines import matched_baselines
 from attnprune.search import split_holdout
 from attnprune.search.evaluator import Evaluator
 

@@ -1,11 +1,11 @@
 """Bad input, table-driven: the API raises ValueError/FileNotFoundError/TypeError naming the input, and every entry
 point ends with exit status 2, one line on stderr naming the option and no traceback (issue 15). Real tiny models
-and files throughout; entry points are called in-process through :func:`attnprune.cli_errors.run_cli`, a few as
+and files throughout; entry points are called in-process through :func:`attnprune.cli.run_cli`, a few as
 subprocesses to check what a user sees."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 import subprocess
@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from attnprune import Routing, count_flops, load_model, match_flops, prune, save_model
 from attnprune.atomic import staged_dir, write_text_atomic
-from attnprune.cli_errors import one_line, run_cli
-from attnprune.lit.cli import parse_routing
+from attnprune.cli import one_line, run_cli
+from attnprune.errors import check_finite, check_finite_outputs
+from attnprune.io import METADATA_KEY
 from attnprune.lit.data import ImageDataModule, ImageFolderDataModule, check_input_size
 from attnprune.lit.modules import PrunedClassifier
-from attnprune.paradigms import METADATA_KEY, check_finite, check_finite_outputs
 from attnprune.search import search_routing
 from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
 
@@ -33,11 +33,7 @@ ARCH = "vit_tiny_patch16_224"
 
 
 def entry_point(name: str):
-    spec = importlib.util.spec_from_file_location(f"_entry_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # jsonargparse resolves the postponed annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"attnprune.cli.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +140,9 @@ API_CASES = [
         ValueError,
         "knobs [40, 50]",
     ),
-    ("preset-tome-negative", lambda f: parse_routing("tome:r=-1", 4), ValueError, "r=-1"),
-    ("preset-unknown", lambda f: parse_routing("tone:r=1", 4), ValueError, "tone"),
-    ("preset-missing-keep", lambda f: parse_routing("evit:", 4), ValueError, "keep"),
+    ("preset-tome-negative", lambda f: Routing.parse("tome:r=-1", 4), ValueError, "r=-1"),
+    ("preset-unknown", lambda f: Routing.parse("tone:r=1", 4), ValueError, "tone"),
+    ("preset-missing-keep", lambda f: Routing.parse("evit:", 4), ValueError, "keep"),
     ("prune-int", lambda f: prune(tiny_vit(), 3), TypeError, "routing must be a Routing"),
     ("prune-list", lambda f: prune(tiny_vit(), [{"layer": 1}]), TypeError, "list"),
     (
@@ -424,7 +420,7 @@ CLI_CASES = [
     ("quickstart-ratio-above-one", lambda f: _quickstart(f, "--ratio", "1.5"), "1.5"),
     ("quickstart-ratio-nan", lambda f: _quickstart(f, "--ratio", "nan"), "--ratio"),
     ("quickstart-ratio-word", lambda f: _quickstart(f, "--ratio", "half"), "half"),
-    ("quickstart-test-images-zero", lambda f: _quickstart(f, "--test-images", "0"), "--test-images"),
+    ("quickstart-test-images-zero", lambda f: _quickstart(f, "--test_images", "0"), "--test_images"),
     ("quickstart-repeats-zero", lambda f: _quickstart(f, "--repeats", "0"), "--repeats"),
     (
         "quickstart-missing-model",
@@ -433,7 +429,7 @@ CLI_CASES = [
     ),
     (
         "quickstart-logits-overflow",
-        lambda f: ("quickstart", ["--model", str(f["overflow.safetensors"]), "--test-images", "4", "--repeats", "1"]),
+        lambda f: ("quickstart", ["--model", str(f["overflow.safetensors"]), "--test_images", "4", "--repeats", "1"]),
         "overflow.safetensors",
     ),
     ("quickstart-directory-model", lambda f: ("quickstart", ["--model", str(f["folder"])]), "directory"),
@@ -582,8 +578,8 @@ def test_a_hub_name_offline_fails_at_once(tmp_path, monkeypatch):
     """No minute of retries: the hub is probed once, then the local cache alone is asked (issue 15)."""
     from huggingface_hub import constants
 
-    from attnprune.cli_errors import HubUnavailableError
-    from attnprune.paradigms import hub_reachable
+    from attnprune.errors import HubUnavailableError
+    from attnprune.io import hub_reachable
 
     env = _unreachable_hub(tmp_path)
     monkeypatch.setattr(constants, "ENDPOINT", env["HF_ENDPOINT"])

@@ -20,10 +20,9 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision.datasets import ImageFolder
 
 from attnprune import Routing, count_flops, load_model, save_model
-from attnprune.lit.cli import parse_routing
+from attnprune.cli.evaluate import COLUMNS, check_routings, throughput
+from attnprune.cli.evaluate import main as evaluate_main
 from attnprune.lit.modules import PrunedClassifier
-from evaluate import COLUMNS, check_routings, throughput
-from evaluate import main as evaluate_main
 from tests.conftest import TINY_CLASSIFIER
 from tests.fake_imagenet import make_fake_imagenet
 from tests.wandb_records import logged_keys, run_config
@@ -33,33 +32,6 @@ ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 5}
 CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"}
 ROUTING = {"name": "l2-drop", "rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5, "reduce": "drop"}]}
-
-
-# ------------------------------------------------------------------------------------------------ presets
-def test_presets_by_name_resolve_to_the_baseline_routings():
-    assert parse_routing("unpruned", 12) == Routing()
-    assert parse_routing("tome:r=13", 12) == Routing.tome(13, 12)
-    assert parse_routing("evit:keep=0.7", 12) == Routing.evit(0.7, (3, 6, 9))
-    assert parse_routing("topk_attention:keep=0.7", 12) == Routing.topk_attention(0.7, (3, 6, 9))
-    assert parse_routing("random:keep=0.7,seed=3", 12) == Routing.random(0.7, (3, 6, 9), seed=3)
-    assert parse_routing("evit:keep=0.5", 4) == Routing.evit(0.5, (1, 2, 3))  # EViT's layers scaled to the depth
-    assert parse_routing("topk_attention:keep=0.6,layers=2-5", 12).rules[1].layer == 5
-
-
-@pytest.mark.parametrize(
-    ("spec", "error", "message"),
-    [
-        ("tome", ValueError, r"routing preset 'tome' needs r=\.\.\. \(tome:r=<tokens merged per block>\)"),
-        ("evit:r=3", ValueError, r"routing preset 'evit:r=3': unknown argument 'r'"),
-        ("evit:keep", ValueError, r"argument 'keep' is not key=value"),
-        ("tome:r=x", ValueError, r"routing preset 'tome:r=x': invalid literal"),
-        ("merge:r=2", ValueError, r"unknown routing preset 'merge' in 'merge:r=2'; presets: tome:r="),
-        ("nowhere.yaml", FileNotFoundError, r"routing 'nowhere.yaml' is neither a routing file nor a preset"),
-    ],
-)
-def test_bad_preset_specs_say_what_is_wrong(spec, error, message):
-    with pytest.raises(error, match=message):
-        parse_routing(spec, 12)
 
 
 def test_every_routing_is_checked_against_the_model_first():
@@ -184,7 +156,7 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
             100 - row["top5"]
         )
         assert row["images_per_s"] > 0 and row["throughput_images"] == 8 and row["throughput_rounds"] == 2
-    flops = [count_flops(model, parse_routing(spec, 4)) / 1e9 for spec in ("unpruned", "tome:r=12", "evit:keep=0.7")]
+    flops = [count_flops(model, Routing.parse(spec, 4)) / 1e9 for spec in ("unpruned", "tome:r=12", "evit:keep=0.7")]
     assert [row["gflops"] for row in rows] == pytest.approx(flops)
     # top-1 in percent, equal to torchvision's ImageFolder with timm's transform on the same images
     assert rows[0]["top1"] == pytest.approx(imagefolder_top1(workdir), abs=1e-3)

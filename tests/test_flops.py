@@ -55,7 +55,7 @@ def test_count_uses_attached_routing_and_image_size():
 
 
 def test_matched_baselines_are_within_one_percent():
-    from attnprune.flops import matched_baselines
+    from attnprune.routing.baselines import matched_baselines
 
     model = timm.create_model("deit_small_patch16_224")
     target = 0.6 * count_flops(model)
@@ -123,7 +123,7 @@ def test_count_flops_of_the_tiny_vit_by_hand():
 
 
 def test_matched_baselines_hit_a_reachable_target_exactly():
-    from attnprune.flops import match_flops, matched_baselines
+    from attnprune.routing.baselines import match_flops, matched_baselines
 
     model = tiny_vit()
     tome = Routing.tome(3, 4)
@@ -146,7 +146,7 @@ def test_matched_baselines_hit_a_reachable_target_exactly():
 
 
 def test_matched_baselines_closest_schedules_and_models_without_class_token():
-    from attnprune.flops import match_flops, matched_baselines
+    from attnprune.routing.baselines import match_flops, matched_baselines
 
     model = tiny_vit()
     unpruned = count_flops(model)
@@ -172,7 +172,8 @@ def test_tomes_grid_reaches_r_24_in_all_but_the_last_block():
     without passing the last block."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from attnprune.flops import baseline_layers, matched_baselines
+    from attnprune.routing import baseline_layers
+    from attnprune.routing.baselines import matched_baselines
 
     assert [baseline_layers(d) for d in (1, 2, 3, 4, 12)] == [(0,), (1,), (1, 2), (1, 2, 3), (3, 6, 9)]
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3, num_classes=4)
@@ -184,7 +185,7 @@ def test_tomes_grid_reaches_r_24_in_all_but_the_last_block():
 
 
 def test_match_flops_keeps_the_first_of_equally_close_knobs_and_names_the_last_error():
-    from attnprune.flops import match_flops
+    from attnprune.routing.baselines import match_flops
 
     model = tiny_vit()
     ratio = count_flops(model, Routing.tome(3, 4)) / count_flops(model)

@@ -348,7 +348,7 @@ def test_mixup_cutmix_train_on_soft_targets(datamodule):
 def test_last_checkpoint_holds_the_last_epoch_when_the_metric_does_not_improve(folder, tmp_path):
     """Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint is saved; train.py's checkpoint callback
     rewrites it every epoch, so resuming never goes back. With lr 0, val/top1 cannot improve after epoch 0."""
-    from attnprune.cli_errors import lightning_parser_kwargs
+    from attnprune.cli import lightning_parser_kwargs
     from attnprune.lit.cli import AttnpruneCLI
 
     weights = save_model(

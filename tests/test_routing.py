@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from attnprune import LayerPlan, Routing, Rule, prune
-from attnprune.routing import as_routing, max_merge
+from attnprune.routing import max_merge
 from tests.conftest import tiny_vit
 
 EXAMPLE = {
@@ -456,25 +456,74 @@ def test_yaml_error_texts(tmp_path):
         Routing.from_yaml(empty)
 
 
-def test_as_routing_accepts_routings_dicts_and_paths(tmp_path):
-    """None and a Routing pass through; a dict is loaded by from_dict, a str or Path by from_yaml."""
+def test_parse_accepts_routings_dicts_paths_and_unpruned(tmp_path):
+    """A Routing passes through; None and "unpruned" are no pruning; a dict is loaded by from_dict, a str or Path
+    by from_yaml."""
     routing = Routing.tome(2, 2)
-    assert as_routing(None) is None and as_routing(routing) is routing
-    loaded = as_routing({"name": "d", "rules": [{"layer": 1, "r": 3, "reduce": "merge"}]})
+    assert Routing.parse(routing) is routing and Routing.parse(None) == Routing() == Routing.parse("unpruned")
+    loaded = Routing.parse({"name": "d", "rules": [{"layer": 1, "r": 3, "reduce": "merge"}]})
     assert isinstance(loaded, Routing) and (loaded.name, loaded.rules) == ("d", (Rule(layer=1, r=3, reduce="merge"),))
     path = tmp_path / "t.yaml"
     routing.to_yaml(path)
     for given in (path, str(path)):
-        assert as_routing(given) == routing and isinstance(as_routing(given), Routing)
+        assert Routing.parse(given) == routing and isinstance(Routing.parse(given), Routing)
 
 
-def test_as_routing_rejects_other_types_naming_the_argument():
-    message = "routing must be a Routing, a dict or the path of a routing YAML file, got int"
+def test_parse_rejects_other_types():
+    message = "a routing must be a Routing, a dict, a preset spec or the path of a routing YAML file, got int"
     with pytest.raises(TypeError, match=exactly(message)):
-        as_routing(5)
-    message = "base must be a Routing, a dict or the path of a routing YAML file, got list"
-    with pytest.raises(TypeError, match=exactly(message)):
-        as_routing([], argument="base")
+        Routing.parse(5)
+
+
+def test_presets_by_name_resolve_to_the_baseline_routings():
+    assert Routing.parse("unpruned", 12) == Routing()
+    assert Routing.parse("tome:r=13", 12) == Routing.tome(13, 12)
+    assert Routing.parse("evit:keep=0.7", 12) == Routing.evit(0.7, (3, 6, 9))
+    assert Routing.parse("topk_attention:keep=0.7", 12) == Routing.topk_attention(0.7, (3, 6, 9))
+    assert Routing.parse("random:keep=0.7,seed=3", 12) == Routing.random(0.7, (3, 6, 9), seed=3)
+    assert Routing.parse("evit:keep=0.5", 4) == Routing.evit(0.5, (1, 2, 3))  # EViT's layers scaled to the depth
+    assert Routing.parse("topk_attention:keep=0.6,layers=2-5", 12).rules[1].layer == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "message"),
+    [
+        ("tome", ValueError, r"routing preset 'tome' needs r=\.\.\. \(tome:r=<tokens merged per block>\)"),
+        ("evit:r=3", ValueError, r"routing preset 'evit:r=3': unknown argument 'r'"),
+        ("evit:keep", ValueError, r"argument 'keep' is not key=value"),
+        ("tome:r=x", ValueError, r"routing preset 'tome:r=x': invalid literal"),
+        ("merge:r=2", ValueError, r"unknown routing preset 'merge' in 'merge:r=2'; presets: tome:r="),
+        ("nowhere.yaml", FileNotFoundError, r"routing 'nowhere.yaml' is neither a routing file nor a preset"),
+    ],
+)
+def test_bad_preset_specs_say_what_is_wrong(spec, error, message):
+    with pytest.raises(error, match=message):
+        Routing.parse(spec, 12)
+
+
+def test_layerwise_preset_scores_statistics_first_then_attention():
+    routing = Routing.parse("layerwise:keep=0.7", 12)
+    assert routing == Routing.layerwise(0.7, (3, 6, 9))
+    assert [(r.layer, r.score, r.keep, r.reduce) for r in routing.rules] == [
+        (3, "l2_norm", 0.8, "drop"),
+        (6, "cls_attention", 0.7, "fuse"),
+        (9, "cls_attention", 0.7, "fuse"),
+    ]
+    assert Routing.layerwise(0.95, (1, 2)).rules[0].keep == 1.0  # the first keep is capped at 1
+    assert Routing.layerwise(0.7, (1, 4, 7), first_keep=0.85).rules[0].keep == 0.85
+
+
+def test_presets_refuse_repeated_arguments_and_a_missing_depth():
+    with pytest.raises(
+        ValueError,
+        match=exactly("routing preset 'tome:r=2,r=3': argument 'r' is given twice (tome:r=<tokens merged per block>)"),
+    ):
+        Routing.parse("tome:r=2,r=3", 12)
+    with pytest.raises(
+        ValueError, match=exactly("routing preset 'evit:keep=0.7' needs the model's depth (Routing.parse(spec, depth))")
+    ):
+        Routing.parse("evit:keep=0.7")
+    assert [rule.layer for rule in Routing.parse("evit:keep=0.7,layers=1-2").rules] == [1, 2]  # layers given: no depth
 
 
 def test_model_specific_errors_when_applied():

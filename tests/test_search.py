@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from attnprune import Routing, count_flops, prune, unprune
-from attnprune.flops import matched_baselines
+from attnprune.routing.baselines import matched_baselines
 from attnprune.search import (
     Evaluator,
     InfeasibleBudget,

@@ -13,8 +13,8 @@ import wandb
 from lightning.pytorch.loggers import WandbLogger
 from nbclient import NotebookClient
 
-from analyze import analyze
 from attnprune import Routing, save_model
+from attnprune.cli.analyze import analyze
 from attnprune.lit.callbacks import SelectivityCallback
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from attnprune.errors import UserError
 from attnprune.selectivity import SelectivityAnalyzer
 
 __all__ = ["SelectivityCallback"]
@@ -52,10 +53,10 @@ class SelectivityCallback(Callback):
         max_batches: int | None = None,
     ) -> None:
         if max_images < 1 or every_n_epochs < 1:
-            raise ValueError(f"max_images and every_n_epochs must be >= 1, got {max_images} and {every_n_epochs}")
+            raise UserError(f"max_images and every_n_epochs must be >= 1, got {max_images} and {every_n_epochs}")
         self.max_images, self.oracle, self.scorers, self.keep = max_images, oracle, scorers, keep
         if max_fraction is not None and not 0.0 < max_fraction <= 1.0:
-            raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}")
+            raise UserError(f"max_fraction must be in (0, 1], got {max_fraction}")
         self.every_n_epochs, self.max_batches, self.max_fraction = every_n_epochs, max_batches, max_fraction
         self.limit = max_images
         self.analyzer: SelectivityAnalyzer | None = None

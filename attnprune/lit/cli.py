@@ -20,8 +20,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
-from attnprune.flops import baseline_layers
-from attnprune.lit.modules import load_routing
 from attnprune.routing import Routing
 
 __all__ = [
@@ -30,78 +28,18 @@ __all__ = [
     "RunConfigCallback",
     "discard_failed_run",
     "existing_folders",
-    "parse_routing",
     "wandb_offline",
     "trainer_defaults",
 ]
 
 CONFIG_FILE = "lightning_config.yaml"
-PRESETS = {
-    "tome": "tome:r=<tokens merged per block>",
-    "evit": "evit:keep=<fraction>[,layers=3-6-9]",
-    "topk_attention": "topk_attention:keep=<fraction>[,layers=3-6-9]",
-    "random": "random:keep=<fraction>[,layers=3-6-9][,seed=0]",
-}
-
-
-def parse_routing(spec: str | dict | None, depth: int) -> Routing:
-    """A routing from ``unpruned`` (or None), a preset by name, a routing YAML file or a dict.
-
-    Presets take ``key=value`` arguments after a colon, separated by commas: ``tome:r=13`` (r tokens merged in every
-    block), ``evit:keep=0.7``, ``topk_attention:keep=0.7`` and ``random:keep=0.7[,seed=1]``. The last three prune
-    at EViT's layers scaled to the model's depth (3, 6 and 9 of 12 blocks) unless ``layers=2-5-8`` says otherwise.
-
-    Raises:
-        ValueError: an unknown preset, a missing or unknown argument.
-        FileNotFoundError: neither a preset nor an existing file.
-    """
-    if spec is None or isinstance(spec, (dict, Routing)) or spec == "unpruned":
-        return load_routing(spec)
-    name, colon, arguments = spec.partition(":")
-    if name not in PRESETS:
-        if colon and not Path(spec).exists() and "/" not in name:
-            raise ValueError(f"unknown routing preset {name!r} in {spec!r}; presets: {', '.join(PRESETS.values())}")
-        if not Path(spec).is_file():
-            raise FileNotFoundError(
-                f"routing {spec!r} is neither a routing file nor a preset; presets: unpruned, "
-                f"{', '.join(PRESETS.values())}"
-            )
-        return load_routing(spec)
-    args: dict[str, str] = {}
-    for item in filter(None, arguments.split(",")):
-        key, equals, value = item.partition("=")
-        if not equals:
-            raise ValueError(f"routing preset {spec!r}: argument {item!r} is not key=value ({PRESETS[name]})")
-        args[key.strip()] = value.strip()
-    allowed = {"tome": {"r"}, "random": {"keep", "layers", "seed"}}.get(name, {"keep", "layers"})
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"routing preset {spec!r}: unknown argument {unknown[0]!r} ({PRESETS[name]})")
-    required = "r" if name == "tome" else "keep"
-    if required not in args:
-        raise ValueError(f"routing preset {spec!r} needs {required}=... ({PRESETS[name]})")
-    try:
-        if name == "tome":
-            return Routing.tome(int(args["r"]), depth)
-        keep = float(args["keep"])
-        layers = (
-            tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else baseline_layers(depth)
-        )
-        seed = int(args.get("seed", 0))
-    except ValueError as err:
-        raise ValueError(f"routing preset {spec!r}: {err} ({PRESETS[name]})") from err
-    if name == "evit":
-        return Routing.evit(keep, layers)
-    if name == "topk_attention":
-        return Routing.topk_attention(keep, layers)
-    return Routing.random(keep, layers, seed=seed)
 
 
 def _routing_entry(spec: Any, depth: int) -> Any:
     """A routing spec as the run config holds it: its rules, with the spec it came from."""
     try:
-        routing = parse_routing(spec, depth)
-    except (ValueError, FileNotFoundError):
+        routing = Routing.parse(spec, depth)
+    except (ValueError, TypeError, FileNotFoundError):
         return spec  # the run fails on it later, with the full message
     return {"spec": spec if isinstance(spec, str) else routing.name, **routing.to_dict()}
 

@@ -36,6 +36,8 @@ from timm.data import (
 )
 from torch.utils.data import DataLoader
 
+from attnprune.errors import UserError
+
 __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
@@ -77,7 +79,7 @@ def _to_pil(image: Any, mode: str) -> Image.Image:
             image = datasets.Image().decode_example(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             where = f"image file {image['path']}" if image.get("path") else "an embedded image (no file name)"
-            raise ValueError(f"{where} cannot be read as an image ({err}); remove or replace it") from err
+            raise UserError(f"{where} cannot be read as an image ({err}); remove or replace it") from err
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     return image if image.mode == mode else image.convert(mode)  # grayscale, CMYK, RGBA, palette -> the model's
@@ -98,7 +100,7 @@ def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str)
     expected = tuple(int(v) for v in embed.img_size)
     fixed = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
     if channels != proj.in_channels or (fixed and size != expected):
-        raise ValueError(
+        raise UserError(
             f"{where}: input_size {[channels, *size]} does not fit the model, which takes "
             f"{[proj.in_channels, *expected]} (channels, height, width); leave data_config out to use the model's "
             "own preprocessing, or give its input_size"
@@ -164,18 +166,18 @@ class ImageDataModule(L.LightningDataModule):
         if train_images is None:  # streaming: the length is unknown
             count = default if val_size is None else val_size
             if not isinstance(count, int) or isinstance(count, bool):
-                raise ValueError(f"val_size must be an image count with streaming data, got {val_size!r}")
+                raise UserError(f"val_size must be an image count with streaming data, got {val_size!r}")
             return count
         if val_size is None:
             count = min(default or train_images, max(1, round(0.1 * train_images)))
         elif isinstance(val_size, float):
             if not 0.0 < val_size < 1.0:
-                raise ValueError(f"val_size as a fraction must be in (0, 1), got {val_size}")
+                raise UserError(f"val_size as a fraction must be in (0, 1), got {val_size}")
             count = math.ceil(val_size * train_images)
         else:
             count = val_size
         if not 1 <= count < train_images:
-            raise ValueError(
+            raise UserError(
                 f"val_size={val_size!r} holds out {count} of the {train_images} training images of "
                 f"{self.describe_source()}; at least one image must stay on each side. Give a smaller count or a "
                 "fraction (val_size=0.1)"
@@ -249,7 +251,7 @@ class ImageDataModule(L.LightningDataModule):
         if not self.splits:
             self.prepare_splits()
         if stage in ("fit", "validate") and "train" not in self.splits:
-            raise ValueError(
+            raise UserError(
                 f"{self.describe_source()} has no training split, which `{stage}` needs (the validation split is "
                 f"carved out of it); it has only the held-out split, which `test` (evaluate.py) reads. "
                 f"{self.layouts_hint()}".strip()
@@ -261,7 +263,7 @@ class ImageDataModule(L.LightningDataModule):
         needed = "train" if split == "bank" else split
         if needed not in self.splits:
             what = "held-out split (add a test/ or val/ folder)" if split == "test" else "training split"
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no {what}. "
                 f"{self.layouts_hint()}".strip()
             )
@@ -395,7 +397,7 @@ def read_val_solution(path: Path) -> dict[str, str]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise ValueError(f"{path} is not Kaggle's {VAL_SOLUTION}: expected the columns ImageId,PredictionString")
+            raise UserError(f"{path} is not Kaggle's {VAL_SOLUTION}: expected the columns ImageId,PredictionString")
         return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
 
 
@@ -438,7 +440,7 @@ class ImageFolderDataModule(ImageDataModule):
         names = next(iter(splits.values())).features["label"].names
         used = sorted({names[label] for split in splits.values() for label in set(split["label"])})
         if len(used) < 2:
-            raise ValueError(
+            raise UserError(
                 f"image folder {self.root} has images of {len(used)} class ({', '.join(used)}); a classifier needs at "
                 f"least two class subfolders with images ({self.root}/<split>/<class>/*.jpg)"
             )
@@ -576,7 +578,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         files = sorted(entry for entry in folder.iterdir() if _is_image(entry) and FLAT_VAL.match(entry.name))
         missing = [file.name for file in files if file.stem not in wnid_of]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{len(missing)} images of {folder} have no row in {solution} (for example {', '.join(missing[:3])})"
             )
         return _image_dataset([str(file) for file in files], [index[wnid_of[file.stem]] for file in files], classes)
@@ -608,7 +610,7 @@ class ImageNetDataModule(ImageFolderDataModule):
         for split, data in splits.items():
             columns = set(data.features or {})
             if not {"image", "label"} <= columns:
-                raise ValueError(
+                raise UserError(
                     f"split {split!r} of {self.describe_source()} has columns {sorted(columns)}; an ImageNet dataset "
                     "needs 'image' and 'label' columns"
                 )
@@ -677,11 +679,11 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {data[:4].hex()})")
+        raise UserError(f"{path} is not an IDX file of unsigned bytes (header {data[:4].hex()})")
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says {shape} but the file holds {array.size} values")
+        raise UserError(f"{path}: header says {shape} but the file holds {array.size} values")
     return array.reshape(shape)
 
 

@@ -23,17 +23,12 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from attnprune.errors import UserError, check_finite_outputs
 from attnprune.flops import count_flops
+from attnprune.io import build_from_spec, build_model, load_model
+from attnprune.io import model_spec as build_spec
 from attnprune.lit.optim import warmup_cosine
-from attnprune.paradigms import (
-    build_from_spec,
-    build_model,
-    check_finite_outputs,
-    get_paradigm,
-    knn_predict,
-    load_model,
-)
-from attnprune.paradigms import model_spec as build_spec
+from attnprune.paradigms import get_paradigm, knn_predict
 from attnprune.routing import Routing
 from attnprune.vit import forward_tokens, prune
 
@@ -42,19 +37,7 @@ __all__ = [
     "DistillationClassifier",
     "LinearProbe",
     "KNNClassifier",
-    "load_routing",
 ]
-
-
-def load_routing(spec: str | dict | Routing | None) -> Routing:
-    """A routing from a YAML path, a dict, a Routing, or None / ``"unpruned"`` (no pruning)."""
-    if spec is None or spec == "unpruned":
-        return Routing()
-    if isinstance(spec, Routing):
-        return spec
-    if isinstance(spec, dict):
-        return Routing.from_dict(spec)
-    return Routing.from_yaml(spec)
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
@@ -91,7 +74,7 @@ class _PrunedModule(L.LightningModule):
             kwargs = {**spec.get("model_kwargs", {}), **(model_kwargs or {})}
         else:
             if model == "auto":
-                raise ValueError("model='auto' takes the architecture from a checkpoint, but none was given")
+                raise UserError("model='auto' takes the architecture from a checkpoint, but none was given")
             kwargs = {**(model_kwargs or {}), **({"num_classes": num_classes} if num_classes is not None else {})}
             self.model = build_model(model, paradigm, pretrained_cfg, **kwargs)
             architecture = model
@@ -100,7 +83,7 @@ class _PrunedModule(L.LightningModule):
         if model_spec is None and checkpoint is not None and pretrained_cfg:
             self.model.pretrained_cfg = {**self.model.pretrained_cfg, **pretrained_cfg}
         self.hparams["model_spec"] = build_spec(self.model, architecture, paradigm, kwargs)
-        self.set_routing(load_routing(routing))
+        self.set_routing(Routing.parse(routing, len(self.model.blocks)))
         self.data_config = resolve_model_data_config(self.model)
         # Loaded models come in eval mode and Lightning keeps submodule modes at fit start: without this, dropout and
         # drop-path would be silently off during training.
@@ -187,7 +170,7 @@ class PrunedClassifier(_PrunedModule):
         super().__init__(model, checkpoint, paradigm, num_classes, model_kwargs, routing, model_spec, pretrained_cfg)
         classes = self.model.num_classes
         if classes == 0:
-            raise ValueError(
+            raise UserError(
                 "PrunedClassifier needs a classification head: set num_classes, or use LinearProbe / "
                 "KNNClassifier for a DINO backbone"
             )
@@ -248,9 +231,9 @@ class DistillationClassifier(PrunedClassifier):
         # arguments of every __init__ on the stack), and a second call here would erase `model_spec`.
         super().__init__(model=model, paradigm=paradigm, **kwargs)
         if not hasattr(self.model, "set_distilled_training"):
-            raise ValueError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
+            raise UserError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
         if self.mixup is not None:
-            raise ValueError("hard-label distillation is implemented without mixup/cutmix")
+            raise UserError("hard-label distillation is implemented without mixup/cutmix")
         self.teacher = load_model(teacher).eval().requires_grad_(False)
 
     def on_train_start(self) -> None:
@@ -294,7 +277,7 @@ class _FrozenBackbone(_PrunedModule):
         self.model.requires_grad_(False).eval()
         self.n_last_blocks = n_last_blocks
         if not self.model.has_class_token:
-            raise ValueError("the DINO readouts read the class token, but the backbone has none")
+            raise UserError("the DINO readouts read the class token, but the backbone has none")
         self.feature_dim = self.model.embed_dim * n_last_blocks
 
     def train(self, mode: bool = True) -> _FrozenBackbone:

@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from attnprune.errors import UserError
+
 __all__ = ["cosine", "steps_per_epoch", "warmup_cosine"]
 
 
@@ -24,7 +26,7 @@ def steps_per_epoch(trainer: L.Trainer) -> int:
         trainer.fit_loop.setup_data()  # what Trainer.estimated_stepping_batches does when the loader is not set up
         batches = trainer.num_training_batches
     if not math.isfinite(batches):
-        raise ValueError("warmup_epochs needs a train dataloader with a length; set warmup_epochs=0")
+        raise UserError("warmup_epochs needs a train dataloader with a length; set warmup_epochs=0")
     return math.ceil(batches / trainer.accumulate_grad_batches)
 
 

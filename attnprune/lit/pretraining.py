@@ -34,8 +34,10 @@ from timm.data import resolve_model_data_config
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from attnprune.errors import UserError, UserTypeError
+from attnprune.io import build_model, save_model
 from attnprune.lit.optim import cosine, warmup_cosine
-from attnprune.paradigms import PARADIGMS, build_model, save_model
+from attnprune.paradigms import PARADIGMS
 
 __all__ = [
     "DINOHead",
@@ -62,7 +64,7 @@ def create_vit(
     kwargs = {**(model_kwargs or {}), "num_classes": 0, **overrides}
     vit = timm.create_model(model, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
     if not isinstance(vit, VisionTransformer):
-        raise TypeError(f"pretraining expects a timm VisionTransformer, {model!r} is a {type(vit).__name__}")
+        raise UserTypeError(f"pretraining expects a timm VisionTransformer, {model!r} is a {type(vit).__name__}")
     return vit
 
 
@@ -190,7 +192,7 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, temperature: float =
     """Fixed 2-D sine-cosine position embeddings ``[grid_h * grid_w, dim]`` in row-major token order (a quarter of
     the channels each for sin(x), cos(x), sin(y), cos(y))."""
     if dim % 4:
-        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
+        raise UserError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     ys, xs = torch.meshgrid(
         torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
@@ -227,9 +229,9 @@ class MaskedAutoencoder(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+            raise UserError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if encoder.dynamic_img_size:
-            raise ValueError("MAE pretraining needs a fixed input size; create the encoder without dynamic_img_size")
+            raise UserError("MAE pretraining needs a fixed input size; create the encoder without dynamic_img_size")
         self.encoder = encoder
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
@@ -451,7 +453,7 @@ class DINOPretraining(L.LightningModule):
     def training_step(self, batch: tuple[Sequence[Tensor], Any], batch_idx: int) -> Tensor:
         crops, _ = batch
         if len(crops) < 2:
-            raise ValueError(f"DINO needs at least the two global crops, got {len(crops)} views")
+            raise UserError(f"DINO needs at least the two global crops, got {len(crops)} views")
         with torch.no_grad():
             teacher_out = self.teacher(crops[:2])
         student_out = self.student(crops)

@@ -16,6 +16,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from attnprune.errors import UserError
+
 __all__ = ["MultiCropTransform"]
 
 
@@ -52,7 +54,7 @@ class MultiCropTransform:
         grayscale: bool | None = None,
     ) -> None:
         if num_local < 0:
-            raise ValueError(f"num_local must be >= 0, got {num_local}")
+            raise UserError(f"num_local must be >= 0, got {num_local}")
         mean = tuple(mean) if mean is not None else (0.5,)  # one value broadcasts over the channels
         std = tuple(std) if std is not None else (0.5,)
         self.mode = None if grayscale is None else "L" if grayscale else "RGB"

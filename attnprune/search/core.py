@@ -15,8 +15,10 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from attnprune.flops import count_flops, matched_baselines
+from attnprune.errors import UserError, UserTypeError
+from attnprune.flops import count_flops
 from attnprune.routing import Routing
+from attnprune.routing.baselines import matched_baselines
 from attnprune.search import state as search_state
 from attnprune.search.beam import beam
 from attnprune.search.evaluator import Evaluator
@@ -40,12 +42,12 @@ class SearchResult:
 
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"search {name} must be a positive integer, got {value!r}")
+        raise UserError(f"search {name} must be a positive integer, got {value!r}")
 
 
 def _check_confidence(confidence: Any) -> None:
     if not isinstance(confidence, numbers.Real) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
-        raise ValueError(f"search confidence must be in [0.5, 1), got {confidence!r}")
+        raise UserError(f"search confidence must be in [0.5, 1), got {confidence!r}")
 
 
 def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tensor, Tensor | None]]:
@@ -55,15 +57,17 @@ def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tenso
         images, labels = (batch[0], batch[1]) if isinstance(batch, list | tuple) else (batch, None)
         if not isinstance(images, Tensor) or images.ndim != 4:
             got = type(images).__name__ if not isinstance(images, Tensor) else f"a tensor of shape {list(images.shape)}"
-            raise TypeError(f"search dataloader must yield image tensors [B, C, H, W] or (images, labels), got {got}")
+            raise UserTypeError(
+                f"search dataloader must yield image tensors [B, C, H, W] or (images, labels), got {got}"
+            )
         if labels is not None and model.num_classes > 0 and len(labels):
             low, high = int(labels.min()), int(labels.max())
             if low < 0 or high >= model.num_classes:
                 bad = low if low < 0 else high
-                raise ValueError(f"search dataloader label {bad} is outside the model's {model.num_classes} classes")
+                raise UserError(f"search dataloader label {bad} is outside the model's {model.num_classes} classes")
         batches.append((images, labels))
     if not batches or not sum(len(images) for images, _ in batches):
-        raise ValueError("search dataloader yielded no images")
+        raise UserError("search dataloader yielded no images")
     return batches
 
 
@@ -122,9 +126,9 @@ def search_routing(
         ValueError: a setting out of range, labels outside the head's classes, a state of another search.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+        raise UserError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not 0 < budget <= 1:
-        raise ValueError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
+        raise UserError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
     _check_confidence(confidence)
     for name, value in (("beam_width", beam_width), ("screen_images", screen_images), ("finalists", finalists)):
         _positive_int(name, value)
@@ -202,11 +206,11 @@ def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
     """The validation images searched on and the last ``holdout`` fraction of them kept out to check the result,
     as batches (a batch straddling the boundary is split)."""
     if not isinstance(holdout, numbers.Real) or isinstance(holdout, bool) or not 0 <= holdout < 1:
-        raise ValueError(f"holdout must be a fraction of the validation images in [0, 1), got {holdout!r}")
+        raise UserError(f"holdout must be a fraction of the validation images in [0, 1), got {holdout!r}")
     total = sum(len(images) for images, _ in batches)
     count = round(holdout * total)
     if holdout > 0 and not 0 < count < total:
-        raise ValueError(
+        raise UserError(
             f"holdout {holdout:g} of {total} validation images leaves {total - count} to search on and {count} to "
             "check on; it must leave at least one image for each"
         )

@@ -6,7 +6,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from attnprune.paradigms import check_finite_outputs
+from attnprune.errors import check_finite_outputs
 from attnprune.routing import Routing
 from attnprune.search.objective import LOSSES, fidelity_metric, top1_error
 from attnprune.vit import embed, head, run_blocks

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from attnprune.errors import UserError
+
 __all__ = ["OBJECTIVES", "resolve_objective", "fidelity_metric", "kl_divergence", "cosine_distance", "top1_error"]
 
 OBJECTIVES = ("fidelity", "kl", "cosine", "top1")
@@ -53,10 +55,10 @@ def resolve_objective(objective: str, model: nn.Module, has_labels: bool) -> str
         ValueError: an unknown objective, ``kl`` or ``top1`` on a headless model, or ``top1`` without labels.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+        raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     name = fidelity_metric(model) if objective == "fidelity" else objective
     if name in ("kl", "top1") and fidelity_metric(model) == "cosine":
-        raise ValueError(f"objective {objective!r} needs class logits, but the model is headless (num_classes=0)")
+        raise UserError(f"objective {objective!r} needs class logits, but the model is headless (num_classes=0)")
     if name == "top1" and not has_labels:
-        raise ValueError("objective 'top1' needs labels, but the validation batches have none")
+        raise UserError("objective 'top1' needs labels, but the validation batches have none")
     return name

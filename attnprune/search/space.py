@@ -8,6 +8,7 @@ from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
+from attnprune.errors import UserError
 from attnprune.flops import count_flops
 from attnprune.routing import Routing, max_merge
 from attnprune.scoring import SCORERS
@@ -16,7 +17,7 @@ from attnprune.vit import num_patch_tokens
 __all__ = ["SearchSpace", "InfeasibleBudget", "cheapest_flops", "completion", "tune_keep", "milder"]
 
 
-class InfeasibleBudget(ValueError):
+class InfeasibleBudget(UserError):
     """No routing of the search space meets the FLOPs budget."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnprune.errors import UserError
 from attnprune.search.evaluator import Evaluator
 
 __all__ = ["fingerprint", "load_state", "save_state", "checkpoint", "new_state"]
@@ -47,13 +48,13 @@ def load_state(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
     if path is None or not path.exists():
         return None
     if not path.is_file():
-        raise ValueError(f"search state_path {path} is a directory; give a JSON file path")
+        raise UserError(f"search state_path {path} is a directory; give a JSON file path")
     try:
         state = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"search state {path} is not valid JSON ({error}); delete it to start over") from None
+        raise UserError(f"search state {path} is not valid JSON ({error}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        raise ValueError(
+        raise UserError(
             f"search state {path} belongs to another search (model, data, budget or settings differ); "
             "delete it or pass another state_path"
         )

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnprune.errors import UserError
+
 __all__ = [
     "normalized_entropy",
     "gini",
@@ -67,7 +69,7 @@ def gini(attn: Tensor) -> Tensor:
 
 def _topk_count(fraction: float, n: int) -> int:
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"fraction must be in (0, 1], got {fraction}")
     # round first so float noise (0.1 * 30 = 3.0000000000000004) does not add a token
     return min(n, max(1, math.ceil(round(fraction * n, 6))))
 
@@ -170,7 +172,7 @@ def topk_overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
     """
     n = a.shape[-1]
     if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
+        raise UserError(f"k must be in [1, {n}], got {k}")
     in_a = torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, a.topk(k, dim=-1).indices, True)
     in_b = torch.zeros(b.shape, dtype=torch.bool, device=b.device).scatter_(-1, b.topk(k, dim=-1).indices, True)
     dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
@@ -191,7 +193,7 @@ def head_agreement(attn_heads: Tensor, per_head: bool = False) -> Tensor:
     """
     h = attn_heads.shape[-2]
     if h < 2:
-        raise ValueError(f"head agreement needs at least 2 heads, got {h}")
+        raise UserError(f"head agreement needs at least 2 heads, got {h}")
     z = _standardized_ranks(attn_heads)
     corr = z @ z.transpose(-1, -2)  # [..., H, H], Spearman between every pair of heads
     off_diagonal = corr.sum(dim=-1) - corr.diagonal(dim1=-2, dim2=-1)
@@ -213,5 +215,5 @@ def rank_stability(scores_a: Tensor, scores_b: Tensor) -> Tensor:
         ``[B]`` (``[...]``): 1 when the ranking is unchanged, -1 when it is reversed.
     """
     if scores_a.shape != scores_b.shape:
-        raise ValueError(f"scores_a and scores_b must have the same shape, got {scores_a.shape} and {scores_b.shape}")
+        raise UserError(f"scores_a and scores_b must have the same shape, got {scores_a.shape} and {scores_b.shape}")
     return spearman(scores_a, scores_b)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from attnprune.errors import UserError
 from attnprune.selectivity.functional import (
     _topk_count,
     effective_share,
@@ -63,7 +64,7 @@ class MeanOverRows(Metric):
     def __init__(self, num_heads: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if num_heads is not None and (not isinstance(num_heads, int) or num_heads < 1):
-            raise ValueError(f"num_heads must be a positive int or None, got {num_heads!r}")
+            raise UserError(f"num_heads must be a positive int or None, got {num_heads!r}")
         self.num_heads = num_heads
         shape = () if num_heads is None else (num_heads,)
         self.add_state("total", torch.zeros(shape), dist_reduce_fx="sum")
@@ -71,7 +72,7 @@ class MeanOverRows(Metric):
 
     def _check_heads(self, x: Tensor, name: str) -> None:
         if self.num_heads is not None and (x.ndim < 2 or x.shape[-2] != self.num_heads):
-            raise ValueError(f"{name} must be [..., H, N] with H = num_heads = {self.num_heads}, got {tuple(x.shape)}")
+            raise UserError(f"{name} must be [..., H, N] with H = num_heads = {self.num_heads}, got {tuple(x.shape)}")
 
     def _accumulate(self, values: Tensor) -> None:
         """Add per-row values, ``[...]`` (or ``[..., H]`` per head), to the running sum and count."""
@@ -218,7 +219,7 @@ class TopKOverlap(MeanOverRows):
     def __init__(self, fraction: float = 0.5, num_heads: int | None = None, **kwargs: Any) -> None:
         super().__init__(num_heads=num_heads, **kwargs)
         if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+            raise UserError(f"fraction must be in (0, 1], got {fraction}")
         self.fraction = fraction
 
     def update(self, scores_a: Tensor, scores_b: Tensor) -> None:

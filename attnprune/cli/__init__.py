@@ -1,16 +1,11 @@
-"""One way for every entry point (train.py, evaluate.py, search.py, analyze.py, quickstart.py) to end on a user
-error: exit status 2 and one line on stderr that names the input, without a traceback.
+"""The command lines (``attnprune-train``, ``-evaluate``, ``-search``, ``-analyze``, ``-quickstart``; ``train.py`` and
+the other scripts at the repository's top call them), and their one way to end on a user error: exit status 2 and
+one line on stderr that names the input, without a traceback.
 
-A user error is a ``ValueError``, ``FileNotFoundError``, ``TypeError``, ``IsADirectoryError`` or
-``NotADirectoryError`` raised by validation, or an argument error of jsonargparse/argparse. Anything else is a bug
-and keeps its traceback. ``--debug`` on the command line (removed before parsing) or ``ATTNPRUNE_DEBUG=1`` shows the
-traceback of user errors too.
-
-    def main(args=None):
-        ...
-
-    if __name__ == "__main__":
-        run_cli(main)
+A user error is an :class:`attnprune.errors.UserError` raised by validation, an OS error about a path the user gave
+(``FileNotFoundError``, ``IsADirectoryError``, ``NotADirectoryError``), or an argument error of jsonargparse/argparse.
+Anything else is a bug and keeps its traceback. ``--debug`` on the command line (removed before parsing) or
+``ATTNPRUNE_DEBUG=1`` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -22,18 +17,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["USER_ERRORS", "HubUnavailableError", "debug_requested", "one_line", "run_cli"]
+from attnprune.errors import UserError
 
-
-class HubUnavailableError(OSError):
-    """A timm hub name could not be loaded (offline, no cache): the user's to fix, by passing a local file."""
-
+__all__ = ["USER_ERRORS", "debug_requested", "is_user_error", "lightning_parser_kwargs", "one_line", "run_cli"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    HubUnavailableError,
-    ValueError,
+    UserError,
     FileNotFoundError,
-    TypeError,
     IsADirectoryError,
     NotADirectoryError,
     argparse.ArgumentError,
@@ -66,6 +56,18 @@ def one_line(err: BaseException) -> str:
     return " ".join(lines)
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of :data:`USER_ERRORS` or was raised because of one: jsonargparse reports an error of a
+    class it instantiates (a module refusing its weights, say) as a ``ValueError`` caused by it."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, USER_ERRORS):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> Any:
     """Call ``main(argv)`` (``argv`` default ``sys.argv[1:]``, without ``--debug``); on a user error write
     ``error: <message>`` to stderr and exit with status 2, unless debugging was asked for (then re-raise)."""
@@ -74,8 +76,8 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     argv = [arg for arg in argv if arg != "--debug"]
     try:
         return main(argv)
-    except USER_ERRORS as err:
-        if debug:
+    except Exception as err:
+        if debug or not is_user_error(err):
             raise
         sys.stderr.write(f"error: {one_line(err)} (--debug or ATTNPRUNE_DEBUG=1 for a traceback)\n")
         raise SystemExit(EXIT_USER_ERROR) from None

@@ -5,110 +5,26 @@ ranks the tokens, how many non-prefix tokens survive and which reducer removes t
 once from the input size (:meth:`Routing.resolve`), so every image in a batch keeps the same number of tokens.
 
 Baselines are presets: ToMe (Bolya et al., 2023) is ``merge`` with ``r`` in every block, EViT (Liang et al., 2022)
-is ``cls_attention`` + ``fuse`` at three blocks, uniform attention top-k is ``cls_attention`` + ``drop``.
+is ``cls_attention`` + ``fuse`` at three blocks, uniform attention top-k is ``cls_attention`` + ``drop``. Every entry
+point names a routing the same way (:meth:`Routing.parse`): ``unpruned``, a preset spec such as ``tome:r=13`` or
+``evit:keep=0.7`` (:data:`PRESETS`), or the path of a routing YAML file.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from attnprune.reduction import REDUCERS
-from attnprune.scoring import SCORERS
+from attnprune.errors import UserError, UserTypeError
+from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, keep_count, max_merge
 
-__all__ = ["Rule", "Routing", "LayerPlan", "max_merge"]
+__all__ = ["Routing", "PRESETS", "baseline_layers"]
 
-_RULE_FIELDS = ("layer", "score", "keep", "r", "reduce")
 _ROUTING_FIELDS = ("name", "rules", "prop_attn", "seed")
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What one block does to its tokens.
-
-    Args:
-        layer: 0-based block index; tokens are reduced after attention, before the MLP.
-        score: scorer registry key ranking the tokens (``drop``, ``fuse``); ``merge`` matches on the attention
-            keys as ToMe does and takes no scorer.
-        keep: fraction in (0, 1] of the non-prefix tokens reaching the block (a float), or a token count (an int).
-        r: tokens removed in this block (ToMe's knob); exactly one of ``keep`` and ``r`` is given.
-        reduce: reducer registry key: ``drop``, ``fuse`` or ``merge``.
-    """
-
-    layer: int
-    score: str | None = None
-    keep: float | int | None = None
-    r: int | None = None
-    reduce: str = "drop"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """A rule resolved for a given input: ``n_in`` non-prefix tokens enter, ``n_keep`` survive the scorer's
-    selection (``drop``/``fuse``) and ``n_out`` leave the block (``fuse`` adds one token, ``merge`` removes
-    ``n_in - n_out``)."""
-
-    rule: Rule
-    n_in: int
-    n_keep: int
-    n_out: int
-
-
-def _fail(position: int, field_name: str, message: str) -> ValueError:
-    return ValueError(f"routing rule {position}: field '{field_name}' {message}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_rule(position: int, raw: Any) -> Rule:
-    if isinstance(raw, Rule):
-        raw = raw.to_dict()
-    if not isinstance(raw, dict):
-        raise ValueError(f"routing rule {position}: expected a mapping with fields {_RULE_FIELDS}, got {raw!r}")
-    unknown = sorted(set(raw) - set(_RULE_FIELDS))
-    if unknown:
-        raise _fail(position, unknown[0], f"is not a rule field (expected one of {', '.join(_RULE_FIELDS)})")
-    if "layer" not in raw:
-        raise _fail(position, "layer", "is missing")
-    layer = raw["layer"]
-    if not _is_int(layer) or layer < 0:
-        raise _fail(position, "layer", f"must be a block index >= 0, got {layer!r}")
-    reduce = raw.get("reduce", "drop")
-    if reduce not in REDUCERS:
-        raise _fail(position, "reduce", f"names unknown reducer {reduce!r} (known: {', '.join(sorted(REDUCERS))})")
-    score = raw.get("score")
-    if reduce == "merge":
-        if score is not None:
-            raise _fail(position, "score", f"must be omitted for reduce 'merge' (ToMe matches on keys), got {score!r}")
-    elif score is None:
-        raise _fail(position, "score", f"is required for reduce {reduce!r} (known: {', '.join(sorted(SCORERS))})")
-    elif score not in SCORERS:
-        raise _fail(position, "score", f"names unknown scorer {score!r} (known: {', '.join(sorted(SCORERS))})")
-    keep, r = raw.get("keep"), raw.get("r")
-    if (keep is None) == (r is None):
-        raise _fail(position, "keep", f"or 'r' must be given, exactly one of them (got keep={keep!r}, r={r!r})")
-    if keep is not None:
-        if _is_int(keep):
-            if keep < 1:
-                raise _fail(position, "keep", f"as a token count must be >= 1, got {keep}")
-        elif isinstance(keep, float):
-            if not 0.0 < keep <= 1.0:
-                raise _fail(position, "keep", f"as a fraction must be in (0, 1], got {keep}")
-        else:
-            raise _fail(position, "keep", f"must be a fraction (float) or a token count (int), got {keep!r}")
-    if r is not None and (not _is_int(r) or r < 0):
-        raise _fail(position, "r", f"must be an integer >= 0, got {r!r}")
-    return Rule(layer=layer, score=score, keep=keep, r=r, reduce=reduce)
 
 
 @dataclass(frozen=True)
@@ -130,16 +46,16 @@ class Routing:
     _by_layer: dict[int, Rule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        checked = [_check_rule(i, rule) for i, rule in enumerate(self.rules)]
+        checked = [check_rule(i, rule) for i, rule in enumerate(self.rules)]
         seen: dict[int, int] = {}
         for i, rule in enumerate(checked):
             if rule.layer in seen:
-                raise _fail(i, "layer", f"repeats layer {rule.layer}, already used by rule {seen[rule.layer]}")
+                raise fail(i, "layer", f"repeats layer {rule.layer}, already used by rule {seen[rule.layer]}")
             seen[rule.layer] = i
         if not isinstance(self.prop_attn, bool):
-            raise ValueError(f"routing field 'prop_attn' must be true or false, got {self.prop_attn!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"routing field 'seed' must be an integer, got {self.seed!r}")
+            raise UserError(f"routing field 'prop_attn' must be true or false, got {self.prop_attn!r}")
+        if not is_int(self.seed):
+            raise UserError(f"routing field 'seed' must be an integer, got {self.seed!r}")
         ordered = tuple(sorted(checked, key=lambda rule: rule.layer))
         object.__setattr__(self, "rules", ordered)
         object.__setattr__(self, "_by_layer", {rule.layer: rule for rule in ordered})
@@ -156,13 +72,13 @@ class Routing:
     def from_dict(cls, d: dict[str, Any]) -> Routing:
         """Build from ``{"name": ..., "rules": [{layer, score, keep | r, reduce}, ...], "prop_attn", "seed"}``."""
         if not isinstance(d, dict):
-            raise ValueError(f"a routing must be a mapping with fields {_ROUTING_FIELDS}, got {type(d).__name__}")
+            raise UserError(f"a routing must be a mapping with fields {_ROUTING_FIELDS}, got {type(d).__name__}")
         unknown = sorted(set(d) - set(_ROUTING_FIELDS))
         if unknown:
-            raise ValueError(f"routing field '{unknown[0]}' is unknown (expected one of {', '.join(_ROUTING_FIELDS)})")
+            raise UserError(f"routing field '{unknown[0]}' is unknown (expected one of {', '.join(_ROUTING_FIELDS)})")
         rules = d.get("rules") or []
         if not isinstance(rules, (list, tuple)):
-            raise ValueError(f"routing field 'rules' must be a list of rules, got {type(rules).__name__}")
+            raise UserError(f"routing field 'rules' must be a list of rules, got {type(rules).__name__}")
         return cls(
             rules=tuple(rules),
             name=str(d.get("name", "routing")),
@@ -179,7 +95,7 @@ class Routing:
         try:
             return cls.from_dict(yaml.safe_load(path.read_text()))
         except (ValueError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: {err}") from err
+            raise UserError(f"{path}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,21 +131,21 @@ class Routing:
                 capped values. Without it an r too large for the tokens left fails when the routing is applied.
         """
         schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
-        bad = [ri for ri in schedule if not _is_int(ri) or ri < 0]
+        bad = [ri for ri in schedule if not is_int(ri) or ri < 0]
         if bad:
-            raise ValueError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
+            raise UserError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
         if len(schedule) != depth:
-            raise ValueError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
+            raise UserError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
         if num_tokens is not None:
-            if not _is_int(num_tokens) or num_tokens < 1:
-                raise ValueError(f"ToMe's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
+            if not is_int(num_tokens) or num_tokens < 1:
+                raise UserError(f"ToMe's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
             capped, n = [], num_tokens
             for ri in schedule:
                 capped.append(min(ri, max_merge(n)))
                 n -= capped[-1]
             schedule = capped
         rules = tuple(Rule(layer=i, r=ri, reduce="merge") for i, ri in enumerate(schedule) if ri > 0)
-        return cls(rules, name=f"tome-r{r}" if _is_int(r) else "tome", prop_attn=prop_attn)
+        return cls(rules, name=f"tome-r{r}" if is_int(r) else "tome", prop_attn=prop_attn)
 
     @classmethod
     def evit(cls, keep: float = 0.7, layers: Sequence[int] = (3, 6, 9)) -> Routing:
@@ -249,6 +165,73 @@ class Routing:
         rules = tuple(Rule(layer=i, score="random", keep=keep, reduce="drop") for i in layers)
         return cls(rules, name=f"random-{keep:g}", seed=seed)
 
+    @classmethod
+    def layerwise(cls, keep: float, layers: Sequence[int], first_keep: float | None = None) -> Routing:
+        """The per-layer choice attnprune is built on, by hand: embedding statistics (``l2_norm``, ``drop``) at the
+        first of ``layers``, where attention is still diffuse, and class-token attention with fusion at the others.
+
+        Args:
+            keep: keep fraction of the attention layers.
+            layers: the pruning blocks, the first one scored by ``l2_norm``.
+            first_keep: keep fraction of the first layer (default ``keep + 0.1``, at most 1).
+        """
+        first, *deeper = layers
+        first_keep = min(1.0, round(keep + 0.1, 3)) if first_keep is None else first_keep
+        rules = [Rule(layer=first, score="l2_norm", keep=first_keep, reduce="drop")]
+        rules += [Rule(layer=layer, score="cls_attention", keep=keep, reduce="fuse") for layer in deeper]
+        return cls(tuple(rules), name="layerwise")
+
+    # ------------------------------------------------------------------------------------------- parsing
+    @classmethod
+    def parse(cls, spec: Routing | dict | str | Path | None, depth: int | None = None) -> Routing:
+        """The routing ``spec`` names, as every entry point reads it.
+
+        Args:
+            spec: a Routing (returned as is); None or ``"unpruned"`` (no pruning); a dict (:meth:`from_dict`); a
+                preset spec, the preset's name then ``key=value`` arguments after a colon, separated by commas
+                (:data:`PRESETS`: ``tome:r=13``, ``evit:keep=0.7``, ``random:keep=0.7,seed=1``); or the path of a
+                routing YAML file (:meth:`from_yaml`). ``evit``, ``topk_attention``, ``random`` and ``layerwise``
+                prune at EViT's layers scaled to the depth (:func:`baseline_layers`) unless ``layers=2-5-8`` says
+                otherwise.
+            depth: the model's number of blocks, which presets need.
+
+        Raises:
+            UserError: an unknown preset, a missing, repeated or unknown argument, a preset without ``depth``.
+            UserTypeError: ``spec`` is none of the above.
+            FileNotFoundError: neither a preset nor an existing file.
+
+        Example:
+            >>> Routing.parse("tome:r=2", depth=3).rules
+            (Rule(layer=0, score=None, keep=None, r=2, reduce='merge'), Rule(layer=1, score=None, keep=None, r=2, \
+reduce='merge'), Rule(layer=2, score=None, keep=None, r=2, reduce='merge'))
+            >>> [rule.layer for rule in Routing.parse("evit:keep=0.7", depth=12).rules]
+            [3, 6, 9]
+        """
+        if spec is None or spec == "unpruned":
+            return cls()
+        if isinstance(spec, Routing):
+            return spec
+        if isinstance(spec, dict):
+            return cls.from_dict(spec)
+        if isinstance(spec, Path):
+            return cls.from_yaml(spec)
+        if not isinstance(spec, str):
+            raise UserTypeError(
+                f"a routing must be a Routing, a dict, a preset spec or the path of a routing YAML file, got "
+                f"{type(spec).__name__}"
+            )
+        name, colon, arguments = spec.partition(":")
+        if name not in PRESETS:
+            if colon and not Path(spec).exists() and "/" not in name:
+                raise UserError(f"unknown routing preset {name!r} in {spec!r}; presets: {', '.join(PRESETS.values())}")
+            if not Path(spec).is_file():
+                raise FileNotFoundError(
+                    f"routing {spec!r} is neither a routing file nor a preset; presets: unpruned, "
+                    f"{', '.join(PRESETS.values())}"
+                )
+            return cls.from_yaml(spec)
+        return _preset(spec, name, arguments, depth)
+
     # ------------------------------------------------------------------------------------------ resolving
     def resolve(self, depth: int, num_tokens: int) -> list[LayerPlan]:
         """Static token counts of every rule for a model of ``depth`` blocks and ``num_tokens`` non-prefix tokens.
@@ -261,14 +244,14 @@ class Routing:
         plans, n = [], num_tokens
         for position, rule in enumerate(self.rules):
             if rule.layer >= depth:
-                raise _fail(position, "layer", f"is {rule.layer} but the model has {depth} blocks (0..{depth - 1})")
+                raise fail(position, "layer", f"is {rule.layer} but the model has {depth} blocks (0..{depth - 1})")
             if rule.reduce == "merge":
                 # Bipartite matching can merge at most half of the tokens: more is an error, never clipped.
                 field_name = "r" if rule.r is not None else "keep"
-                removed = rule.r if rule.r is not None else n - _keep_count(position, rule.keep, n)
+                removed = rule.r if rule.r is not None else n - keep_count(position, rule.keep, n)
                 if removed > max_merge(n):
                     asked = f"r={rule.r}" if rule.r is not None else f"keep={rule.keep!r} (r={removed})"
-                    raise _fail(
+                    raise fail(
                         position,
                         field_name,
                         f"merges too many tokens at layer {rule.layer}: {asked}, but with {n} non-prefix tokens "
@@ -277,12 +260,12 @@ class Routing:
                 plans.append(LayerPlan(rule, n, n - removed, n - removed))
             else:
                 if rule.keep is not None:
-                    n_keep = _keep_count(position, rule.keep, n)
+                    n_keep = keep_count(position, rule.keep, n)
                 else:
                     # fuse adds one token, so it keeps one token less to remove r in all
                     n_keep = n - rule.r - (rule.reduce == "fuse" and rule.r > 0)
                     if n_keep < (rule.reduce == "drop"):
-                        raise _fail(
+                        raise fail(
                             position,
                             "r",
                             f"removes {rule.r} tokens but only {n} non-prefix tokens reach layer {rule.layer} "
@@ -302,37 +285,59 @@ class Routing:
         return counts
 
 
-def as_routing(routing: Routing | dict | str | Path | None, argument: str = "routing") -> Routing | None:
-    """``routing`` as a :class:`Routing`: a Routing or None as is, a dict (``Routing.from_dict``) or the path of a
-    routing YAML file (``Routing.from_yaml``).
+PRESETS = {
+    "tome": "tome:r=<tokens merged per block>",
+    "evit": "evit:keep=<fraction>[,layers=3-6-9]",
+    "topk_attention": "topk_attention:keep=<fraction>[,layers=3-6-9]",
+    "random": "random:keep=<fraction>[,layers=3-6-9][,seed=0]",
+    "layerwise": "layerwise:keep=<fraction>[,layers=3-6-9]",
+}
+"""The routing presets by name, each with its spec syntax (see :meth:`Routing.parse`); ``unpruned`` takes none."""
 
-    Raises:
-        TypeError: anything else, naming ``argument``.
+
+def baseline_layers(depth: int) -> tuple[int, ...]:
+    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks (fewer on shallow models,
+    never beyond the last block).
+
+    Example:
+        >>> baseline_layers(12), baseline_layers(4)
+        ((3, 6, 9), (1, 2, 3))
     """
-    if routing is None or isinstance(routing, Routing):
-        return routing
-    if isinstance(routing, dict):
-        return Routing.from_dict(routing)
-    if isinstance(routing, (str, Path)):
-        return Routing.from_yaml(routing)
-    raise TypeError(
-        f"{argument} must be a Routing, a dict or the path of a routing YAML file, got {type(routing).__name__}"
-    )
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
 
 
-def max_merge(num_tokens: int) -> int:
-    """The most tokens a ``merge`` rule removes from ``num_tokens`` non-prefix tokens: bipartite matching pairs set A
-    with set B, so at most half of them (ToMe's own limit)."""
-    return num_tokens // 2
-
-
-def _keep_count(position: int, keep: float | int, n: int) -> int:
-    if isinstance(keep, float):
-        return max(1, math.ceil(keep * n - 1e-9))  # the epsilon absorbs float noise such as 0.7 * 10 = 7.000001
-    if keep > n:
-        raise _fail(
-            position,
-            "keep",
-            f"asks for {keep} tokens but only {n} non-prefix tokens reach this layer (at most keep={n})",
-        )
-    return keep
+def _preset(spec: str, name: str, arguments: str, depth: int | None) -> Routing:
+    """The routing of preset ``name`` with its ``key=value`` ``arguments`` (see :meth:`Routing.parse`)."""
+    args: dict[str, str] = {}
+    for item in filter(None, arguments.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise UserError(f"routing preset {spec!r}: argument {item!r} is not key=value ({PRESETS[name]})")
+        if key.strip() in args:
+            raise UserError(f"routing preset {spec!r}: argument {key.strip()!r} is given twice ({PRESETS[name]})")
+        args[key.strip()] = value.strip()
+    allowed = {"tome": {"r"}, "random": {"keep", "layers", "seed"}}.get(name, {"keep", "layers"})
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise UserError(f"routing preset {spec!r}: unknown argument {unknown[0]!r} ({PRESETS[name]})")
+    required = "r" if name == "tome" else "keep"
+    if required not in args:
+        raise UserError(f"routing preset {spec!r} needs {required}=... ({PRESETS[name]})")
+    if depth is None and (name == "tome" or "layers" not in args):
+        raise UserError(f"routing preset {spec!r} needs the model's depth (Routing.parse(spec, depth))")
+    try:
+        if name == "tome":
+            return Routing.tome(int(args["r"]), depth)
+        keep = float(args["keep"])
+        layers = tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else None
+        seed = int(args.get("seed", 0))
+    except ValueError as err:
+        raise UserError(f"routing preset {spec!r}: {err} ({PRESETS[name]})") from err
+    layers = layers if layers is not None else baseline_layers(depth)
+    if name == "evit":
+        return Routing.evit(keep, layers)
+    if name == "topk_attention":
+        return Routing.topk_attention(keep, layers)
+    if name == "layerwise":
+        return Routing.layerwise(keep, layers)
+    return Routing.random(keep, layers, seed=seed)

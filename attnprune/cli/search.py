@@ -1,0 +1,99 @@
+"""Search the best static routing under a FLOPs budget on validation data (never the test split).
+
+By default candidates are ranked by fidelity to the unpruned model (KL divergence of the class distributions, no
+labels needed), and 30% of the images are held out to check the routing found against ToMe, EViT and attention top-k
+within the same budget: a baseline that does better there is returned, and the report says so.
+
+Writes the routing YAML to ``--output`` and the report (objective, validation KL and top-1, FLOPs, candidates
+evaluated, block passes, wall time, held-out check) next to it as JSON. With ``--state_path``, rerunning the same
+command continues an interrupted search.
+
+    python search.py --model checkpoints/fmnist_supervised.safetensors \\
+        --data.class_path attnprune.lit.data.FashionMNISTDataModule --budget 0.6 \\
+        --state_path runs/search/supervised-0.6.json --output results/routing-0.6.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+
+from attnprune import load_model
+from attnprune.atomic import write_text_atomic
+from attnprune.cli import run_cli
+from attnprune.errors import UserError, check_finite_outputs
+from attnprune.lit.data import ImageDataModule
+from attnprune.search import SearchResult, search_routing
+
+
+def search(
+    model: str,
+    data: ImageDataModule,
+    budget: float,
+    strategy: str = "beam",
+    val_images: int = 5000,
+    state_path: str | None = None,
+    output: str = "routing.yaml",
+    beam_width: int = 2,
+    objective: str = "fidelity",
+    holdout: float = 0.3,
+    confidence: float = 0.95,
+) -> SearchResult:
+    """Run the search.
+
+    Args:
+        model: timm hub name, weights file or Lightning checkpoint (``attnprune.load_model``).
+        data: the data module; the first ``val_images`` of its validation split are searched on.
+        budget: FLOPs budget as a fraction of the unpruned model.
+        strategy: ``beam``, ``transition`` or ``label_free``.
+        val_images: validation images used.
+        state_path: resumable search state.
+        output: routing YAML written (the report goes to the same name with ``.json``).
+        beam_width: partial routings kept per layer.
+        objective: ``fidelity`` (KL divergence from the unpruned model, or cosine distance for a headless one),
+            ``kl``, ``cosine`` or ``top1``.
+        holdout: fraction of the validation images kept out of the search to check the routing found against the
+            baselines within budget; 0 checks nothing.
+        confidence: the routing found is kept only if it beats every baseline on the held-out images with this
+            confidence (one-sided paired test); otherwise the best baseline there is returned.
+    """
+    if val_images < 1:
+        raise UserError(f"--val_images must be at least 1, got {val_images}")
+    network = load_model(model)
+    batches = data.for_model(network).take("validation", val_images)
+    if batches:  # before the search: NaN logits would make every candidate tie, not fail
+        check_finite_outputs(network(batches[0][0]), f"--model {model}")
+    result = search_routing(
+        network,
+        batches,
+        budget,
+        strategy=strategy,
+        objective=objective,
+        state_path=state_path,
+        beam_width=beam_width,
+        holdout=holdout,
+        confidence=confidence,
+    )
+    report = {**result.report, "model": model, "routing": result.routing.to_dict()}
+    write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))
+    write_text_atomic(output, result.routing.to_yaml())
+    print(result.routing.to_yaml())
+    print(json.dumps(result.report, indent=2))
+    if "note" in result.report.get("check", {}):
+        print(result.report["check"]["note"])
+    return result
+
+
+def main(args: list[str] | None = None):
+    """The command line: one line on stderr and exit status 2 for bad input (see :mod:`attnprune.cli`)."""
+    torch.set_grad_enabled(False)
+    return CLI(search, as_positional=False, args=args, exit_on_error=False)
+
+
+def run() -> None:
+    """The ``attnprune-search`` console script: :func:`main` on ``sys.argv``, one line and exit status 2 on a user
+    error."""
+    run_cli(main)

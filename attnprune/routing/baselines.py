@@ -1,0 +1,75 @@
+"""The baselines tuned to a FLOPs budget, for comparisons at equal FLOPs: ToMe's r schedule, EViT's and attention
+top-k's keep fractions (and the random control's) chosen so that each routing's FLOPs match a target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from timm.models.vision_transformer import VisionTransformer
+
+from attnprune.errors import UserError
+from attnprune.flops import count_flops
+from attnprune.routing.core import Routing, baseline_layers
+from attnprune.vit import num_patch_tokens
+
+__all__ = ["match_flops", "matched_baselines"]
+
+
+def match_flops(
+    model: VisionTransformer, make: Callable[[float], Routing], knobs: Iterable[float], ratio: float
+) -> Routing:
+    """Of the routings ``make(knob)``, the one whose FLOPs are closest to ``ratio`` times the unpruned model's.
+
+    Used to compare methods at equal FLOPs: ``match_flops(model, lambda r: Routing.tome(int(r), 12), range(1, 25),
+    0.65)`` tunes ToMe's r to 65% of the FLOPs. Knobs whose routing does not fit the model (for example an r
+    larger than bipartite matching can merge in the last blocks) are not candidates.
+
+    Raises:
+        ValueError: no knob gives a routing that fits the model (the message names the knobs and the last error).
+    """
+    target = ratio * count_flops(model, Routing())
+    candidates, error, knobs = [], None, list(knobs)
+    for knob in knobs:
+        routing = make(knob)
+        try:
+            candidates.append((abs(count_flops(model, routing) - target), routing))
+        except ValueError as err:
+            error = err
+    if not candidates:
+        raise UserError(f"match_flops: none of the knobs {knobs} gives a routing that fits the model (last: {error})")
+    return min(candidates, key=lambda item: item[0])[1]
+
+
+def matched_baselines(model: VisionTransformer, target: float, within: bool = False) -> dict[str, Routing]:
+    """ToMe, EViT, uniform attention top-k and random, each tuned to ``target`` FLOPs (absolute).
+
+    ToMe's r may differ by one between blocks (``[r + 1] * m + [r] * (depth - m)``) and the keep fractions move in
+    steps of 0.005, so the match is usually within 1%. With ``within``, each is the routing with the most FLOPs not
+    above ``target`` instead of the closest, and a method that cannot get under ``target`` is left out. EViT and
+    attention top-k rank tokens by class-token attention, so a model without a class token has neither.
+    """
+    depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
+    keeps = [k / 1000 for k in range(200, 1001, 5)]
+    tokens = num_patch_tokens(model)  # ToMe's r capped where matching cannot merge that many, as ToMe caps it
+    families = {
+        "tome": [
+            Routing.tome([r + 1] * m + [r] * (depth - m), depth, num_tokens=tokens)
+            for r in range(0, 24)
+            for m in range(depth)
+        ],
+        "evit": [Routing.evit(k, layers) for k in keeps],
+        "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
+        "random": [Routing.random(k, layers, seed=0) for k in keeps],
+    }
+    if not model.has_class_token:
+        del families["evit"], families["topk_attention"]
+    tuned = {}
+    for method, routings in families.items():
+        flops = [(count_flops(model, routing), routing) for routing in routings]
+        if within:
+            fitting = [item for item in flops if item[0] <= target]
+            if fitting:
+                tuned[method] = max(fitting, key=lambda item: item[0])[1]
+        else:
+            tuned[method] = min(flops, key=lambda item: abs(item[0] - target))[1]
+    return tuned
