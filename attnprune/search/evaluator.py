@@ -7,8 +7,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from attnprune.errors import check_finite_outputs
+from attnprune.fidelity import FIDELITY, fidelity_metric
 from attnprune.routing import Routing
-from attnprune.search.objective import LOSSES, fidelity_metric, top1_error
+from attnprune.search.objective import top1_error
 from attnprune.vit import embed, head, run_blocks
 
 __all__ = ["Evaluator", "States"]
@@ -85,7 +86,7 @@ class Evaluator:
         values: dict[str, list[Tensor]] = {self.fidelity: [], "top1": []}
         for (x, size), reference, labels in zip(done, self.reference, self.labels, strict=False):
             outputs = head(self.model, self.model.norm(x), size)
-            values[self.fidelity].append(LOSSES[self.fidelity](reference[: len(x)], outputs))
+            values[self.fidelity].append(FIDELITY[self.fidelity](reference[: len(x)], outputs))
             if self.has_labels:
                 values["top1"].append(1.0 - top1_error(outputs, labels[: len(x)]))
         metrics = {name: torch.cat(parts).double() for name, parts in values.items() if parts}

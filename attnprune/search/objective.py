@@ -14,38 +14,19 @@ Every objective is a per-image loss, lower is better:
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnprune.errors import UserError
+from attnprune.fidelity import cosine_distance, fidelity_metric, kl_divergence
 
 __all__ = ["OBJECTIVES", "resolve_objective", "fidelity_metric", "kl_divergence", "cosine_distance", "top1_error"]
 
 OBJECTIVES = ("fidelity", "kl", "cosine", "top1")
 
 
-def kl_divergence(reference: Tensor, logits: Tensor) -> Tensor:
-    """``KL(softmax(reference) || softmax(logits))`` per image, in nats: ``[B, C], [B, C] -> [B]``."""
-    log_p, log_q = reference.float().log_softmax(-1), logits.float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def cosine_distance(reference: Tensor, features: Tensor) -> Tensor:
-    """``1 - cos(reference, features)`` per image: ``[B, D], [B, D] -> [B]``."""
-    return 1.0 - F.cosine_similarity(reference.float(), features.float(), dim=-1)
-
-
 def top1_error(logits: Tensor, labels: Tensor) -> Tensor:
     """1 where the top class is not the label, else 0: ``[B, C], [B] -> [B]``."""
     return (logits.argmax(-1) != labels).float()
-
-
-LOSSES = {"kl": kl_divergence, "cosine": cosine_distance}
-
-
-def fidelity_metric(model: nn.Module) -> str:
-    """``kl`` for a model with a classifier head, ``cosine`` for a headless backbone."""
-    return "kl" if getattr(model, "num_classes", 0) > 0 else "cosine"
 
 
 def resolve_objective(objective: str, model: nn.Module, has_labels: bool) -> str:
