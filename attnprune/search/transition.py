@@ -82,8 +82,8 @@ def label_free(
 ) -> dict[str, Any]:
     """The transition depth where attention's oracle agreement takes the lead, and the best non-attention scorer
     below it, from the selectivity analysis; the keep fraction tuned to the budget."""
-    from attnprune.selectivity import SelectivityAnalyzer
-    from attnprune.selectivity.analysis import attention_transition_depth
+    from attnprune.selectivity import SelectivityAnalyzer, attention_transition_depth
+    from attnprune.selectivity.transition import informative_layers
 
     started = time.perf_counter()
     depth = len(model.blocks)
@@ -97,7 +97,7 @@ def label_free(
         if seen >= analysis_images:
             break
     results = analyzer.compute()
-    t = attention_transition_depth(results, space.attention)
+    t = attention_transition_depth(results, space.attention, informative_layers(model))
     t = depth if t is None else t
     below = [layer for layer in range(depth) if layer < max(t, 1)]
     scorer = max(low, key=lambda s: sum(results[f"reliability_spearman_{s}"][i] for i in below))
