@@ -1,0 +1,27 @@
+"""LightningDataModules on Hugging Face ``datasets``, one file per source.
+
+- :mod:`~attnprune.lit.data.base`: :class:`ImageDataModule`, what every source shares (splits, timm transforms,
+  loaders) and the batch collation.
+- :mod:`~attnprune.lit.data.folders`: :class:`ImageFolderDataModule`, any folder of class subfolders.
+- :mod:`~attnprune.lit.data.imagenet`: :class:`ImageNetDataModule`, ImageNet-1k in every layout users have it.
+- :mod:`~attnprune.lit.data.fashion_mnist`: :class:`FashionMNISTDataModule`, IDX files or the hub.
+
+Configs name the modules by their package path (``class_path: attnprune.lit.data.FashionMNISTDataModule``).
+"""
+
+from attnprune.lit.data.base import ImageDataModule, check_input_size, collate_images
+from attnprune.lit.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNISTDataModule, read_idx
+from attnprune.lit.data.folders import ImageFolderDataModule
+from attnprune.lit.data.imagenet import ImageNetDataModule, read_val_solution
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "ImageNetDataModule",
+    "check_input_size",
+    "collate_images",
+    "read_idx",
+    "read_val_solution",
+]

@@ -1,0 +1,329 @@
+"""The DataModule every source shares: splits, transforms from the model's timm data config, loaders.
+
+Every module yields ``(images, labels)`` batches and has three splits with one rule: ``validation`` is carved
+deterministically from the source's training data (routing search and model selection use it), ``test`` is the
+source's held-out split (final numbers only). Transforms come from timm's data config of the model being trained
+(``resolve_model_data_config`` + ``create_transform``), so preprocessing travels with the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import lightning as L
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    create_transform,
+    resolve_data_config,
+    resolve_model_data_config,
+)
+from torch.utils.data import DataLoader
+
+from attnprune.errors import UserError
+
+__all__ = ["ImageDataModule", "check_input_size", "collate_images"]
+
+IMAGENET_DATA_CONFIG = {
+    "input_size": (3, 224, 224),
+    "interpolation": "bicubic",
+    "mean": IMAGENET_DEFAULT_MEAN,
+    "std": IMAGENET_DEFAULT_STD,
+    "crop_pct": 0.875,
+}
+
+
+def collate_images(batch: list[dict[str, Any]]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """``[{image, label}, ...]`` to ``(images [B, C, H, W], labels [B])``; multi-view images (a list of crops per
+    example) become a list of per-view batches."""
+    labels = torch.tensor([example["label"] for example in batch])
+    first = batch[0]["image"]
+    if isinstance(first, (list, tuple)):
+        return [torch.stack([example["image"][v] for example in batch]) for v in range(len(first))], labels
+    return torch.stack([example["image"] for example in batch]), labels
+
+
+def _to_pil(image: Any, mode: str) -> Image.Image:
+    if isinstance(image, dict):  # an undecoded image file ({"path", "bytes"}): decoded here, so errors name it
+        try:
+            image = datasets.Image().decode_example(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            where = f"image file {image['path']}" if image.get("path") else "an embedded image (no file name)"
+            raise UserError(f"{where} cannot be read as an image ({err}); remove or replace it") from err
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return image if image.mode == mode else image.convert(mode)  # grayscale, CMYK, RGBA, palette -> the model's
+
+
+def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str) -> None:
+    """Refuse an input size (``(C, H, W)`` of a timm data config) that a ViT with a fixed input size cannot take
+    (timm would fail mid-run with a bare AssertionError); models with ``dynamic_img_size`` take any size.
+
+    Raises:
+        ValueError: naming ``where``, the size and the size the model takes.
+    """
+    embed = getattr(model, "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if embed is None or getattr(embed, "img_size", None) is None or not isinstance(proj, torch.nn.Conv2d):
+        return
+    channels, size = int(input_size[0]), tuple(int(v) for v in input_size[-2:])
+    expected = tuple(int(v) for v in embed.img_size)
+    fixed = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
+    if channels != proj.in_channels or (fixed and size != expected):
+        raise UserError(
+            f"{where}: input_size {[channels, *size]} does not fit the model, which takes "
+            f"{[proj.in_channels, *expected]} (channels, height, width); leave data_config out to use the model's "
+            "own preprocessing, or give its input_size"
+        )
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Shared machinery; subclasses implement :meth:`load_source` returning the source's splits.
+
+    Args:
+        batch_size: training batch size (per device).
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        num_workers: DataLoader workers.
+        val_size: images (int) or fraction (float) of the source's training split held out as ``validation``; at
+            least one image must stay on each side.
+        seed: seed of the validation carve-out and the training shuffle.
+        data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``); default
+            the trained module's ``data_config``, else timm's ImageNet defaults.
+        train_scale: RandomResizedCrop scale range of the training transform.
+        hflip: horizontal-flip probability of the training transform.
+        train_transform: replaces the training transform (e.g. DINO's multi-crop).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_size: int | float = 0.1,
+        seed: int = 0,
+        data_config: dict[str, Any] | None = None,
+        train_scale: tuple[float, float] = (0.08, 1.0),
+        hflip: float = 0.5,
+        train_transform: Callable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_transform"])
+        self.train_transform = train_transform
+        self.splits: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
+
+    # -------------------------------------------------------------------------------------------- sources
+    def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        """The source's own splits: ``train`` and, when it has one, ``test`` (or ``validation``, used as test)."""
+        raise NotImplementedError
+
+    HELD_OUT = ("test", "validation")  # the source's split used as our test split, first found first
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the label column (a ``ClassLabel``)."""
+        if not self.splits:
+            self.prepare_splits()
+        return next(iter(self.splits.values())).features["label"].num_classes
+
+    def layouts_hint(self) -> str:
+        """What the error messages add about the layouts this module reads."""
+        return ""
+
+    def validation_count(self, train_images: int | None) -> int:
+        """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
+        val_size = self.hparams.val_size
+        default = getattr(self, "DEFAULT_VAL_IMAGES", None)
+        if train_images is None:  # streaming: the length is unknown
+            count = default if val_size is None else val_size
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise UserError(f"val_size must be an image count with streaming data, got {val_size!r}")
+            return count
+        if val_size is None:
+            count = min(default or train_images, max(1, round(0.1 * train_images)))
+        elif isinstance(val_size, float):
+            if not 0.0 < val_size < 1.0:
+                raise UserError(f"val_size as a fraction must be in (0, 1), got {val_size}")
+            count = math.ceil(val_size * train_images)
+        else:
+            count = val_size
+        if not 1 <= count < train_images:
+            raise UserError(
+                f"val_size={val_size!r} holds out {count} of the {train_images} training images of "
+                f"{self.describe_source()}; at least one image must stay on each side. Give a smaller count or a "
+                "fraction (val_size=0.1)"
+            )
+        return count
+
+    def prepare_splits(self) -> None:
+        """Load the source and carve ``validation`` out of its training split (deterministic in ``seed``).
+
+        A source without training images gives only the ``test`` split (evaluation); ``fit`` then fails in
+        :meth:`setup`.
+        """
+        source = self.load_source()
+        self.splits = {}
+        train = source.get("train")
+        if isinstance(train, datasets.IterableDataset):
+            count = self.validation_count(None)
+            self.splits = {"train": train.skip(count), "validation": train.take(count)}
+        elif train is not None:
+            count = self.validation_count(len(train))
+            parts = train.train_test_split(test_size=count, seed=self.hparams.seed, shuffle=True)
+            self.splits = {"train": parts["train"], "validation": parts["test"]}
+        for name in self.HELD_OUT:
+            if name in source and _labelled(source[name]):
+                self.splits["test"] = source[name]
+                break
+        if not self.splits:
+            raise FileNotFoundError(
+                f"{self.describe_source()} has no labelled split (found: {', '.join(source) or 'none'}). "
+                f"{self.layouts_hint()}".strip()
+            )
+
+    # ----------------------------------------------------------------------------------------- transforms
+    def resolved_data_config(self) -> dict[str, Any]:
+        """The timm data config in force: explicit, else the trained module's, else ImageNet defaults."""
+        if self.hparams.data_config is not None:
+            return resolve_data_config(self.hparams.data_config)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None and getattr(module, "data_config", None) is not None:
+            return dict(module.data_config)
+        return resolve_data_config(pretrained_cfg=IMAGENET_DATA_CONFIG)
+
+    def make_transform(self, training: bool) -> Callable[[Any], torch.Tensor]:
+        config = self.resolved_data_config()
+        mode = "L" if config["input_size"][0] == 1 else "RGB"
+        if training and self.train_transform is not None:
+            transform = self.train_transform
+        else:
+            transform = (
+                create_transform(
+                    **config,
+                    is_training=training,
+                    scale=self.hparams.train_scale,
+                    hflip=self.hparams.hflip,
+                    color_jitter=None,
+                    auto_augment=None,
+                )
+                if training
+                else create_transform(**config)
+            )
+
+        def apply(image: Any) -> torch.Tensor:
+            return transform(_to_pil(image, mode))
+
+        return apply
+
+    def setup(self, stage: str | None = None) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:  # before any image is read: a size the model cannot take fails here, in one line
+            check_input_size(getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data")
+        if not self.splits:
+            self.prepare_splits()
+        if stage in ("fit", "validate") and "train" not in self.splits:
+            raise UserError(
+                f"{self.describe_source()} has no training split, which `{stage}` needs (the validation split is "
+                f"carved out of it); it has only the held-out split, which `test` (evaluate.py) reads. "
+                f"{self.layouts_hint()}".strip()
+            )
+        self._transforms = {split: self.make_transform(split == "train") for split in ("train", "validation", "test")}
+        self._transforms["bank"] = self._transforms["test"]
+
+    def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
+        needed = "train" if split == "bank" else split
+        if needed not in self.splits:
+            what = "held-out split (add a test/ or val/ folder)" if split == "test" else "training split"
+            raise UserError(
+                f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no {what}. "
+                f"{self.layouts_hint()}".strip()
+            )
+        transform = self._transforms[split]
+
+        def apply(batch: dict[str, list]) -> dict[str, list]:
+            return {"image": [transform(image) for image in batch["image"]], "label": batch["label"]}
+
+        data = self.splits["train" if split == "bank" else split]
+        feature = data.features.get("image") if data.features is not None else None
+        if isinstance(data, datasets.Dataset) and isinstance(feature, datasets.Image) and feature.decode:
+            data = data.cast_column("image", datasets.Image(decode=False))  # decoded by _to_pil, naming the file
+        if isinstance(data, datasets.IterableDataset):
+            return data.map(apply, batched=True, batch_size=self.hparams.batch_size)
+        return data.with_transform(apply)
+
+    def describe_source(self) -> str:
+        return type(self).__name__
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        data = self._dataset(split)
+        streaming = isinstance(data, datasets.IterableDataset)
+        batch = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        sampler = None
+        if split != "train" and not streaming and self.trainer is not None and self.trainer.world_size > 1:
+            # Evaluate every image exactly once across processes: the default sampler pads the last shard with
+            # repeated images, which changes the top-1 of a DDP run.
+            sampler = UnrepeatedDistributedSampler(
+                data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            data,
+            batch_size=batch,
+            sampler=sampler,
+            shuffle=shuffle and not streaming,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate_images,
+            generator=generator,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def for_model(self, model: torch.nn.Module) -> ImageDataModule:
+        """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self.
+
+        Raises:
+            ValueError: a given data config's ``input_size`` does not fit the model.
+        """
+        if self.hparams.data_config is None:
+            self.hparams.data_config = resolve_model_data_config(model)
+        check_input_size(model, self.resolved_data_config()["input_size"], "data_config")
+        return self
+
+    def take(self, split: str, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``images`` preprocessed images of ``split`` as ``(images, labels)`` batches, in order."""
+        self.setup()
+        loader = {"validation": self.val_dataloader, "test": self.test_dataloader}[split]()
+        batches, seen = [], 0
+        for x, y in loader:
+            batches.append((x[: images - seen], y[: images - seen]))
+            seen += len(batches[-1][1])
+            if seen >= images:
+                break
+        return batches
+
+    def bank_dataloader(self) -> DataLoader:
+        """The training split with evaluation transforms, in order (k-NN memory banks, feature statistics)."""
+        return self._loader("bank", shuffle=False)
+
+
+def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
+    """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
+    if not isinstance(data, datasets.Dataset) or len(data) == 0:
+        return True
+    top = pc.max(data.data.column("label")).as_py()
+    return top is not None and top >= 0

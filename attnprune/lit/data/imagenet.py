@@ -1,0 +1,255 @@
+"""ImageNet-1k in every layout users have it: class folders, the official flat validation folder with Kaggle's
+``LOC_val_solution.csv``, ``save_to_disk`` folders, the hub's parquet layout, or a hub id (read from the local cache
+when offline)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import datasets
+import huggingface_hub
+import pyarrow.compute as pc
+import yaml
+
+from attnprune.errors import UserError
+from attnprune.lit.data.folders import (
+    SPLIT_FOLDERS,
+    ImageFolderDataModule,
+    class_folders,
+    image_dataset,
+    is_image,
+)
+
+__all__ = ["IMAGENET_LAYOUTS", "ImageNetDataModule", "read_val_solution"]
+
+WNID = re.compile(r"n\d{8}")
+FLAT_VAL = re.compile(r"ILSVRC2012_val_\d+", re.IGNORECASE)
+VAL_SOLUTION = "LOC_val_solution.csv"
+IMAGENET_LAYOUTS = (
+    "class folders: <root>/train/<wnid>/*.JPEG and/or <root>/val/<wnid>/*.JPEG (or test/), or <root>/<wnid>/*.JPEG "
+    "alone for evaluation",
+    f"the official flat validation folder: ILSVRC2012_val_*.JPEG with Kaggle's {VAL_SOLUTION} beside the images "
+    "or in their parent folder (Kaggle's ILSVRC/Data/CLS-LOC tree included)",
+    "a datasets save_to_disk folder (dataset_dict.json or state.json)",
+    "a folder of parquet files in the hub's layout: <root>/data/{train,validation,test}-*.parquet",
+    "a hub dataset id such as ILSVRC/imagenet-1k (read from the local Hugging Face cache when offline)",
+)
+
+
+def _is_flat_val(folder: Path) -> bool:
+    return folder.is_dir() and any(FLAT_VAL.match(entry.name) for entry in folder.iterdir() if is_image(entry))
+
+
+def read_val_solution(path: Path) -> dict[str, str]:
+    """Kaggle's ``LOC_val_solution.csv``: image id (``ILSVRC2012_val_00000001``) -> wnid (the first box's class)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
+            raise UserError(f"{path} is not Kaggle's {VAL_SOLUTION}: expected the columns ImageId,PredictionString")
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
+
+
+class ImageNetDataModule(ImageFolderDataModule):
+    """ImageNet-1k in any layout users have it, with labels in timm's class order (sorted wnids).
+
+    Layouts (``source``):
+
+    - class folders: ``train/<wnid>/`` and/or ``val/<wnid>/`` (or ``test/``), or the ``<wnid>/`` folders alone;
+    - the official flat validation folder (``ILSVRC2012_val_*.JPEG``) with Kaggle's ``LOC_val_solution.csv`` beside
+      the images or in their parent folder, with or without ``train/<wnid>/`` beside it;
+    - a ``datasets`` ``save_to_disk`` folder;
+    - a folder of parquet files in the hub's layout (``data/validation-*.parquet``, ...);
+    - a hub dataset id (gated: ``huggingface-cli login``), read from the local Hugging Face cache when offline.
+
+    The source's validation split (50,000 images) is our test split; ``val_size`` training images are held out as
+    our validation split. Without training images only ``test`` works (``fit`` and ``validate`` raise).
+
+    Args:
+        source: a local folder in one of the layouts above, or a hub dataset id.
+        streaming: stream the hub dataset instead of downloading it (``val_size`` must then be a count).
+        val_size: training images held out for validation; default 10,000 or a tenth of the training split,
+            whichever is smaller.
+        hub_cache_dir: Hugging Face hub cache searched for a hub id's files (default: ``HF_HUB_CACHE``).
+        **kwargs: see :class:`ImageDataModule`.
+    """
+
+    HELD_OUT = ("validation", "test")  # the hub's ImageNet test split has no labels
+    DEFAULT_VAL_IMAGES = 10_000
+
+    def __init__(
+        self,
+        source: str = "ILSVRC/imagenet-1k",
+        streaming: bool = False,
+        val_size: int | float | None = None,
+        hub_cache_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root=source, val_size=val_size, **kwargs)
+        self.source, self.streaming, self.hub_cache_dir = source, streaming, hub_cache_dir
+
+    def describe_source(self) -> str:
+        return f"ImageNet source {self.source}"
+
+    def layouts_hint(self) -> str:
+        return "Supported layouts: " + "; ".join(f"({i}) {text}" for i, text in enumerate(IMAGENET_LAYOUTS, 1))
+
+    def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return self._load_local(path)
+        if self.source.startswith((".", "/", "~")) or path.exists():
+            raise FileNotFoundError(f"ImageNet folder {self.source} does not exist. {self.layouts_hint()}")
+        return self._load_hub()
+
+    # ----------------------------------------------------------------------------------------------- local
+    def _load_local(self, root: Path) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        if (root / "dataset_dict.json").is_file() or (root / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(root))
+            # a single saved split is taken as the held-out one
+            return self._with_labels(dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"test": loaded})
+        parquet = self._parquet_files(root)
+        if parquet:
+            return self._load_parquet(root, parquet)
+        kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
+        data_root = kaggle if kaggle.is_dir() else root
+        folders = self._split_folders(data_root)
+        if not folders:
+            if _is_flat_val(data_root):
+                return {"validation": self._flat_val(data_root, extra_dirs=[root])}
+            if any(WNID.fullmatch(name) for name in class_folders(data_root)):
+                return self._class_folder_splits({"validation": data_root})
+            raise FileNotFoundError(f"{root} is in no ImageNet layout this module reads. {self.layouts_hint()}")
+        flat = {split: folder for split, folder in folders.items() if split != "train" and _is_flat_val(folder)}
+        class_splits = {split: folder for split, folder in folders.items() if split not in flat}
+        solutions = {split: self._find_val_solution(folder, [root]) for split, folder in flat.items()}
+        wnids = set().union(*(class_folders(folder) for folder in class_splits.values()))
+        for solution in solutions.values():
+            wnids |= set(read_val_solution(solution).values())
+        classes = sorted(wnids)
+        splits = self._class_folder_splits(class_splits, classes) if class_splits else {}
+        for split, folder in flat.items():
+            splits[split] = self._flat_val(folder, classes=classes, solution=solutions[split])
+        return splits
+
+    def _find_val_solution(self, folder: Path, extra_dirs: list[Path]) -> Path:
+        candidates = [folder / VAL_SOLUTION, folder.parent / VAL_SOLUTION] + [d / VAL_SOLUTION for d in extra_dirs]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"{folder} is ImageNet's flat validation folder (ILSVRC2012_val_*.JPEG), whose labels are in Kaggle's "
+            f"{VAL_SOLUTION}; it is in none of {', '.join(str(c.parent) for c in candidates)}. Put it beside the "
+            f"images or in their parent folder, or sort the images into val/<wnid>/ folders. {self.layouts_hint()}"
+        )
+
+    def _flat_val(
+        self,
+        folder: Path,
+        classes: list[str] | None = None,
+        solution: Path | None = None,
+        extra_dirs: list[Path] = (),
+    ) -> datasets.Dataset:
+        """The flat validation folder, labelled by ``LOC_val_solution.csv``."""
+        solution = solution or self._find_val_solution(folder, list(extra_dirs))
+        wnid_of = read_val_solution(solution)
+        classes = classes or sorted(set(wnid_of.values()))
+        index = {wnid: i for i, wnid in enumerate(classes)}
+        files = sorted(entry for entry in folder.iterdir() if is_image(entry) and FLAT_VAL.match(entry.name))
+        missing = [file.name for file in files if file.stem not in wnid_of]
+        if missing:
+            raise UserError(
+                f"{len(missing)} images of {folder} have no row in {solution} (for example {', '.join(missing[:3])})"
+            )
+        return image_dataset([str(file) for file in files], [index[wnid_of[file.stem]] for file in files], classes)
+
+    @staticmethod
+    def _parquet_files(root: Path) -> dict[str, list[str]]:
+        """Parquet files per split: ``data/<split>-*.parquet`` (the hub's layout), ``<split>-*.parquet`` or
+        ``[data/]<split>/*.parquet``."""
+        names = {name: split for split, aliases in SPLIT_FOLDERS.items() for name in aliases}
+        found: dict[str, list[str]] = {}
+        for folder in (root / "data", root):
+            if not folder.is_dir():
+                continue
+            for file in sorted(folder.glob("*.parquet")):
+                split = names.get(re.split(r"[-_.]", file.name, maxsplit=1)[0].lower())
+                if split is not None:
+                    found.setdefault(split, []).append(str(file))
+            for name, split in names.items():
+                found.setdefault(split, []).extend(sorted(str(f) for f in (folder / name).glob("*.parquet")))
+        return {split: files for split, files in found.items() if files}
+
+    def _load_parquet(self, root: Path, files: dict[str, list[str]]) -> dict[str, Any]:
+        loaded = datasets.load_dataset("parquet", data_files=files, cache_dir=self.cache_dir, streaming=self.streaming)
+        return self._with_labels(dict(loaded), readme=root / "README.md")
+
+    def _with_labels(self, splits: dict[str, Any], readme: Path | None = None) -> dict[str, Any]:
+        """Check every split has ``image`` and ``label`` columns; a plain integer label becomes a ``ClassLabel`` (with
+        the class names of the hub card's ``dataset_info`` when there is one)."""
+        for split, data in splits.items():
+            columns = set(data.features or {})
+            if not {"image", "label"} <= columns:
+                raise UserError(
+                    f"split {split!r} of {self.describe_source()} has columns {sorted(columns)}; an ImageNet dataset "
+                    "needs 'image' and 'label' columns"
+                )
+            if not isinstance(data.features["label"], datasets.ClassLabel):
+                names = _card_class_names(readme) if readme is not None else None
+                if names is None:  # integer labels without names: ImageNet-1k's class indices
+                    tops = [pc.max(d.data.column("label")).as_py() for d in splits.values() if hasattr(d, "data")]
+                    names = [str(i) for i in range(max([1000] + [top + 1 for top in tops if top is not None]))]
+                splits[split] = data.cast_column("label", datasets.ClassLabel(names=names))
+        return splits
+
+    # ------------------------------------------------------------------------------------------------- hub
+    def _load_hub(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        offline = datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        if offline:
+            snapshot = self._hub_snapshot()
+            if snapshot is not None:
+                return self._load_local(snapshot)
+        try:
+            source = datasets.load_dataset(self.source, streaming=self.streaming, cache_dir=self.cache_dir)
+        except Exception as err:  # offline, gated, unknown id: all end the same way for the user
+            snapshot = None if offline else self._hub_snapshot()
+            if snapshot is not None:
+                return self._load_local(snapshot)
+            raise FileNotFoundError(
+                f"could not load ImageNet from the hub id {self.source!r} ({type(err).__name__}: {err}), and the local "
+                "Hugging Face cache has no copy of it. Provide it as a local folder with train/<wnid>/*.JPEG and "
+                "val/<wnid>/*.JPEG (source=/path/to/imagenet), or log in to the Hugging Face hub "
+                f"(huggingface-cli login) with access to ILSVRC/imagenet-1k. {self.layouts_hint()}"
+            ) from err
+        return {split: source[split] for split in source}
+
+    def _hub_snapshot(self) -> Path | None:
+        """The hub id's files in the local Hugging Face cache, if any were downloaded."""
+        try:
+            path = huggingface_hub.snapshot_download(
+                self.source, repo_type="dataset", cache_dir=self.hub_cache_dir, local_files_only=True
+            )
+        except Exception:  # not in the cache (LocalEntryNotFoundError), or not a valid id
+            return None
+        path = Path(path)
+        return path if self._parquet_files(path) or (path / "dataset_dict.json").is_file() else None
+
+
+def _card_class_names(readme: Path) -> list[str] | None:
+    """Class names of the ``label`` feature in a hub dataset card's YAML header, if it has them."""
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    if not text.startswith("---"):
+        return None
+    header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    infos = header.get("dataset_info", [])
+    for info in infos if isinstance(infos, list) else [infos]:
+        for feature in info.get("features", []):
+            if feature.get("name") == "label" and "class_label" in feature.get("dtype", {}):
+                names = feature["dtype"]["class_label"]["names"]
+                return [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
+    return None
