@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from attnprune.errors import UserError
-from attnprune.routing import Routing
-from attnprune.vit import _plans, embed, head, pruned_block_forward
+from attnprune.routing import LayerPlan, Routing
+from attnprune.vit import embed, head, plans_for, pruned_block_forward, routing_of, run_blocks, runs_as_timm
 
 __all__ = ["MODES", "InferenceModel", "compile"]
 
@@ -107,26 +107,33 @@ class InferenceModel(nn.Module):
 
     def _regional(self, images: Tensor) -> Tensor:
         model = self.model
-        routing: Routing = getattr(model, "routing", None) or Routing()
-        compiled = self._compiled
-        x = compiled["embed"](model, images)
-        num_prefix = model.num_prefix_tokens
-        plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
-        size = None
-        for i, block in enumerate(model.blocks):
-            plan = plans.get(i)
-            if plan is not None and size is None and plan.rule.reduce in ("fuse", "merge"):
-                # sizes of one (a zero attention bias) instead of None: the first averaging block then runs the same
-                # compiled graph as the later ones
-                size = x.new_ones(x.shape[0], x.shape[1], 1)
-            _mark_tokens_dynamic(x, size)
-            if plan is None and (size is None or not routing.prop_attn):
-                x = compiled["block"](block, x)
-            else:
-                # the layer index only seeds the random scorer: a constant elsewhere lets every block share a graph
-                layer = i if plan is not None and plan.rule.score == "random" else 0
-                x, size, _ = compiled["pruned"](block, x, size, plan, routing, num_prefix, layer)
-        return compiled["tail"](model, x, size)
+        x = self._compiled["embed"](model, images)
+        plans = plans_for(model, x.shape[1] - model.num_prefix_tokens)
+        x, size = run_blocks(model, x, None, routing_of(model, None), plans, step=self._compiled_step)
+        return self._compiled["tail"](model, x, size)
+
+    def _compiled_step(
+        self,
+        block: nn.Module,
+        x: Tensor,
+        size: Tensor | None,
+        plan: LayerPlan | None,
+        routing: Routing,
+        num_prefix: int,
+        layer: int,
+        source: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:func:`attnprune.vit.block_step` through the compiled block functions."""
+        if plan is not None and size is None and plan.rule.reduce in ("fuse", "merge"):
+            # sizes of one (a zero attention bias) instead of None: the first averaging block then runs the same
+            # compiled graph as the later ones
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+        _mark_tokens_dynamic(x, size)
+        if runs_as_timm(plan, size, routing):
+            return self._compiled["block"](block, x), size, source
+        # the layer index only seeds the random scorer: a constant elsewhere lets every block share a graph
+        layer = layer if plan is not None and plan.rule.score == "random" else 0
+        return self._compiled["pruned"](block, x, size, plan, routing, num_prefix, layer, source)
 
     def clear_graphs(self) -> None:
         """Drop the captured CUDA graphs (and the memory they hold); the next call captures again."""

@@ -7,6 +7,7 @@ after attention and before the MLP. Blocks before the first rule run timm's own 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import MethodType
 
@@ -28,12 +29,20 @@ __all__ = [
     "forward_tokens",
     "embed",
     "run_blocks",
+    "block_step",
+    "runs_as_timm",
+    "plans_for",
+    "routing_of",
     "head",
     "attend",
     "feed_forward",
 ]
 
 _PATCHED = ("forward", "forward_features")
+
+BlockStep = Callable[..., tuple[Tensor, "Tensor | None", "Tensor | None"]]
+"""``step(block, x, size, plan, routing, num_prefix, layer, source) -> (x, size, source)``: one block of
+:func:`run_blocks`."""
 
 
 def num_patch_tokens(model: VisionTransformer, img_size: int | tuple[int, int] | None = None) -> int:
@@ -131,12 +140,16 @@ def unprune(model: VisionTransformer) -> VisionTransformer:
     return model
 
 
-def _plans(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
-    """The routing resolved for ``num_tokens`` patch tokens: resolved by :func:`prune` for the model's own input
-    size, on the fly for others (never cached here: mutating state in forward would make torch.compile recompile)."""
+def plans_for(model: VisionTransformer, num_tokens: int) -> dict[int, LayerPlan]:
+    """The pruned model's routing resolved for ``num_tokens`` patch tokens, by block: resolved by :func:`prune` for
+    the model's own input size, on the fly for others (never cached here: mutating state in forward would make
+    torch.compile recompile). Empty for a model that is not pruned."""
+    routing: Routing | None = getattr(model, "routing", None)
+    if not routing:
+        return {}
     if num_tokens in model._attnprune_plans:
         return model._attnprune_plans[num_tokens]
-    return {plan.rule.layer: plan for plan in model.routing.resolve(len(model.blocks), num_tokens)}
+    return {plan.rule.layer: plan for plan in routing.resolve(len(model.blocks), num_tokens)}
 
 
 def forward_tokens(
@@ -158,13 +171,12 @@ def forward_tokens(
         The normed tokens (prefix first) and their sizes (None while every token stands for one patch).
     """
     x = embed(model, x)
-    num_prefix = model.num_prefix_tokens
-    routing: Routing = getattr(model, "routing", None) or Routing()
-    plans = _plans(model, x.shape[1] - num_prefix) if len(routing) else {}
+    plans = plans_for(model, x.shape[1] - model.num_prefix_tokens)
     source = (
         torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(len(x), -1, -1) if sources is not None else None
     )
-    x, size = run_blocks(model, x, None, routing, plans, 0, len(model.blocks), block_outputs, sources, source)
+    routing = routing_of(model, None)
+    x, size = run_blocks(model, x, None, routing, plans, block_outputs=block_outputs, sources=sources, source=source)
     return model.norm(x), size
 
 
@@ -179,28 +191,64 @@ def run_blocks(
     size: Tensor | None,
     routing: Routing,
     plans: dict[int, LayerPlan],
-    start: int,
-    stop: int,
+    start: int = 0,
+    stop: int | None = None,
+    *,
     block_outputs: dict[int, Tensor] | None = None,
     sources: list[Tensor] | None = None,
     source: Tensor | None = None,
+    step: BlockStep | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Run blocks ``start`` to ``stop - 1`` on tokens ``x`` (with sizes ``size``) under ``routing``'s ``plans``.
+    """Run blocks ``start`` to ``stop - 1`` (default: to the last) on tokens ``x`` (with sizes ``size``) under
+    ``routing``'s ``plans``: the one block loop of the pruned forward, the search's prefix cache and
+    :mod:`attnprune.inference`.
 
-    Blocks without a rule run timm's own forward unless proportional attention needs the token sizes.
+    Args:
+        model: the timm ViT.
+        x: tokens ``[B, T, C]`` entering block ``start``.
+        size: their sizes ``[B, T, 1]`` (None while every token stands for one patch).
+        routing: the routing (its ``prop_attn`` and ``seed``).
+        plans: the routing resolved by block (:func:`plans_for`).
+        start: first block.
+        stop: block after the last.
+        block_outputs: if given, filled with every block's output tokens by block index.
+        sources: if given, filled with every block's token membership (see :func:`forward_tokens`).
+        source: the membership entering block ``start`` (with ``sources``).
+        step: runs one block (default :func:`block_step`); :mod:`attnprune.inference` passes compiled ones.
+
+    Returns:
+        The tokens after block ``stop - 1`` and their sizes.
     """
-    num_prefix = model.num_prefix_tokens
-    for i in range(start, stop):
-        block, plan = model.blocks[i], plans.get(i)
-        if plan is None and (size is None or not routing.prop_attn):
-            x = block(x)
-        else:
-            x, size, source = pruned_block_forward(block, x, size, plan, routing, num_prefix, i, source)
+    step = step or block_step
+    for i in range(start, len(model.blocks) if stop is None else stop):
+        x, size, source = step(model.blocks[i], x, size, plans.get(i), routing, model.num_prefix_tokens, i, source)
         if block_outputs is not None:
             block_outputs[i] = x
         if sources is not None:
             sources.append(source)
     return x, size
+
+
+def runs_as_timm(plan: LayerPlan | None, size: Tensor | None, routing: Routing) -> bool:
+    """Whether a block runs timm's own forward: it reduces nothing and proportional attention has no sizes to use."""
+    return plan is None and (size is None or not routing.prop_attn)
+
+
+def block_step(
+    block: Block,
+    x: Tensor,
+    size: Tensor | None,
+    plan: LayerPlan | None,
+    routing: Routing,
+    num_prefix: int,
+    layer: int,
+    source: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One block of :func:`run_blocks`: timm's forward where :func:`runs_as_timm`, else
+    :func:`pruned_block_forward`; returns the tokens, sizes and membership after it."""
+    if runs_as_timm(plan, size, routing):
+        return block(x), size, source
+    return pruned_block_forward(block, x, size, plan, routing, num_prefix, layer, source)
 
 
 def head(model: VisionTransformer, x: Tensor, size: Tensor | None) -> Tensor:

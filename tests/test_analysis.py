@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnprune import Routing, prune
-from attnprune.selectivity import SelectivityAnalyzer, layer_states, oracle_importance
-from attnprune.selectivity.analysis import _output_change, attention_transition_depth
+from attnprune.fidelity import output_change
+from attnprune.selectivity import SelectivityAnalyzer, attention_transition_depth, layer_states, oracle_importance
 from tests.conftest import tiny_vit
 
 
@@ -29,7 +29,7 @@ def test_batched_oracle_equals_one_forward_per_token(images, variant):
     for i in (0, 17, 63):
         rest = torch.cat([x[:, : prefix + i], x[:, prefix + i + 1 :]], dim=1)
         rest = model.blocks[3](model.blocks[2].mlp(model.blocks[2].norm2(rest)) + rest)
-        expected = _output_change(model, output, model.forward_head(model.norm(rest)))
+        expected = output_change(model, output, model.forward_head(model.norm(rest)))
         torch.testing.assert_close(importance[:, i], expected, rtol=1e-4, atol=1e-6)
 
 
@@ -71,13 +71,18 @@ def test_analyzer_values_in_range_and_cheap_paths(images):
     assert abs(sum(results["reliability_spearman_random"]) / 4) < 0.2
 
 
-def test_transition_depth():
+def test_transition_depth_from_the_analysis_results():
+    """The one definition (attnprune.selectivity.transition): the block from which attention leads at every later
+    block, the scorer given or the best of the attention family; blocks where every scorer agrees 0 are skipped."""
     results = {
-        "reliability_spearman_cls_attention": [0.1, 0.2, 0.5, 0.6],
-        "reliability_spearman_l2_norm": [0.3, 0.4, 0.4, 0.3],
-        "reliability_spearman_mean_attention": [0.9, 0.9, 0.9, 0.9],  # attention family: not a competitor
+        "reliability_spearman_cls_attention": [0.5, 0.2, 0.5, 0.6, 0.0],
+        "reliability_spearman_l2_norm": [0.3, 0.4, 0.4, 0.3, 0.0],
+        "reliability_spearman_mean_attention": [0.9, 0.9, 0.9, 0.9, 0.0],
+        "reliability_spearman_random": [0.9, 0.9, 0.9, 0.9, 0.0],  # a control, not a competitor
     }
-    assert attention_transition_depth(results) == 2
+    assert attention_transition_depth(results, "cls_attention") == 2  # led at block 0 but lost it at block 1
+    assert attention_transition_depth(results) == 0  # mean_attention, the best attention scorer, leads everywhere
+    assert attention_transition_depth(results, "cls_attention", informative=[True] * 5) is None  # 0 ties 0: no lead
     assert attention_transition_depth({"reliability_spearman_l2_norm": [1.0]}) is None
 
 

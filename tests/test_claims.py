@@ -1,4 +1,5 @@
-"""benchmarks/claims.py: each claim's statistic on hand-built attention with a known answer, a seeded bootstrap."""
+"""attnprune.selectivity.claims and .transition: each claim's statistic on hand-built attention with a known answer, a
+seeded bootstrap; benchmarks/claims.py's table."""
 
 import math
 
@@ -7,26 +8,24 @@ import torch
 
 from attnprune.scoring import SCORERS
 from attnprune.selectivity import SelectivityAnalyzer
-from attnprune.selectivity.functional import spearman
-from benchmarks.claims import (
+from attnprune.selectivity.claims import (
     across_models,
     attention_entropy,
     bootstrap_weights,
-    claim_scorers,
     claims,
     collect,
     entropy_drop,
     entropy_slope,
     image_statistics,
-    informative_layers,
     interval,
     resampled_means,
     scorer_gap,
     shallow_blocks,
-    table,
-    transition_depth,
     verdict,
 )
+from attnprune.selectivity.functional import spearman
+from attnprune.selectivity.transition import claim_scorers, first_lead, informative_layers, transition_depth
+from benchmarks.claims import table
 from tests.conftest import tiny_vit
 
 
@@ -110,25 +109,34 @@ def test_scorer_gap_compares_the_best_of_each_family_over_the_shallow_third():
     assert (int(best_non), int(best_att)) == (1, 2)
 
 
+def depths(agreement: torch.Tensor, attention: torch.Tensor, informative: torch.Tensor) -> list[int]:
+    """The transition depth and the first lead, as ints."""
+    return [
+        int(transition_depth(agreement, attention, informative)),
+        int(first_lead(agreement, attention, informative)),
+    ]
+
+
 def test_transition_depth_is_the_block_from_which_attention_leads():
     attention, every = torch.tensor([True, False]), torch.ones(6, dtype=torch.bool)
     # leads from block 3 on
     agreement = oracle_agreement([(-1, 1), (-1, 1), (0, 1), (1, -1), (1, 0), (1, -1)])
-    assert [int(d) for d in transition_depth(agreement, attention, every)] == [3, 3]
+    assert depths(agreement, attention, every) == [3, 3]
     # leads in block 1, loses it in block 2, leads again from block 4: takes over at 4, first lead at 1
     agreement = oracle_agreement([(-1, 1), (1, -1), (-1, 1), (0, 0), (1, -1), (1, -1)])
-    assert [int(d) for d in transition_depth(agreement, attention, every)] == [4, 1]
+    assert depths(agreement, attention, every) == [4, 1]
     # a tie (block 3: both constant) is not a lead; never leads: the depth (6) means none
     agreement = oracle_agreement([(-1, 1)] * 6)
-    assert [int(d) for d in transition_depth(agreement, attention, every)] == [6, 6]
+    assert depths(agreement, attention, every) == [6, 6]
     # the last block of a class-token readout is skipped: everyone scores 0 there
     agreement = oracle_agreement([(-1, 1), (-1, 1), (1, -1), (1, -1), (1, -1), (0, 0)])
-    assert [int(d) for d in transition_depth(agreement, attention, every)] == [6, 2]
+    assert depths(agreement, attention, every) == [6, 2]
     skip_last = torch.tensor([True] * 5 + [False])
-    assert [int(d) for d in transition_depth(agreement, attention, skip_last)] == [2, 2]
+    assert depths(agreement, attention, skip_last) == [2, 2]
     # batched over bootstrap samples
     both = torch.stack([agreement, oracle_agreement([(-1, 1)] * 6)])
-    assert transition_depth(both, attention, skip_last)[0].tolist() == [2, 6]
+    assert transition_depth(both, attention, skip_last).tolist() == [2, 6]
+    assert first_lead(both, attention, skip_last).tolist() == [2, 6]
 
 
 def test_informative_layers_follow_the_readout():

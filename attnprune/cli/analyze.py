@@ -28,7 +28,7 @@ from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
 from attnprune.report import plot_reliability, plot_selectivity, plot_token_maps, write_tables
 from attnprune.selectivity import SelectivityAnalyzer
-from attnprune.selectivity.analysis import attention_transition_depth
+from attnprune.selectivity.transition import attention_transition_depth, informative_layers
 
 
 def analyze(
@@ -93,7 +93,9 @@ def analyze(
         "images": seen,
         "seconds": seconds,
         "oracle_sequences": analyzer.oracle_sequences,
-        "attention_transition_depth": attention_transition_depth(results) if oracle else None,
+        "attention_transition_depth": (
+            attention_transition_depth(results, informative=informative_layers(network)) if oracle else None
+        ),
     }
     with staged_dir(out) as stage:  # the files appear in --output_dir only once every one is written
         write_tables(results, stage, meta)
@@ -111,10 +113,10 @@ def analyze(
                 cfg["std"],
             )
     depth = meta["attention_transition_depth"]
-    where = f"from layer {depth}" if depth is not None else "at no layer"
+    where = f"takes over at block {depth}" if depth is not None else "never takes over"
     print(
-        f"analysed {seen} images in {seconds:.1f} s ({analyzer.oracle_sequences} oracle sequences); "
-        f"attention beats every non-attention scorer {where}"
+        f"analysed {seen} images in {seconds:.1f} s ({analyzer.oracle_sequences} oracle sequences); attention {where} "
+        "(it agrees with the oracle better than every non-attention scorer from there on)"
     )
     print(f"wrote {out}/selectivity.json, selectivity.csv and the plots")
     return meta

@@ -1,7 +1,11 @@
-"""Attention selectivity: how concentrated and how stable attention is, per layer.
+"""Attention selectivity: how concentrated, how stable and how reliable attention is, per layer.
 
-Every metric exists as a stateless function in :mod:`attnprune.selectivity.functional` and as a
-``torchmetrics.Metric`` here that averages it over batches and DDP ranks.
+- :mod:`~attnprune.selectivity.functional` and :mod:`~attnprune.selectivity.metrics`: every metric as a stateless
+  function and as a ``torchmetrics.Metric`` that averages it over batches and DDP ranks;
+- :mod:`~attnprune.selectivity.analysis`: :class:`SelectivityAnalyzer`, every metric at every block of a model, and
+  the leave-one-out oracle;
+- :mod:`~attnprune.selectivity.transition`: the transition depth, where attention takes over;
+- :mod:`~attnprune.selectivity.claims`: the three claims attnprune rests on, with bootstrap intervals.
 """
 
 from attnprune.selectivity import functional
@@ -17,6 +21,7 @@ from attnprune.selectivity.metrics import (
     TopKMass,
     TopKOverlap,
 )
+from attnprune.selectivity.transition import attention_transition_depth, transition_depth
 
 __all__ = [
     "functional",
@@ -32,4 +37,6 @@ __all__ = [
     "SelectivityAnalyzer",
     "layer_states",
     "oracle_importance",
+    "attention_transition_depth",
+    "transition_depth",
 ]

@@ -19,10 +19,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from attnprune.fidelity import output_change
 from attnprune.scoring import SCORERS, ScoreContext
 from attnprune.selectivity.metrics import (
     EffectiveShare,
@@ -41,9 +41,9 @@ __all__ = [
     "CONCENTRATION",
     "LayerState",
     "SelectivityAnalyzer",
-    "attention_transition_depth",
     "layer_states",
     "oracle_importance",
+    "patch_rows",
 ]
 
 CONCENTRATION = {
@@ -73,13 +73,6 @@ def layer_states(model: VisionTransformer, images: Tensor) -> tuple[list[LayerSt
         states.append(LayerState(x, ScoreContext(q, k, block.attn.scale, model.num_prefix_tokens, None, probs, i)))
         x = feed_forward(block, x)
     return states, model.forward_head(model.norm(x))
-
-
-def _output_change(model: VisionTransformer, reference: Tensor, output: Tensor) -> Tensor:
-    """KL(reference || output) of the class distributions, or 1 - cosine of features for headless models."""
-    if model.num_classes > 0:
-        return F.kl_div(output.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-    return 1.0 - F.cosine_similarity(output, reference, dim=-1)
 
 
 @torch.no_grad()
@@ -114,11 +107,11 @@ def oracle_importance(
         x = feed_forward(model.blocks[layer], sequences[start : start + chunk])
         for block in model.blocks[layer + 1 :]:
             x = block(x)
-        changes.append(_output_change(model, reference[start : start + chunk], model.forward_head(model.norm(x))))
+        changes.append(output_change(model, reference[start : start + chunk], model.forward_head(model.norm(x))))
     return torch.cat(changes).view(batch, n)
 
 
-def _patch_rows(attn: Tensor, prefix: int) -> Tensor:
+def patch_rows(attn: Tensor, prefix: int) -> Tensor:
     """Attention rows restricted to the patch tokens and renormalised: ``[..., T] -> [..., N]``."""
     rows = attn[..., prefix:]
     return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -188,16 +181,16 @@ class SelectivityAnalyzer(nn.Module):
         previous = None
         for layer, state in enumerate(states):
             for name in CONCENTRATION:
-                self._metric(f"all_{name}/layer_{layer}").update(_patch_rows(state.ctx.attention, prefix))
+                self._metric(f"all_{name}/layer_{layer}").update(patch_rows(state.ctx.attention, prefix))
             if self.class_token:
-                heads = _patch_rows(state.ctx.cls_attention, prefix)  # [B, H, N]
+                heads = patch_rows(state.ctx.cls_attention, prefix)  # [B, H, N]
                 ranking = heads.mean(dim=1)
                 for name in CONCENTRATION:
                     self._metric(f"cls_{name}/layer_{layer}").update(heads)
                 if heads.shape[1] > 1:
                     self._metric(f"head_agreement/layer_{layer}").update(heads)
-                noisy_ranking = _patch_rows(noisy[layer].ctx.cls_attention, prefix).mean(dim=1)
-                mirrored_ranking = _patch_rows(mirrored[layer].ctx.cls_attention, prefix).mean(dim=1)
+                noisy_ranking = patch_rows(noisy[layer].ctx.cls_attention, prefix).mean(dim=1)
+                mirrored_ranking = patch_rows(mirrored[layer].ctx.cls_attention, prefix).mean(dim=1)
                 self._metric(f"noise_stability/layer_{layer}").update(ranking, noisy_ranking)
                 self._metric(f"flip_stability/layer_{layer}").update(ranking, _unflip(mirrored_ranking, grid))
                 if previous is not None:
@@ -224,20 +217,3 @@ class SelectivityAnalyzer(nn.Module):
         for metric in self.metrics.values():
             metric.reset()
         self.oracle_sequences = 0
-
-
-def attention_transition_depth(results: dict[str, list[float]], attention: str = "cls_attention") -> int | None:
-    """First layer at which ``attention``'s oracle agreement (Spearman) exceeds every non-attention scorer's."""
-    family = {name: scorer.family for name, scorer in SCORERS.items()}
-    ours = results.get(f"reliability_spearman_{attention}")
-    others = [
-        v
-        for k, v in results.items()
-        if k.startswith("reliability_spearman_") and family.get(k.removeprefix("reliability_spearman_")) != "attention"
-    ]
-    if ours is None or not others:
-        return None
-    for layer, value in enumerate(ours):
-        if all(value > other[layer] for other in others):
-            return layer
-    return None
