@@ -21,7 +21,7 @@ from attnprune import load_model
 from attnprune.lit.data import ImageFolderDataModule, collate_images
 from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import DINOPretraining, MAEPretraining
-from attnprune.lit.transforms import MultiCropTransform
+from attnprune.pretrain import MultiCropTransform
 from tests.conftest import make_image_folder
 
 ARCH = "vit_tiny_patch16_224"

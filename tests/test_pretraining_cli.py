@@ -19,7 +19,7 @@ MODULES = {
         "attnprune.lit.pretraining.DINOPretraining",
         {"out_dim": 64, "head_hidden": 32, "head_bottleneck": 16},
         {
-            "class_path": "attnprune.lit.transforms.MultiCropTransform",
+            "class_path": "attnprune.pretrain.MultiCropTransform",
             "init_args": {"global_size": 16, "local_size": 8, "num_local": 2, "mean": [0.5], "std": [0.5]},
         },
     ),
