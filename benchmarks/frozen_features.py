@@ -61,9 +61,9 @@ def readouts(model: torch.nn.Module, bank: list, val: list) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True, help="a headless backbone file (DINO: backbone.safetensors)")
-    parser.add_argument("--bank-images", type=int, default=5000, help="training images the readouts are fitted on")
-    parser.add_argument("--val-images", type=int, default=2000)
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--bank_images", type=int, default=5000, help="training images the readouts are fitted on")
+    parser.add_argument("--val_images", type=int, default=2000)
+    parser.add_argument("--out_dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@
 #   4. compile time of every routing from a cold cache (regional compile + CUDA graph, bf16, batch 64);
 #   5. float32 logits of the compiled path against the reference;
 #   6. float32, CUDA graph, batches 1, 64, 256.
-# A step is started only while under --budget-s (330 s), so the run ends in about 6 minutes even when compilation is
+# A step is started only while under --budget_s (330 s), so the run ends in about 6 minutes even when compilation is
 # slow; the JSON is rewritten after every step, and a failing step is recorded under "errors" without stopping the run.
 #
 # Run it through the device tool, from the repository root, nothing to carry (the machine's python3 has torch and
@@ -32,8 +32,8 @@ python=${PYTHON:-python3}
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     "$python" -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton', triton.__version__)"
     timeout 500 "$python" benchmarks/throughput.py --device cuda \
-        --models deit_small_patch16_224 vit_base_patch16_224 --tome-r 13 \
-        --warmup 3 --repeats 10 --budget-s 330 \
+        --models deit_small_patch16_224 vit_base_patch16_224 --tome_r 13 \
+        --warmup 3 --repeats 10 --budget_s 330 \
         --step check:eager,cudagraph \
         --step time:bfloat16:cudagraph:1,64,256,1024 \
         --step time:bfloat16:eager:1,64,256,1024 \

@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--candidates", type=int, default=60)
-    parser.add_argument("--half-images", type=int, default=500, help="images in each half")
+    parser.add_argument("--half_images", type=int, default=500, help="images in each half")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "objective_stability.json")
     args = parser.parse_args()

@@ -53,19 +53,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="weights file or hub name (attnprune.load_model)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    parser.add_argument("--val-images", type=int, default=5000)
+    parser.add_argument("--val_images", type=int, default=5000)
     parser.add_argument(
         "--holdout",
         type=float,
         default=0.3,
         help="fraction of the validation images kept out of the search to check its routing against the baselines",
     )
-    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--test_images", type=int, default=10000)
     parser.add_argument("--strategy", default="beam")
-    parser.add_argument("--state-dir", type=Path, default=Path("runs/search"))
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--state_dir", type=Path, default=Path("runs/search"))
+    parser.add_argument("--out_dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
-        "--routing-dir",
+        "--routing_dir",
         type=Path,
         default=SEARCHED_ROUTINGS,
         help="where each searched routing is written as <model>-<budget>.yaml (the quickstart reads them)",

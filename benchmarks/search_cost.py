@@ -2,7 +2,7 @@
 
 Prints one table (wall time, candidates evaluated, block passes over the searched images, validation KL and top-1)
 and writes ``benchmarks/results/search_cost.json``; both runs must find the same routing. The default search keeps
-30% of the ``--val-images`` out of the search for its held-out check.
+30% of the ``--val_images`` out of the search for its held-out check.
 
     .venv/bin/python benchmarks/search_cost.py --model checkpoints/fmnist_supervised.safetensors --budget 0.6
 """
@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--val-images", type=int, default=5000)
+    parser.add_argument("--val_images", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_cost.json")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -19,7 +19,7 @@ each search resumes from its state file), then one table and a figure of the mar
         benchmarks/models/fmnist_gen_*.safetensors
     .venv/bin/python benchmarks/search_generalization.py --summarize   # table, README table and figure only
 
-Runs on several cores at once write to their own ``--out-dir``; ``--merge OTHER.json ...`` folds their rows in.
+Runs on several cores at once write to their own ``--out_dir``; ``--merge OTHER.json ...`` folds their rows in.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     if images * (max(seeds) + 1) > len(y):
-        raise SystemExit(f"--draw-images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
+        raise SystemExit(f"--draw_images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DRAW_SEED))
     result = {}
     for seed in seeds:
@@ -300,12 +300,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=[], help="weights files (attnprune.load_model)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--split-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--draw-images", type=int, default=1500, help="validation images per split seed")
-    parser.add_argument("--test-images", type=int, default=10000)
-    parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--state-dir", type=Path, default=Path("runs/search_generalization"))
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--draw_images", type=int, default=1500, help="validation images per split seed")
+    parser.add_argument("--test_images", type=int, default=10000)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--state_dir", type=Path, default=Path("runs/search_generalization"))
+    parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="fold these results files' rows in first")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Throughput of pruned ViTs against the unpruned model, at equal FLOPs across methods, in every inference mode.
 
 Every routing (EViT, ToMe, a layer-wise routing) is tuned to the same fraction of the unpruned FLOPs (``--ratio``, or
-ToMe's ``--tome-r`` with the others matched to it). For each model, dtype and mode (see
+ToMe's ``--tome_r`` with the others matched to it). For each model, dtype and mode (see
 :data:`attnprune.inference.MODES`), the unpruned model and every routing are timed side by side in one process
 (first call timed on its own: compilation and graph capture; then warm-up and interleaved rounds, median), at every
 batch size of ``--batches``. Before timing, each mode's float32 logits are checked against the eager PyTorch
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 from torch import nn
 
 from attnprune import Routing, count_flops, fused, match_flops, prune
-from attnprune.bench import time_interleaved
 from attnprune.inference import MODES, InferenceModel
+from attnprune.timing import device_name, time_interleaved
 
 KNOBS = np.round(np.arange(0.30, 1.0, 0.01), 2).tolist()
 ROUTINGS = ("unpruned", "evit", "layerwise", "tome")
@@ -74,12 +73,6 @@ def make_model(name: str, seed: int = 0) -> nn.Module:
     if name == "tiny":
         return timm.models.vision_transformer.VisionTransformer(**TINY).eval()
     return timm.create_model(name, pretrained=False).eval()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def wrap(model: nn.Module, mode: str, backend: str) -> nn.Module:
@@ -283,7 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
     parser.add_argument("--ratio", type=float, default=0.65, help="target FLOPs as a fraction of the unpruned model")
-    parser.add_argument("--tome-r", type=int, default=None, help="ToMe's r; the other routings match its FLOPs")
+    parser.add_argument("--tome_r", type=int, default=None, help="ToMe's r; the other routings match its FLOPs")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -296,14 +289,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="SPEC",
         help="run these steps in order, each for every model (repeatable; replaces --dtypes/--modes/--batches/"
-        "--check-modes): check:MODE[,MODE...] checks float32 logits, time:DTYPE:MODE:BATCHES[:IMPL] times, "
+        "--check_modes): check:MODE[,MODE...] checks float32 logits, time:DTYPE:MODE:BATCHES[:IMPL] times, "
         "e.g. time:bfloat16:cudagraph:1,64,256, compile:MODE:BATCH:DTYPE times each routing's compilation from a "
         "cold cache",
     )
-    parser.add_argument("--check-modes", nargs="*", default=None, help="modes checked in float32 (default: --modes)")
+    parser.add_argument("--check_modes", nargs="*", default=None, help="modes checked in float32 (default: --modes)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
     parser.add_argument("--impl", default="auto", choices=fused.IMPLS, help="reducers: lean on CUDA by default")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip the groups left once this much has run")
+    parser.add_argument("--budget_s", type=float, default=None, help="skip the groups left once this much has run")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, float32, batches 1 and 4, 2 rounds")
     parser.add_argument("--summarize", type=Path, default=None, help="print the Markdown table of a results file")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "throughput.json")
@@ -395,7 +388,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         for model_name in args.models:
             if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
                 result["skipped"].append({"model": model_name, "step": list(step)})
-                print(f"skipped {model_name} {step}: over --budget-s {args.budget_s:g}", flush=True)
+                print(f"skipped {model_name} {step}: over --budget_s {args.budget_s:g}", flush=True)
                 continue
             try:
                 run_step(step, model_name, routings[model_name], result, args)

@@ -1,15 +1,13 @@
 """benchmarks/search_generalization.py: the margins over the best baseline, of the routing returned and of the one
 found before the held-out check, in test top-1 and test KL, with their paired standard errors, on hand-built rows."""
 
-from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture
-def benchmark(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
-    import search_generalization
+def benchmark():
+    from benchmarks import search_generalization
 
     return search_generalization
 

@@ -1,13 +1,11 @@
 """benchmarks/throughput.py on a tiny model: the JSON it writes, its output check, and the README summary."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import throughput  # noqa: E402
+from benchmarks import throughput
 
 ROW_KEYS = {"model", "dtype", "mode", "batch", "routing", "gflops", "ms", "speedup", "efficiency"}
 

@@ -29,13 +29,13 @@ from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from attnprune.atomic import staged_dir
-from attnprune.bench import time_interleaved
 from attnprune.cli import lightning_parser_kwargs, run_cli
 from attnprune.errors import UserError, check_finite
 from attnprune.flops import count_flops
 from attnprune.lit.cli import AttnpruneCLI, discard_failed_run, existing_folders, trainer_defaults
 from attnprune.report import plot_accuracy_vs_flops
 from attnprune.routing import Routing
+from attnprune.timing import device_name, time_interleaved
 from attnprune.vit import prune
 
 COLUMNS = (
@@ -143,12 +143,6 @@ def throughput(
         seconds = time_interleaved(models, batches[0], warmup=warmup, repeats=repeats, progress=False)
     images = sum(len(batch) for batch in batches)
     return {name: images / seconds[name] for name in routings}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return str(device)
 
 
 def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:

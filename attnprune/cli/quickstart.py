@@ -20,12 +20,12 @@ import timm
 import torch
 
 from attnprune import Routing, count_flops, load_model, match_flops, prune
-from attnprune.bench import time_interleaved
 from attnprune.cli import run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.routing import baseline_layers
 from attnprune.routing.baselines import matched_baselines
+from attnprune.timing import time_interleaved
 
 # relative to the repository root, where the quickstart runs
 SHIPPED = Path("checkpoints") / "fmnist_supervised.safetensors"

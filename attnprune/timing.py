@@ -1,7 +1,8 @@
-"""Throughput measurement: candidates timed side by side, interleaved, medians."""
+"""Throughput measurement: candidates timed side by side, interleaved, medians; and the name of the device timed."""
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 
@@ -9,7 +10,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["time_interleaved"]
+__all__ = ["device_name", "time_interleaved"]
+
+
+def device_name(device: torch.device) -> str:
+    """The device as result tables name it: ``cuda:0 (NVIDIA H200)``, or ``cpu (x86_64 CPU, 2 threads)``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads)"
 
 
 def _sync(device: torch.device) -> None:
