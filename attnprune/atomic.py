@@ -1,5 +1,5 @@
 """Outputs written only on success: to a temporary name next to the target, then renamed into place, so a failed
-run leaves no partial results, tables or plots behind (issue 15)."""
+run leaves no partial results, tables or plots behind."""
 
 from __future__ import annotations
 

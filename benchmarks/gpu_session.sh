@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs for issue 16 ("Pruning that pays on a GPU"): DeiT-S/16 and ViT-B/16 (random
+# The one script a GPU session runs to measure pruning on a GPU: DeiT-S/16 and ViT-B/16 (random
 # init, offline), unpruned and EViT, the layer-wise routing and ToMe r=13 (the other two matched to ToMe's 59% of the
-# FLOPs), timed side by side in one process, in the order of what the issue's acceptance needs first:
+# FLOPs), timed side by side in one process, in the order of what matters most first:
 #   1. float32 logits of the eager (lean reducers) and CUDA-graph paths against the eager PyTorch reference;
 #   2. bfloat16, batches 1, 64, 256, 1024: CUDA graph, eager, then regional torch.compile + CUDA graph (compiles);
 #   3. bfloat16 CUDA graph with the reference reducers (does the lean path pay?);

@@ -1,5 +1,5 @@
 """Bad input, table-driven: the API raises ValueError/FileNotFoundError/TypeError naming the input, and every entry
-point ends with exit status 2, one line on stderr naming the option and no traceback (issue 15). Real tiny models
+point ends with exit status 2, one line on stderr naming the option and no traceback. Real tiny models
 and files throughout; entry points are called in-process through :func:`attnprune.cli.run_cli`, a few as
 subprocesses to check what a user sees."""
 
@@ -575,7 +575,7 @@ def _unreachable_hub(tmp_path) -> dict[str, str]:
 
 
 def test_a_hub_name_offline_fails_at_once(tmp_path, monkeypatch):
-    """No minute of retries: the hub is probed once, then the local cache alone is asked (issue 15)."""
+    """No minute of retries: the hub is probed once, then the local cache alone is asked."""
     from huggingface_hub import constants
 
     from attnprune.errors import HubUnavailableError
