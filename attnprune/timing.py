@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-__all__ = ["device_name", "time_interleaved"]
+__all__ = ["device_name", "synchronize", "time_interleaved"]
 
 
 def device_name(device: torch.device) -> str:
@@ -21,7 +21,8 @@ def device_name(device: torch.device) -> str:
     return f"{device} ({platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads)"
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA; a no-op elsewhere), so that a timer reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -49,9 +50,9 @@ def time_interleaved(
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in tqdm(range(repeats), desc=f"timing batch {x.shape[0]}", disable=not progress, leave=False):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
-            _sync(x.device)
+            synchronize(x.device)
             start = time.perf_counter()
             models[name](x)
-            _sync(x.device)
+            synchronize(x.device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}

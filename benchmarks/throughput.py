@@ -31,7 +31,7 @@ from torch import nn
 
 from attnprune import Routing, count_flops, fused, match_flops, prune
 from attnprune.inference import MODES, InferenceModel
-from attnprune.timing import device_name, time_interleaved
+from attnprune.timing import device_name, synchronize, time_interleaved
 
 KNOBS = np.round(np.arange(0.30, 1.0, 0.01), 2).tolist()
 ROUTINGS = ("unpruned", "evit", "layerwise", "tome")
@@ -135,7 +135,7 @@ def time_group(
             start = time.perf_counter()
             with torch.no_grad():
                 model(x)
-            _sync(device)
+            synchronize(device)
             first[name] = time.perf_counter() - start
         seconds = time_interleaved(models, x, warmup=args.warmup, repeats=args.repeats, progress=False)
         for name in routings:
@@ -192,18 +192,13 @@ def compile_times(
             start = time.perf_counter()
             with torch.no_grad():
                 model(x)
-            _sync(device)
+            synchronize(device)
         seconds = time.perf_counter() - start
         rows.append({"model": model_name, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "batch": batch})
         rows[-1].update(routing=name, compile_s=seconds)
         print(f"compile {model_name} {rows[-1]['dtype']} {mode} batch {batch} {name:10} {seconds:.1f} s", flush=True)
     torch._dynamo.reset()
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 HEADER = (

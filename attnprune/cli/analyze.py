@@ -34,6 +34,7 @@ from attnprune.selectivity.transition import attention_transition_depth, informa
 def analyze(
     model: str,
     data: ImageDataModule,
+    *,
     output_dir: str = "results/selectivity",
     num_images: int = 512,
     oracle: bool = True,
@@ -50,7 +51,7 @@ def analyze(
         num_images: validation images analysed.
         oracle: measure scorer reliability against the leave-one-out oracle (the costly part).
         keep: fraction of tokens of the top-k overlap.
-        routings: routing YAML files whose token maps are drawn.
+        routings: routings whose token maps are drawn: presets such as ``tome:r=4`` or routing YAML files.
         token_map_images: images per token map.
     """
     if num_images < 1:
@@ -69,7 +70,33 @@ def analyze(
             raise type(err)(f"--routings entry {spec!r}: {err}") from err
     data.for_model(network).setup("validate")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
-    start, seen, first = time.perf_counter(), 0, None
+    start = time.perf_counter()
+    seen, first = _analyse(analyzer, network, data, num_images, model)
+    seconds = time.perf_counter() - start
+    results = analyzer.compute()
+    depth = attention_transition_depth(results, informative=informative_layers(network)) if oracle else None
+    meta = {
+        "model": model,
+        "images": seen,
+        "seconds": seconds,
+        "oracle_sequences": analyzer.oracle_sequences,
+        "attention_transition_depth": depth,
+    }
+    _write(Path(output_dir), results, meta, network, first[:token_map_images], list(checked.values()), oracle)
+    where = f"takes over at block {depth}" if depth is not None else "never takes over"
+    print(
+        f"analysed {seen} images in {seconds:.1f} s ({analyzer.oracle_sequences} oracle sequences); attention {where} "
+        "(it agrees with the oracle better than every non-attention scorer from there on)"
+    )
+    print(f"wrote {output_dir}/selectivity.json, selectivity.csv and the plots")
+    return meta
+
+
+def _analyse(
+    analyzer: SelectivityAnalyzer, network: torch.nn.Module, data: ImageDataModule, num_images: int, model: str
+) -> tuple[int, torch.Tensor]:
+    """Feed the first ``num_images`` validation images to ``analyzer``; returns how many and the first batch."""
+    seen, first = 0, None
     batches = iter(data.val_dataloader())
     head = next(batches, None)
     if head is not None:  # before any analysis: NaN logits would give tables of nulls, not an error
@@ -83,43 +110,31 @@ def analyze(
             bar.update(len(images))
             if seen >= num_images:
                 break
-    seconds = time.perf_counter() - start
     if seen == 0:
         raise UserError("the data module's validation split gave no images; expected at least one (--data)")
-    results = analyzer.compute()
-    out = Path(output_dir)
-    meta = {
-        "model": model,
-        "images": seen,
-        "seconds": seconds,
-        "oracle_sequences": analyzer.oracle_sequences,
-        "attention_transition_depth": (
-            attention_transition_depth(results, informative=informative_layers(network)) if oracle else None
-        ),
-    }
-    with staged_dir(out) as stage:  # the files appear in --output_dir only once every one is written
+    return seen, first
+
+
+def _write(
+    out: Path,
+    results: dict,
+    meta: dict,
+    network: torch.nn.Module,
+    images: torch.Tensor,
+    routings: list[Routing],
+    oracle: bool,
+) -> None:
+    """The tables, the plots (the scorers' reliability with ``oracle``) and a token map per routing, in ``out`` only
+    once every file is written."""
+    name = Path(meta["model"]).stem
+    with staged_dir(out) as stage:
         write_tables(results, stage, meta)
-        plot_selectivity(results, stage / "selectivity.png", title=Path(model).stem)
+        plot_selectivity(results, stage / "selectivity.png", title=name)
         if oracle:
-            plot_reliability(results, stage / "reliability.png", title=f"{Path(model).stem}: scorer reliability")
+            plot_reliability(results, stage / "reliability.png", title=f"{name}: scorer reliability")
         cfg = resolve_model_data_config(network)
-        for routing in checked.values():
-            plot_token_maps(
-                network,
-                first[:token_map_images],
-                routing,
-                stage / f"tokens_{routing.name}.png",
-                cfg["mean"],
-                cfg["std"],
-            )
-    depth = meta["attention_transition_depth"]
-    where = f"takes over at block {depth}" if depth is not None else "never takes over"
-    print(
-        f"analysed {seen} images in {seconds:.1f} s ({analyzer.oracle_sequences} oracle sequences); attention {where} "
-        "(it agrees with the oracle better than every non-attention scorer from there on)"
-    )
-    print(f"wrote {out}/selectivity.json, selectivity.csv and the plots")
-    return meta
+        for routing in routings:
+            plot_token_maps(network, images, routing, stage / f"tokens_{routing.name}.png", cfg["mean"], cfg["std"])
 
 
 def main(args: list[str] | None = None):

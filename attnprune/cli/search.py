@@ -33,6 +33,7 @@ def search(
     model: str,
     data: ImageDataModule,
     budget: float,
+    *,
     strategy: str = "beam",
     val_images: int = 5000,
     state_path: str | None = None,

@@ -184,10 +184,19 @@ def claims(stats: dict, bootstrap: int = 2000, seed: int = 0, level: float = 0.9
     """
     scorers = list(stats["scorers"])
     attention = torch.tensor([SCORERS[s].family == "attention" for s in scorers])
-    informative = torch.tensor(stats["informative"])
-    tail = (1 - level) / 2
+    agreement = stats["spearman"].double()
+    oracle_weights = bootstrap_weights(agreement.shape[0], bootstrap, seed + 1)
+    mean, boot = agreement.mean(0), resampled_means(agreement, oracle_weights)
+    return {
+        "a": _claim_a(stats, bootstrap_weights(stats["all_entropy"].shape[0], bootstrap, seed), level),
+        "b": _claim_b(mean, boot, attention, scorers, level),
+        "c": _claim_c(mean, boot, attention, torch.tensor(stats["informative"]), scorers, level),
+    }
 
-    weights = bootstrap_weights(stats["all_entropy"].shape[0], bootstrap, seed)
+
+def _claim_a(stats: dict, weights: Tensor, level: float) -> dict:
+    """Claim (a) for both queries, the verdict read on the readout's query."""
+    tail = (1 - level) / 2
     queries = {}
     for query in ("cls", "all"):
         entropy = stats[f"{query}_entropy"].double()
@@ -209,49 +218,56 @@ def claims(stats: dict, bootstrap: int = 2000, seed: int = 0, level: float = 0.9
     a = {k: queries[readout][k] for k in ("statistic", "ci")}
     a.update(holds=queries[readout]["verdict"] == "holds", verdict=queries[readout]["verdict"], query=readout)
     a["queries"] = queries
+    return a
 
-    agreement = stats["spearman"].double()
-    oracle_weights = bootstrap_weights(agreement.shape[0], bootstrap, seed + 1)
-    mean, boot = agreement.mean(0), resampled_means(agreement, oracle_weights)
+
+def _claim_b(mean: Tensor, boot: Tensor, attention: Tensor, scorers: list[str], level: float) -> dict:
+    """Claim (b) from the oracle agreement ``[S, L]`` and its bootstrap samples ``[R, S, L]``."""
     gap, best_non, best_att = scorer_gap(mean, attention)
-    gaps = scorer_gap(boot, attention)[0]
-    lo, hi = interval(gaps, level)
-    b = {
+    lo, hi = interval(scorer_gap(boot, attention)[0], level)
+    return {
         "statistic": float(gap),
         "ci": [lo, hi],
         "holds": verdict(lo, hi) == "holds",
         "verdict": verdict(lo, hi),
-        "shallow_blocks": shallow_blocks(agreement.shape[-1]),
+        "shallow_blocks": shallow_blocks(mean.shape[-1]),
         "best_non_attention": scorers[int(best_non)],
         "best_attention": scorers[int(best_att)],
     }
 
-    depth = agreement.shape[-1]
+
+def _claim_c(
+    mean: Tensor, boot: Tensor, attention: Tensor, informative: Tensor, scorers: list[str], level: float
+) -> dict:
+    """Claim (c): the transition depth, its interval and distribution, and the first lead beside it."""
+    depth, tail = mean.shape[-1], (1 - level) / 2
     takes_over, first = transition_depth(mean, attention, informative), first_lead(mean, attention, informative)
     samples, firsts = transition_depth(boot, attention, informative), first_lead(boot, attention, informative)
     lo = int(torch.quantile(samples.double(), tail, interpolation="lower"))
     hi = int(torch.quantile(samples.double(), 1 - tail, interpolation="higher"))
     share = float((samples < depth).double().mean())
     c_verdict = "holds" if share >= 1 - tail else "reversed" if share <= tail else "unresolved"
-    as_depth = lambda d: None if int(d) >= depth else int(d)  # noqa: E731
-    c = {
+
+    def as_depth(d: Tensor | int) -> int | None:
+        return None if int(d) >= depth else int(d)
+
+    def distribution(values: Tensor) -> dict[str, float]:
+        return {
+            ("none" if d == depth else str(d)): float((values == d).double().mean())
+            for d in sorted(set(values.tolist()))
+        }
+
+    return {
         "depth": as_depth(takes_over),
         "ci": [as_depth(lo), as_depth(hi)],
         "holds": c_verdict == "holds",
         "verdict": c_verdict,
         "share_with_transition": share,
         "first_lead": as_depth(first),
-        "distribution": {
-            ("none" if d == depth else str(d)): float((samples == d).double().mean())
-            for d in sorted(set(samples.tolist()))
-        },
-        "first_lead_distribution": {
-            ("none" if d == depth else str(d)): float((firsts == d).double().mean())
-            for d in sorted(set(firsts.tolist()))
-        },
+        "distribution": distribution(samples),
+        "first_lead_distribution": distribution(firsts),
         "agreement": {s: mean[i].tolist() for i, s in enumerate(scorers)},
     }
-    return {"a": a, "b": b, "c": c}
 
 
 # ----------------------------------------------------------------------------------------------------- the run
