@@ -51,6 +51,12 @@ def count_flops(
 
     Returns:
         FLOPs per image (one multiply-accumulate = one FLOP).
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+        >>> count_flops(model), count_flops(model, "tome:r=8")
+        (8958816, 6595424)
     """
     routing = routing_of(model, routing)
     check_prunable(model, routing)

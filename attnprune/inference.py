@@ -46,8 +46,17 @@ def compile(model: nn.Module, mode: str | None = None, **compile_kwargs) -> Infe
         An ``nn.Module`` whose forward maps images to the model's output.
 
     Raises:
-        ValueError: an unknown mode.
+        UserError: an unknown mode.
         RuntimeError: a CUDA-graph mode without CUDA or with a model that is not on a CUDA device.
+
+    Example:
+        >>> import attnprune, torch
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+        >>> model = attnprune.prune(model.eval(), "tome:r=8")
+        >>> fast = attnprune.compile(model, "regional", backend="eager")  # without backend: Inductor
+        >>> fast(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     if mode is None:
         mode = "regional-cudagraph" if next(model.parameters()).device.type == "cuda" else "regional"

@@ -147,6 +147,11 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
 
     Returns:
         The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std.
+
+    Example:
+        >>> model = load_model("checkpoints/fmnist_supervised.safetensors")  # from the repository's root
+        >>> model.pretrained_cfg["input_size"], model.num_classes, model.training
+        ([1, 32, 32], 10, False)
     """
     path = Path(spec)
     if path.suffix == ".ckpt" or path.suffix in WEIGHT_SUFFIXES:
@@ -225,7 +230,29 @@ def save_model(
     **extra: Any,
 ) -> Path:
     """Write ``model``'s weights as safetensors with its :func:`model_spec` (and ``extra`` fields) as metadata, so
-    that :func:`load_model` rebuilds it from the file alone."""
+    that :func:`load_model` rebuilds it from the file alone.
+
+    Args:
+        model: the timm model.
+        path: the ``.safetensors`` file written (folders are created).
+        architecture: its timm architecture name.
+        paradigm: its training paradigm (:data:`attnprune.PARADIGMS`).
+        model_kwargs: the timm ``create_model`` arguments it was built with.
+        **extra: more metadata (a model card's fields).
+
+    Returns:
+        ``path``.
+
+    Example:
+        >>> import tempfile, timm
+        >>> kwargs = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}
+        >>> model = timm.create_model("vit_tiny_patch16_224", **kwargs)
+        >>> path = tempfile.mkdtemp() + "/tiny.safetensors"
+        >>> path = save_model(model, path, "vit_tiny_patch16_224", model_kwargs=kwargs)
+        >>> loaded = load_model(path)  # the architecture and arguments come from the file
+        >>> len(loaded.blocks), loaded.num_classes
+        (2, 10)
+    """
     meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -86,8 +86,8 @@ def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
     """Check that ``routing`` fits ``model`` and return its plan at the model's default input size.
 
     Raises:
-        TypeError: the model is not a timm ``VisionTransformer`` with standard pre-norm blocks where rules apply.
-        ValueError: a rule does not fit the model (the message names the rule and the field).
+        UserTypeError: the model is not a timm ``VisionTransformer`` with standard pre-norm blocks where rules apply.
+        UserError: a rule does not fit the model (the message names the rule and the field).
     """
     _check_vit(model)
     plans = routing.resolve(len(model.blocks), num_patch_tokens(model))
@@ -119,6 +119,16 @@ def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None 
 
     Returns:
         The same model: ``model(x)`` now prunes, ``model.routing`` holds the routing.
+
+    Example:
+        >>> import torch
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+        >>> model = prune(model.eval(), "tome:r=8")  # in place: every block merges 8 tokens
+        >>> model.routing.token_counts(depth=4, num_tokens=64)
+        [64, 56, 48, 40, 32]
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     if routing is None:
         return unprune(model)
@@ -134,7 +144,14 @@ def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None 
 
 
 def unprune(model: VisionTransformer) -> VisionTransformer:
-    """Restore timm's forward on a model :func:`prune` patched."""
+    """Restore timm's forward on a model :func:`prune` patched (its ``state_dict`` never changed).
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = prune(VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3), "tome:r=8")
+        >>> hasattr(unprune(model), "routing")
+        False
+    """
     for name in (*_PATCHED, "routing", "_attnprune_plans"):
         model.__dict__.pop(name, None)
     return model

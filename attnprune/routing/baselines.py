@@ -25,7 +25,13 @@ def match_flops(
     larger than bipartite matching can merge in the last blocks) are not candidates.
 
     Raises:
-        ValueError: no knob gives a routing that fits the model (the message names the knobs and the last error).
+        UserError: no knob gives a routing that fits the model (the message names the knobs and the last error).
+
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+        >>> match_flops(model, lambda r: Routing.tome(int(r), 4), range(1, 16), 0.7).name
+        'tome-r9'
     """
     target = ratio * count_flops(model, Routing())
     candidates, error, knobs = [], None, list(knobs)

@@ -37,6 +37,16 @@ class Routing:
         prop_attn: add log(token size) to the attention logits once tokens have been averaged together
             (ToMe's proportional attention).
         seed: seed of the ``random`` scorer.
+
+    Example:
+        >>> routing = Routing.from_dict({"name": "mine", "rules": [
+        ...     {"layer": 1, "score": "l2_norm", "keep": 0.75},
+        ...     {"layer": 2, "r": 8, "reduce": "merge"},
+        ... ]})
+        >>> routing.token_counts(depth=4, num_tokens=64)  # tokens entering each block, then leaving the last
+        [64, 64, 48, 40, 40]
+        >>> routing.resolve(depth=4, num_tokens=64)[1]
+        LayerPlan(rule=Rule(layer=2, score=None, keep=None, r=8, reduce='merge'), n_in=48, n_keep=40, n_out=40)
     """
 
     rules: tuple[Rule, ...] = ()
@@ -201,11 +211,10 @@ class Routing:
             FileNotFoundError: neither a preset nor an existing file.
 
         Example:
-            >>> Routing.parse("tome:r=2", depth=3).rules
-            (Rule(layer=0, score=None, keep=None, r=2, reduce='merge'), Rule(layer=1, score=None, keep=None, r=2, \
-reduce='merge'), Rule(layer=2, score=None, keep=None, r=2, reduce='merge'))
-            >>> [rule.layer for rule in Routing.parse("evit:keep=0.7", depth=12).rules]
-            [3, 6, 9]
+            >>> [(rule.layer, rule.r, rule.reduce) for rule in Routing.parse("tome:r=2", depth=3).rules]
+            [(0, 2, 'merge'), (1, 2, 'merge'), (2, 2, 'merge')]
+            >>> [(rule.layer, rule.score, rule.keep) for rule in Routing.parse("evit:keep=0.7", depth=12).rules]
+            [(3, 'cls_attention', 0.7), (6, 'cls_attention', 0.7), (9, 'cls_attention', 0.7)]
         """
         if spec is None or spec == "unpruned":
             return cls()
@@ -237,7 +246,7 @@ reduce='merge'), Rule(layer=2, score=None, keep=None, r=2, reduce='merge'))
         """Static token counts of every rule for a model of ``depth`` blocks and ``num_tokens`` non-prefix tokens.
 
         Raises:
-            ValueError: a rule does not fit the model (layer beyond its depth, integer keep or r above the tokens
+            UserError: a rule does not fit the model (layer beyond its depth, integer keep or r above the tokens
                 left, a ``merge`` removing more than :func:`max_merge` allows); the message names the rule, the field
                 and the largest value accepted.
         """

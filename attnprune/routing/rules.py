@@ -27,6 +27,12 @@ class Rule:
         keep: fraction in (0, 1] of the non-prefix tokens reaching the block (a float), or a token count (an int).
         r: tokens removed in this block (ToMe's knob); exactly one of ``keep`` and ``r`` is given.
         reduce: reducer registry key: ``drop``, ``fuse`` or ``merge``.
+
+    Example:
+        >>> Rule(layer=2, score="l2_norm", keep=0.8).to_dict()
+        {'layer': 2, 'score': 'l2_norm', 'keep': 0.8, 'reduce': 'drop'}
+        >>> Rule(layer=5, r=8, reduce="merge")  # ToMe's knob: 8 tokens merged in block 5
+        Rule(layer=5, score=None, keep=None, r=8, reduce='merge')
     """
 
     layer: int
@@ -43,7 +49,14 @@ class Rule:
 class LayerPlan:
     """A rule resolved for a given input: ``n_in`` non-prefix tokens enter, ``n_keep`` survive the scorer's
     selection (``drop``/``fuse``) and ``n_out`` leave the block (``fuse`` adds one token, ``merge`` removes
-    ``n_in - n_out``)."""
+    ``n_in - n_out``).
+
+    Example:
+        >>> from attnprune import Routing
+        >>> [plan] = Routing((Rule(layer=1, score="cls_attention", keep=0.5, reduce="fuse"),)).resolve(4, 64)
+        >>> plan.n_in, plan.n_keep, plan.n_out  # fuse keeps 32 tokens and adds the fused one
+        (64, 32, 33)
+    """
 
     rule: Rule
     n_in: int

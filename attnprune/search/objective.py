@@ -33,7 +33,7 @@ def resolve_objective(objective: str, model: nn.Module, has_labels: bool) -> str
     """The concrete objective (``kl``, ``cosine`` or ``top1``) that ``objective`` names for ``model``.
 
     Raises:
-        ValueError: an unknown objective, ``kl`` or ``top1`` on a headless model, or ``top1`` without labels.
+        UserError: an unknown objective, ``kl`` or ``top1`` on a headless model, or ``top1`` without labels.
     """
     if objective not in OBJECTIVES:
         raise UserError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
