@@ -189,7 +189,7 @@ class Routing:
         first_keep = min(1.0, round(keep + 0.1, 3)) if first_keep is None else first_keep
         rules = [Rule(layer=first, score="l2_norm", keep=first_keep, reduce="drop")]
         rules += [Rule(layer=layer, score="cls_attention", keep=keep, reduce="fuse") for layer in deeper]
-        return cls(tuple(rules), name="layerwise")
+        return cls(tuple(rules), name=f"layerwise-{keep:g}")
 
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
