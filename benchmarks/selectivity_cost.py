@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from attnprune.lit.backbone import Backbone
 from attnprune.lit.callbacks import SelectivityCallback
 from attnprune.lit.modules import PrunedClassifier
 
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    module = PrunedClassifier(model=args.model, num_classes=1000).eval()
+    module = PrunedClassifier(Backbone(model=args.model, num_classes=1000)).eval()
     images = torch.randn(args.images, 3, 224, 224)
     loader = DataLoader(TensorDataset(images, torch.randint(0, 1000, (args.images,))), batch_size=args.batch_size)
     validate_seconds(module, loader, None)  # warm-up (allocator, thread pools)

@@ -122,10 +122,7 @@ def export(
 ) -> dict:
     paradigm, module_class = MODELS[name]
     ckpt = best_checkpoint(RUNS / f"fmnist-{name}" / f"stage{len(commands) - 1}")
-    # The paradigm is the script's, not the checkpoint's: the first distilled run was started when train.py's default
-    # for DistillationClassifier was still "supervised" (same network, only the recorded label differed).
-    overrides = {} if module_class is LinearProbe else {"paradigm": paradigm}
-    module = module_class.load_from_checkpoint(ckpt, map_location="cpu", **overrides).eval()
+    module = module_class.load_from_checkpoint(ckpt, map_location="cpu").eval()
     model = module.model
     if isinstance(module, LinearProbe):
         if module.n_last_blocks != 1:
@@ -156,6 +153,8 @@ def export(
         "note": note,
     }
     out = ROOT / "checkpoints" / f"fmnist_{name}.safetensors"
+    # The paradigm is the script's, not the checkpoint's: the first distilled run was started when train.py's default
+    # for DistillationClassifier was still "supervised" (same network, only the recorded label differed).
     save_model(model, out, spec["architecture"], paradigm, kwargs, card=card)
     (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
     write_card(out.with_suffix(".md"), card)

@@ -17,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from tqdm import tqdm
 
 from attnprune import REDUCERS, SCORERS, Routing
+from attnprune.lit.backbone import Backbone
 
 # no tqdm monitor thread: mutmut forks a process per mutant, and a fork taken while that thread holds tqdm's lock
 # leaves the child waiting on it forever
@@ -62,12 +63,18 @@ def images() -> torch.Tensor:
     return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-TINY_CLASSIFIER = {
+# the fields of a Backbone (attnprune.lit.backbone): a depth-4, width-32 classifier of 16 px images
+TINY_BACKBONE = {
     "model": "vit_tiny_patch16_224",
     "num_classes": 3,
     "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 4, "num_heads": 2},
     "pretrained_cfg": {"input_size": [3, 16, 16], "crop_pct": 1.0},
 }
+
+
+def tiny_backbone(**fields) -> Backbone:
+    """The tiny classifier's :class:`Backbone`, with ``fields`` replaced (``routing``, ``paradigm``, ...)."""
+    return Backbone(**{**TINY_BACKBONE, **fields})
 
 
 def make_image_folder(root: Path, train_per_class: int = 8, test_per_class: int = 4, classes: int = 3) -> Path:

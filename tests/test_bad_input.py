@@ -26,7 +26,7 @@ from attnprune.io import METADATA_KEY
 from attnprune.lit.data import ImageDataModule, ImageFolderDataModule, check_input_size
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.search import search_routing
-from tests.conftest import TINY_CLASSIFIER, make_image_folder, tiny_vit
+from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vit_tiny_patch16_224"
@@ -40,8 +40,8 @@ def entry_point(name: str):
 def files(tmp_path_factory) -> dict[str, Path]:
     """A tiny model's weights, the same weights with NaN and inf, corrupt files, a folder, routings, images."""
     root = tmp_path_factory.mktemp("bad_input")
-    model = PrunedClassifier(**TINY_CLASSIFIER).model
-    good = save_model(model, root / "tiny.safetensors", ARCH, model_kwargs=TINY_CLASSIFIER["model_kwargs"])
+    model = PrunedClassifier(tiny_backbone()).model
+    good = save_model(model, root / "tiny.safetensors", ARCH, model_kwargs=TINY_BACKBONE["model_kwargs"])
     with open(good, "rb") as f:
         head = f.read(8)
     from safetensors import safe_open
@@ -310,9 +310,9 @@ def _module(files, checkpoint: str, folder: str = "data") -> list[str]:
     return [
         "--model.class_path",
         "attnprune.lit.modules.PrunedClassifier",
-        "--model.init_args.model",
+        "--model.init_args.backbone.model",
         "auto",
-        "--model.init_args.checkpoint",
+        "--model.init_args.backbone.checkpoint",
         checkpoint,
         *_data(files, folder),
         "--trainer.logger",
@@ -410,8 +410,8 @@ CLI_CASES = [
     ("evaluate-garbage-model", lambda f: _evaluate(f, checkpoint=str(f["garbage.safetensors"])), "garbage.safetensors"),
     ("evaluate-missing-model", lambda f: _evaluate(f, checkpoint="missing.safetensors"), "missing.safetensors"),
     ("evaluate-unknown-option", lambda f: _evaluate(f, "--routingz", "[unpruned]"), "routingz"),
-    ("train-routing-typo", lambda f: _train(f, "--model.init_args.routing", str(f["typo.yaml"])), "l2_nrom"),
-    ("train-routing-missing", lambda f: _train(f, "--model.init_args.routing", "nope.yaml"), "nope.yaml"),
+    ("train-routing-typo", lambda f: _train(f, "--model.init_args.backbone.routing", str(f["typo.yaml"])), "l2_nrom"),
+    ("train-routing-missing", lambda f: _train(f, "--model.init_args.backbone.routing", "nope.yaml"), "nope.yaml"),
     ("train-nan-model", lambda f: _train(f, checkpoint=str(f["nan.safetensors"])), "non-finite"),
     ("train-missing-config", lambda f: ("train", ["fit", "--config", "nope.yaml"]), "nope.yaml"),
     # (id, builder, text the stderr line must contain)
@@ -524,9 +524,9 @@ SUBPROCESS_CASES = [
             "fit",
             "--model.class_path",
             "attnprune.lit.modules.PrunedClassifier",
-            "--model.init_args.model",
+            "--model.init_args.backbone.model",
             ARCH,
-            "--model.init_args.routing",
+            "--model.init_args.backbone.routing",
             str(f["typo.yaml"]),
             *_data(f),
             "--trainer.logger",

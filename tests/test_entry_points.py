@@ -16,7 +16,7 @@ import yaml
 from attnprune import Routing, count_flops
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
-from tests.conftest import TINY_CLASSIFIER, make_image_folder
+from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
 from tests.wandb_records import _settled_records, logged_keys
 
 
@@ -59,7 +59,10 @@ def config(workdir: Path, **trainer: object) -> dict:
             },
             **trainer,
         },
-        "model": {"class_path": "attnprune.lit.modules.PrunedClassifier", "init_args": dict(TINY_CLASSIFIER)},
+        "model": {
+            "class_path": "attnprune.lit.modules.PrunedClassifier",
+            "init_args": {"backbone": dict(TINY_BACKBONE)},
+        },
         "data": {
             "class_path": "attnprune.lit.data.ImageFolderDataModule",
             "init_args": {
@@ -90,7 +93,7 @@ def run_dirs(workdir: Path) -> list[Path]:
 
 def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
     cfg = config(workdir, max_epochs=2, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1)
-    cfg["model"]["init_args"]["routing"] = str(workdir / "routing.yaml")
+    cfg["model"]["init_args"]["backbone"]["routing"] = str(workdir / "routing.yaml")
     cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt"), "monitor": "val/top1", "mode": "max", "save_top_k": -1}
     (workdir / "train.yaml").write_text(yaml.safe_dump(cfg))
     before = set(run_dirs(workdir))
@@ -183,9 +186,9 @@ def test_search_command_writes_a_routing_within_budget(workdir):
     from attnprune import Routing, count_flops, load_model, save_model
     from attnprune.lit.modules import PrunedClassifier
 
-    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    model = PrunedClassifier(tiny_backbone()).model
     weights = save_model(
-        model, workdir / "tiny.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+        model, workdir / "tiny.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_BACKBONE["model_kwargs"]
     )
     out = workdir / "search" / "routing.yaml"
     run(

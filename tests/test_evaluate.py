@@ -23,7 +23,7 @@ from attnprune import Routing, count_flops, load_model, save_model
 from attnprune.cli.evaluate import COLUMNS, check_routings, throughput
 from attnprune.cli.evaluate import main as evaluate_main
 from attnprune.lit.modules import PrunedClassifier
-from tests.conftest import TINY_CLASSIFIER
+from tests.conftest import tiny_backbone
 from tests.fake_imagenet import make_fake_imagenet
 from tests.wandb_records import logged_keys, run_config
 
@@ -35,7 +35,7 @@ ROUTING = {"name": "l2-drop", "rules": [{"layer": 1, "score": "l2_norm", "keep":
 
 
 def test_every_routing_is_checked_against_the_model_first():
-    backbone = PrunedClassifier(**TINY_CLASSIFIER).backbone  # depth 4, 16 patch tokens
+    backbone = PrunedClassifier(tiny_backbone()).backbone  # depth 4, 16 patch tokens
     routings = check_routings(["unpruned", "tome:r=2", "tome:r=2", "evit:keep=0.7"], backbone)
     assert list(routings) == ["unpruned", "tome-r2", "tome-r2-2", "evit-0.7"]
     with pytest.raises(ValueError, match=r"routing 'evit:keep=0.7,layers=9' does not fit the model: .*has 4 blocks"):
@@ -43,7 +43,7 @@ def test_every_routing_is_checked_against_the_model_first():
 
 
 def test_throughput_runs_under_the_trainers_precision_with_warmup_and_rounds():
-    module = PrunedClassifier(**TINY_CLASSIFIER)
+    module = PrunedClassifier(tiny_backbone())
     dtypes = []
     module.backbone.head.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
     routings = {"unpruned": Routing(), "tome-r2": Routing.tome(2, 4)}
@@ -91,7 +91,7 @@ def config(workdir: Path, source: Path, **trainer) -> dict:
         },
         "model": {
             "class_path": "attnprune.lit.modules.PrunedClassifier",
-            "init_args": {"model": "auto", "checkpoint": str(workdir / "model.safetensors")},
+            "init_args": {"backbone": {"model": "auto", "checkpoint": str(workdir / "model.safetensors")}},
         },
         "data": {
             "class_path": "attnprune.lit.data.ImageNetDataModule",
@@ -170,7 +170,7 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
         assert {f"evaluate/{name}/{m}" for m in ("top1", "top5", "gflops", "images_per_s")} <= keys
     assert {"evaluate/results/_type", "evaluate/top1_vs_gflops_table/_type"} <= keys
     cfg = run_config(run_dir)
-    assert cfg["model"]["init_args"]["checkpoint"] == str(workdir / "model.safetensors")
+    assert cfg["model"]["init_args"]["backbone"]["checkpoint"] == str(workdir / "model.safetensors")
     assert cfg["data"]["init_args"]["source"] == str(workdir / "imagenet" / "flat" / "val")
     assert cfg["trainer"]["accelerator"] == "cpu"
     assert [r["spec"] for r in cfg["routings"]] == ["unpruned", "tome:r=12", "evit:keep=0.7"]
@@ -199,7 +199,8 @@ def test_train_run_config_holds_checkpoint_routing_and_a_config_file_of_its_own(
         limit_val_batches=1,
         log_every_n_steps=1,
     )
-    cfg["model"]["init_args"].update(routing=str(workdir / "routing.yaml"), lr=1e-3, weight_decay=0.01)
+    cfg["model"]["init_args"]["backbone"]["routing"] = str(workdir / "routing.yaml")
+    cfg["model"]["init_args"].update(lr=1e-3, weight_decay=0.01)
     cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt")}
     (workdir / "train.yaml").write_text(yaml.safe_dump(cfg))
     before = runs(workdir)
@@ -207,15 +208,16 @@ def test_train_run_config_holds_checkpoint_routing_and_a_config_file_of_its_own(
     run_dir = new_run(workdir, before)
     config_of_run = run_config(run_dir)
     init_args = config_of_run["model"]["init_args"]
-    assert init_args["checkpoint"] == str(workdir / "model.safetensors")
+    assert init_args["backbone"]["checkpoint"] == str(workdir / "model.safetensors")
     assert (init_args["lr"], init_args["weight_decay"]) == (1e-3, 0.01)
-    assert init_args["routing"] == {"spec": str(workdir / "routing.yaml"), "prop_attn": True, "seed": 0, **ROUTING}
+    routing = {"spec": str(workdir / "routing.yaml"), "prop_attn": True, "seed": 0, **ROUTING}
+    assert init_args["backbone"]["routing"] == routing
     assert config_of_run["trainer"]["max_epochs"] == 1 and config_of_run["checkpoint"]["dirpath"]
     assert config_of_run["data"]["init_args"]["batch_size"] == 4
     assert "lr" not in config_of_run  # Lightning's flat module hyper-parameters do not overwrite the config
     assert {"train/loss", "val/top1"} <= logged_keys(run_dir)
     saved = yaml.safe_load((run_dir / "files" / "lightning_config.yaml").read_text())
-    assert saved["model"]["init_args"]["routing"] == str(workdir / "routing.yaml")
+    assert saved["model"]["init_args"]["backbone"]["routing"] == str(workdir / "routing.yaml")
     # every run (evaluate's above too) keeps its own file; none is written where the next run would overwrite it
     assert all((run / "files" / "lightning_config.yaml").is_file() for run in runs(workdir))
     assert not (workdir / "runs" / "config.yaml").exists()

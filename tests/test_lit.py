@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from attnprune import Routing, count_flops, load_model, save_model
+from attnprune.lit.backbone import Backbone
 from attnprune.lit.data import (
     FASHION_MNIST_DIR,
     FashionMNISTDataModule,
@@ -22,9 +25,9 @@ from attnprune.lit.data import (
 )
 from attnprune.lit.modules import DistillationClassifier, KNNClassifier, LinearProbe, PrunedClassifier
 from attnprune.paradigms import knn_predict
-from tests.conftest import TINY_CLASSIFIER, make_image_folder
+from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
 
-BACKBONE = {k: v for k, v in TINY_CLASSIFIER.items() if k != "num_classes"}
+HEADLESS = {k: v for k, v in TINY_BACKBONE.items() if k != "num_classes"}  # the DINO readouts' backbone
 ROUTING = {"rules": [{"layer": 1, "score": "l2_norm", "keep": 0.5}, {"layer": 2, "r": 2, "reduce": "merge"}]}
 
 
@@ -66,7 +69,7 @@ def test_image_folder_splits_and_rgb_conversion(datamodule, folder):
     datamodule.setup()
     assert {k: len(v) for k, v in datamodule.splits.items()} == {"train": 18, "validation": 6, "test": 12}
     assert datamodule.num_classes == 3
-    images, labels = first_test_batch(datamodule, PrunedClassifier(**TINY_CLASSIFIER))
+    images, labels = first_test_batch(datamodule, PrunedClassifier(tiny_backbone()))
     assert images.shape == (8, 3, 16, 16)  # grayscale and CMYK files converted to the model's RGB input
     assert labels.tolist() == [0] * 4 + [1] * 4
     # in the RGB and CMYK files (not the grayscale ones, every third) the class's colour channel dominates
@@ -139,7 +142,7 @@ def test_missing_data_says_how_to_provide_it(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- modules
 def test_micro_averaged_accuracy_by_hand():
-    module = PrunedClassifier(**TINY_CLASSIFIER)
+    module = PrunedClassifier(tiny_backbone())
     # 4 of class 0, all right; 1 of class 1, wrong: micro 4/5 = 0.8 (macro would be (1 + 0) / 2 = 0.5)
     logits = torch.tensor([[5.0, 0, 0]] * 4 + [[5.0, 0, 0]])
     module.val_metrics.update(logits, torch.tensor([0, 0, 0, 0, 1]))
@@ -156,7 +159,7 @@ def _predictions(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_loss_falls_on_a_fixed_batch_and_validation_logs_its_values(datamodule):
     torch.manual_seed(0)
-    module = PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING, lr=3e-3)
+    module = PrunedClassifier(tiny_backbone(routing=ROUTING), lr=3e-3)
     images, labels = first_test_batch(datamodule, module)
     before = module.compute_loss(images, labels).item()
     trainer(max_epochs=1).fit(module, fixed_batch(images, labels, 25))
@@ -181,9 +184,7 @@ class _ModeSpy(Callback):
 
 def test_network_trains_in_train_mode(datamodule):
     spy = _ModeSpy()
-    module = PrunedClassifier(
-        **{**TINY_CLASSIFIER, "model_kwargs": {**TINY_CLASSIFIER["model_kwargs"], "drop_path_rate": 0.1}}
-    )
+    module = PrunedClassifier(tiny_backbone(model_kwargs={**TINY_BACKBONE["model_kwargs"], "drop_path_rate": 0.1}))
     trainer(max_steps=1, callbacks=[spy], limit_val_batches=0).fit(module, datamodule)
     assert spy.modes == {True}  # drop-path active; a model loaded in eval mode would silently train without it
 
@@ -194,7 +195,7 @@ class _FirstStep(Callback):
 
 
 def test_checkpoint_reloads_and_resumes(datamodule, tmp_path):
-    module = PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING)
+    module = PrunedClassifier(tiny_backbone(routing=ROUTING))
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
     trainer(max_steps=4, callbacks=[checkpoints], enable_checkpointing=True, limit_val_batches=0).fit(
         module, datamodule
@@ -213,12 +214,12 @@ def test_checkpoint_reloads_and_resumes(datamodule, tmp_path):
     resumed = trainer(
         max_steps=6, callbacks=[first], enable_checkpointing=True, limit_val_batches=0, default_root_dir=tmp_path
     )
-    resumed.fit(PrunedClassifier(**TINY_CLASSIFIER, routing=ROUTING), datamodule, ckpt_path=last)
+    resumed.fit(PrunedClassifier(tiny_backbone(routing=ROUTING)), datamodule, ckpt_path=last)
     assert first.first == 4 and resumed.global_step == 6
 
 
 def test_mae_paradigm_pools_and_decays_learning_rate_by_layer():
-    module = PrunedClassifier(**TINY_CLASSIFIER, paradigm="mae", layer_decay=0.5, routing=ROUTING)
+    module = PrunedClassifier(tiny_backbone(paradigm="mae", routing=ROUTING), layer_decay=0.5)
     assert module.model.global_pool == "avg" and not isinstance(module.model.fc_norm, torch.nn.Identity)
     module.trainer = trainer(max_steps=1)
     optimizer = module.configure_optimizers()["optimizer"]
@@ -228,14 +229,12 @@ def test_mae_paradigm_pools_and_decays_learning_rate_by_layer():
 
 def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):
     torch.manual_seed(0)
-    teacher = PrunedClassifier(**TINY_CLASSIFIER).model
+    teacher = PrunedClassifier(tiny_backbone()).model
     teacher_path = save_model(
-        teacher, tmp_path / "teacher.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+        teacher, tmp_path / "teacher.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_BACKBONE["model_kwargs"]
     )
-    student = {k: v for k, v in TINY_CLASSIFIER.items() if k != "model"}
-    module = DistillationClassifier(
-        teacher=str(teacher_path), model="deit_tiny_distilled_patch16_224", **student, routing=ROUTING, lr=3e-3
-    )
+    student = tiny_backbone(model="deit_tiny_distilled_patch16_224", paradigm="distilled", routing=ROUTING)
+    module = DistillationClassifier(teacher=str(teacher_path), backbone=student, lr=3e-3)
     images, labels = first_test_batch(datamodule, module)
     teacher_labels = load_model(teacher_path)(images).argmax(-1)
     module.train()
@@ -253,11 +252,67 @@ def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):
     assert module.hparams["model_spec"]["paradigm"] == "distilled"  # what checkpoints/ exports record
     assert module.hparams["model_spec"]["architecture"] == "deit_tiny_distilled_patch16_224"
     with pytest.raises(ValueError, match="no distillation token"):
-        DistillationClassifier(teacher=str(teacher_path), **TINY_CLASSIFIER)
+        DistillationClassifier(teacher=str(teacher_path), backbone=tiny_backbone())
+
+
+def test_backbone_mapping_in_yaml_trains_and_its_checkpoint_restores_the_module(folder, tmp_path):
+    """The backbone as a nested mapping in YAML and on the command line: fields not given keep the module's default
+    (the distilled architecture and paradigm), and the checkpoint restores the module and rebuilds the network."""
+    from attnprune.cli import lightning_parser_kwargs
+    from attnprune.lit.cli import AttnpruneCLI
+
+    teacher = save_model(
+        PrunedClassifier(tiny_backbone()).model,
+        tmp_path / "teacher.safetensors",
+        "vit_tiny_patch16_224",
+        model_kwargs=TINY_BACKBONE["model_kwargs"],
+    )
+    given = {"model_kwargs": TINY_BACKBONE["model_kwargs"], "pretrained_cfg": TINY_BACKBONE["pretrained_cfg"]}
+    config = {
+        "model": {
+            "class_path": "attnprune.lit.modules.DistillationClassifier",
+            "init_args": {"teacher": str(teacher), "backbone": {**given, "routing": ROUTING}, "lr": 1e-3},
+        },
+        "data": {
+            "class_path": "attnprune.lit.data.ImageFolderDataModule",
+            "init_args": {"root": str(folder), "batch_size": 8, "val_size": 6, "cache_dir": str(tmp_path / "hf")},
+        },
+        "trainer": {"accelerator": "cpu", "logger": False, "max_steps": 2, "enable_progress_bar": False},
+        "checkpoint": {"dirpath": str(tmp_path / "checkpoints")},
+    }
+    path = tmp_path / "distilled.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["fit", "--config", str(path), "--model.init_args.backbone.num_classes", "3"]
+    module = AttnpruneCLI(args=args, parser_kwargs=lightning_parser_kwargs()).model
+    expected = Backbone(model="deit_tiny_distilled_patch16_224", paradigm="distilled", num_classes=3, routing=ROUTING)
+    assert module.backbone_config == dataclasses.replace(expected, **given)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    hparams = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert hparams["backbone"] == module.backbone_config.as_dict()  # a plain mapping, not a pickled object
+    assert hparams["model_spec"]["architecture"] == "deit_tiny_distilled_patch16_224"
+    restored = DistillationClassifier.load_from_checkpoint(last).eval()
+    module.eval()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(restored(x), module(x))
+    assert restored.backbone_config == module.backbone_config and restored.routing == module.routing
+    plain = load_model(last)  # the network alone, unpruned, from the checkpoint's model_spec
+    assert plain.num_classes == 3 and all(
+        torch.equal(plain.state_dict()[k], v) for k, v in module.model.state_dict().items()
+    )
+
+
+def test_backbone_refuses_what_is_not_one_of_its_fields():
+    assert Backbone.coerce({"model": "auto", "paradigm": "dino"}) == Backbone(model="auto", paradigm="dino")
+    with pytest.raises(TypeError, match=r"backbone has no field arch \(its fields: model, checkpoint, paradigm,"):
+        PrunedClassifier({"arch": "vit_tiny_patch16_224"})
+    with pytest.raises(TypeError, match="backbone must be a Backbone or a mapping of its fields, got str"):
+        PrunedClassifier("vit_tiny_patch16_224")
+    with pytest.raises(ValueError, match="headless backbone, but backbone.num_classes is 3"):
+        LinearProbe(3, tiny_backbone(paradigm="dino"))
 
 
 def test_linear_probe_trains_only_its_head(datamodule):
-    probe = LinearProbe(num_classes=3, **BACKBONE, routing=ROUTING, n_last_blocks=4, lr=0.1)
+    probe = LinearProbe(3, Backbone(**HEADLESS, paradigm="dino", routing=ROUTING), n_last_blocks=4, lr=0.1)
     assert probe.head.in_features == 4 * 32
     backbone = {k: v.clone() for k, v in probe.model.state_dict().items()}
     head = probe.head.weight.clone()
@@ -280,7 +335,7 @@ def _features(module, loader) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_knn_classifier_validates(datamodule):
     torch.manual_seed(0)
-    knn = KNNClassifier(num_classes=3, **BACKBONE, k=3, routing=ROUTING)
+    knn = KNNClassifier(3, Backbone(**HEADLESS, paradigm="dino", routing=ROUTING), k=3)
     metrics = trainer().validate(knn, datamodule, verbose=False)[0]
     assert knn.bank.shape == (18, 32)
     assert set(metrics) == {"val/loss", "val/top1", "val/gflops"}
@@ -294,36 +349,36 @@ def test_knn_classifier_validates(datamodule):
 # -------------------------------------------------------------------------------------------------- bad input
 def test_unknown_paradigm():
     with pytest.raises(ValueError, match=r"unknown paradigm 'clip' \(known: supervised, distilled, dino, mae\)"):
-        PrunedClassifier(**TINY_CLASSIFIER, paradigm="clip")
+        PrunedClassifier(tiny_backbone(paradigm="clip"))
 
 
 def test_routing_that_does_not_fit_the_model():
     with pytest.raises(ValueError, match=r"routing rule 0: field 'layer' is 9 but the model has 4 blocks"):
-        PrunedClassifier(**TINY_CLASSIFIER, routing={"rules": [{"layer": 9, "score": "std", "keep": 0.5}]})
+        PrunedClassifier(tiny_backbone(routing={"rules": [{"layer": 9, "score": "std", "keep": 0.5}]}))
 
 
 def test_checkpoint_of_another_architecture(tmp_path):
-    small = PrunedClassifier(**TINY_CLASSIFIER).model
+    small = PrunedClassifier(tiny_backbone()).model
     path = tmp_path / "weights.pth"
     torch.save(small.state_dict(), path)
-    wide = {**TINY_CLASSIFIER["model_kwargs"], "embed_dim": 64}
+    wide = {**TINY_BACKBONE["model_kwargs"], "embed_dim": 64}
     with pytest.raises(
         ValueError, match=r"weights.pth does not fit architecture 'vit_tiny_patch16_224'.*shape mismatch"
     ):
-        PrunedClassifier(**{**TINY_CLASSIFIER, "model_kwargs": wide}, checkpoint=str(path))
+        PrunedClassifier(tiny_backbone(model_kwargs=wide, checkpoint=str(path)))
     with pytest.raises(ValueError, match="carries no architecture"):
         load_model(path)
     saved = save_model(
-        small, tmp_path / "w.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+        small, tmp_path / "w.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_BACKBONE["model_kwargs"]
     )
     with pytest.raises(ValueError, match=r"holds a 'vit_tiny_patch16_224' but architecture 'deit_small_patch16_224'"):
         load_model(saved, architecture="deit_small_patch16_224")
 
 
 def test_load_model_round_trip_and_offline_hub_error(tmp_path):
-    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    model = PrunedClassifier(tiny_backbone()).model
     path = save_model(
-        model, tmp_path / "m.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+        model, tmp_path / "m.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_BACKBONE["model_kwargs"]
     )
     loaded = load_model(path)
     x = torch.randn(2, 3, 16, 16)
@@ -336,7 +391,7 @@ def test_load_model_round_trip_and_offline_hub_error(tmp_path):
 
 
 def test_mixup_cutmix_train_on_soft_targets(datamodule):
-    module = PrunedClassifier(**TINY_CLASSIFIER, mixup=0.8, cutmix=1.0, label_smoothing=0.1, routing=ROUTING)
+    module = PrunedClassifier(tiny_backbone(routing=ROUTING), mixup=0.8, cutmix=1.0, label_smoothing=0.1)
     images, labels = first_test_batch(datamodule, module)
     mixed, soft = module.mixup(images, labels)
     assert soft.shape == (8, 3) and torch.allclose(soft.sum(-1), torch.ones(8))
@@ -352,16 +407,16 @@ def test_last_checkpoint_holds_the_last_epoch_when_the_metric_does_not_improve(f
     from attnprune.lit.cli import AttnpruneCLI
 
     weights = save_model(
-        PrunedClassifier(**TINY_CLASSIFIER).model,
+        PrunedClassifier(tiny_backbone()).model,
         tmp_path / "tiny.safetensors",
         "vit_tiny_patch16_224",
-        model_kwargs=TINY_CLASSIFIER["model_kwargs"],
+        model_kwargs=TINY_BACKBONE["model_kwargs"],
     )
     checkpoints = tmp_path / "checkpoints"
     args = {
         "model.class_path": "attnprune.lit.modules.PrunedClassifier",
-        "model.init_args.model": "auto",
-        "model.init_args.checkpoint": str(weights),
+        "model.init_args.backbone.model": "auto",
+        "model.init_args.backbone.checkpoint": str(weights),
         "model.init_args.lr": "0.0",
         "data.class_path": "attnprune.lit.data.ImageFolderDataModule",
         "data.init_args.root": str(folder),

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from attnprune import load_model
+from attnprune.lit.backbone import Backbone
 from attnprune.lit.data import ImageFolderDataModule, collate_images
 from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import DINOPretraining, MAEPretraining
@@ -187,12 +188,12 @@ def test_dino_backbone_file_loads_alone_and_feeds_the_linear_probe(tmp_path):
 
     images = _dino_batch(seed=1)[0][0]
     teacher = module.teacher.backbone.eval()
-    probe = LinearProbe(num_classes=10, checkpoint=str(path), n_last_blocks=1)
+    probe = LinearProbe(10, Backbone(model="auto", checkpoint=str(path), paradigm="dino"), n_last_blocks=1)
     with torch.no_grad():
         assert probe(images).shape == (BATCH, 10)
         torch.testing.assert_close(probe.features(images), teacher(images))  # the teacher's normed class token
     assert tuple(probe.data_config["input_size"]) == (1, 32, 32)
-    probe2 = LinearProbe(num_classes=10, checkpoint=str(path), n_last_blocks=2)
+    probe2 = LinearProbe(10, Backbone(model="auto", checkpoint=str(path), paradigm="dino"), n_last_blocks=2)
     assert probe2(images).shape == (BATCH, 10) and probe2.feature_dim == 2 * 32
 
 
@@ -255,7 +256,8 @@ def test_mae_encoder_file_moves_the_final_norm_to_fc_norm_for_fine_tuning(tmp_pa
     torch.testing.assert_close(loaded.fc_norm.weight, encoder.norm.weight)
     assert tuple(loaded.pretrained_cfg["input_size"]) == (1, 32, 32)
 
-    classifier = PrunedClassifier(model="auto", checkpoint=str(path), paradigm="mae", num_classes=10, layer_decay=0.65)
+    backbone = Backbone(model="auto", checkpoint=str(path), paradigm="mae", num_classes=10)
+    classifier = PrunedClassifier(backbone, layer_decay=0.65)
     images = _smooth_images(seed=2)
     with torch.no_grad():
         assert classifier(images).shape == (BATCH, 10)

@@ -16,7 +16,7 @@ from attnprune.lit.callbacks import SelectivityCallback
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.selectivity import SelectivityAnalyzer
-from tests.conftest import TINY_CLASSIFIER, make_image_folder
+from tests.conftest import make_image_folder, tiny_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_default_is_cheap_and_analyses_the_first_max_images(folder, tmp_path):
     default = SelectivityCallback()
     assert (default.oracle, default.max_images, default.max_fraction, default.every_n_epochs) == (False, 64, 0.15, 1)
     torch.manual_seed(0)
-    module = PrunedClassifier(**TINY_CLASSIFIER)
+    module = PrunedClassifier(tiny_backbone())
     data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(tmp_path / "hf"))
     callback = SelectivityCallback(max_images=5, max_fraction=None)
     metrics = trainer(callbacks=[callback]).validate(module, data, verbose=False)[0]
@@ -54,7 +54,7 @@ def test_default_is_cheap_and_analyses_the_first_max_images(folder, tmp_path):
 
 
 def test_oracle_only_when_asked_and_every_n_epochs(folder, tmp_path):
-    module = PrunedClassifier(**TINY_CLASSIFIER)
+    module = PrunedClassifier(tiny_backbone())
     data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(tmp_path / "hf"))
     callback = SelectivityCallback(max_images=2, oracle=True, scorers=["l2_norm", "cls_attention"], every_n_epochs=2)
     logger = CSVLogger(str(tmp_path), name="csv")
@@ -69,7 +69,7 @@ def test_oracle_only_when_asked_and_every_n_epochs(folder, tmp_path):
 
 
 def test_default_analyses_at_most_a_fraction_of_the_epoch(folder, tmp_path):
-    module = PrunedClassifier(**TINY_CLASSIFIER)
+    module = PrunedClassifier(tiny_backbone())
     data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(tmp_path / "hf"))
     callback = SelectivityCallback()  # 2 validation batches of 4: about 8 images, 15% of them is 2
     metrics = trainer(callbacks=[callback]).validate(module, data, verbose=False)[0]

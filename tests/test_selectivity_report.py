@@ -19,7 +19,7 @@ from attnprune.lit.callbacks import SelectivityCallback
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.report import membership_map
-from tests.conftest import TINY_CLASSIFIER, make_image_folder
+from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
 from tests.wandb_records import logged_keys
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "selectivity.ipynb")
@@ -31,7 +31,7 @@ def folder(tmp_path_factory):
 
 
 def test_callback_logs_per_layer_keys_to_wandb(folder, tmp_path):
-    module = PrunedClassifier(**TINY_CLASSIFIER, routing={"rules": [{"layer": 1, "r": 4, "reduce": "merge"}]})
+    module = PrunedClassifier(tiny_backbone(routing={"rules": [{"layer": 1, "r": 4, "reduce": "merge"}]}))
     data = ImageFolderDataModule(root=str(folder), batch_size=6, val_size=6, cache_dir=str(tmp_path / "hf"))
     logger = WandbLogger(project="attnprune-test", save_dir=str(tmp_path), offline=True)
     trainer = L.Trainer(
@@ -58,9 +58,9 @@ def test_callback_logs_per_layer_keys_to_wandb(folder, tmp_path):
 @pytest.fixture(scope="module")
 def analysis(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis")
-    model = PrunedClassifier(**TINY_CLASSIFIER).model
+    model = PrunedClassifier(tiny_backbone()).model
     path = save_model(
-        model, out / "tiny.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_CLASSIFIER["model_kwargs"]
+        model, out / "tiny.safetensors", "vit_tiny_patch16_224", model_kwargs=TINY_BACKBONE["model_kwargs"]
     )
     routing = out / "routing.yaml"
     Routing.from_dict(

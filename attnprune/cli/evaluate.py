@@ -161,14 +161,14 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
             kind = "is a directory" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"--ckpt_path {config.ckpt_path} {kind}; expected a Lightning checkpoint file")
         module = type(module).load_from_checkpoint(config.ckpt_path, map_location="cpu")
-    check_finite(module.state_dict(), config.ckpt_path or f"--model checkpoint {module.hparams.get('checkpoint')}")
+    check_finite(module.state_dict(), config.ckpt_path or f"--model checkpoint {module.backbone_config.checkpoint}")
     routings = check_routings(config.routings, module.backbone)
     if hasattr(datamodule, "prepare_splits") and not datamodule.splits:
         datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
     counter = ImageCounter()
     trainer.callbacks.append(counter)
     spec = module.hparams.get("model_spec") or {}
-    checkpoint = config.ckpt_path or module.hparams.get("checkpoint")
+    checkpoint = config.ckpt_path or module.backbone_config.checkpoint
     rows = []
     for (name, routing), routing_spec in zip(routings.items(), config.routings, strict=True):
         module.set_routing(routing)

@@ -1,1 +1,1 @@
-"""Lightning layer: LightningModules, LightningDataModules and transforms for training and evaluating ViTs."""
+"""Lightning layer: LightningModules and their backbone config, LightningDataModules, callbacks and the CLI."""

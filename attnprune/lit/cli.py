@@ -45,15 +45,16 @@ def _routing_entry(spec: Any, depth: int) -> Any:
 
 
 def resolved_config(parser: LightningArgumentParser, config: Any, pl_module: L.LightningModule | None) -> dict:
-    """The CLI's config as a plain dict, every routing (``model.init_args.routing``, evaluate.py's ``routings``)
-    written out as its rules."""
+    """The CLI's config as a plain dict, every routing (``model.init_args.backbone.routing``, evaluate.py's
+    ``routings``) written out as its rules."""
     resolved = yaml.safe_load(parser.dump(config, skip_none=False))
     resolved.pop("config", None)
     backbone = getattr(pl_module, "backbone", None)
     depth = len(backbone.blocks) if backbone is not None and hasattr(backbone, "blocks") else 12
     init_args = (resolved.get("model") or {}).get("init_args") or {}
-    if isinstance(init_args, dict) and "routing" in init_args:
-        init_args["routing"] = _routing_entry(init_args["routing"], depth)
+    module_backbone = init_args.get("backbone") if isinstance(init_args, dict) else None
+    if isinstance(module_backbone, dict) and "routing" in module_backbone:
+        module_backbone["routing"] = _routing_entry(module_backbone["routing"], depth)
     if isinstance(resolved.get("routings"), list):
         resolved["routings"] = [_routing_entry(spec, depth) for spec in resolved["routings"]]
     return resolved

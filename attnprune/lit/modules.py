@@ -5,12 +5,14 @@
 - :class:`DistillationClassifier`: DeiT hard-label distillation from a teacher.
 - :class:`LinearProbe`, :class:`KNNClassifier`: DINO's evaluations of a frozen backbone.
 
-Every module takes an optional routing, logs ``stage/name`` metrics and stores a ``model_spec`` hyper-parameter so
+Every module takes a :class:`~attnprune.lit.backbone.Backbone` (architecture, checkpoint, paradigm, routing, ...)
+with its own training arguments, logs ``stage/name`` metrics and stores a ``model_spec`` hyper-parameter so
 :func:`attnprune.load_model` rebuilds the network from the checkpoint alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -25,14 +27,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.flops import count_flops
-from attnprune.io import build_from_spec, build_model, load_model
-from attnprune.io import model_spec as build_spec
+from attnprune.io import load_model
+from attnprune.lit.backbone import Backbone
 from attnprune.lit.optim import warmup_cosine
-from attnprune.paradigms import get_paradigm, knn_predict
+from attnprune.paradigms import knn_predict
 from attnprune.routing import Routing
 from attnprune.vit import forward_tokens, prune
 
 __all__ = [
+    "Backbone",
     "PrunedClassifier",
     "DistillationClassifier",
     "LinearProbe",
@@ -48,42 +51,22 @@ def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
+SUPERVISED = Backbone()
+DISTILLED = Backbone(model="deit_tiny_distilled_patch16_224", paradigm="distilled")
+DINO = Backbone(model="auto", paradigm="dino")
+
+
 class _PrunedModule(L.LightningModule):
     """What every module shares: building the network, its routing, evaluation metrics and the optimizer."""
 
-    def __init__(
-        self,
-        model: str,
-        checkpoint: str | None,
-        paradigm: str,
-        num_classes: int | None,
-        model_kwargs: dict[str, Any] | None,
-        routing: str | dict | None,
-        model_spec: dict[str, Any] | None,
-        pretrained_cfg: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, backbone: Backbone | dict[str, Any], model_spec: dict[str, Any] | None) -> None:
         super().__init__()
-        get_paradigm(paradigm)
-        if model_spec is not None:  # restored from one of our checkpoints: Lightning loads the weights next
-            self.model = build_from_spec(model_spec)
-            architecture, kwargs = model_spec["architecture"], model_spec["model_kwargs"]
-        elif checkpoint is not None:
-            self.model = load_model(checkpoint, None if model == "auto" else model, **(model_kwargs or {}))
-            spec = getattr(self.model, "attnprune_spec", None) or {}
-            architecture = spec.get("architecture", self.model.pretrained_cfg.get("architecture", model))
-            kwargs = {**spec.get("model_kwargs", {}), **(model_kwargs or {})}
-        else:
-            if model == "auto":
-                raise UserError("model='auto' takes the architecture from a checkpoint, but none was given")
-            kwargs = {**(model_kwargs or {}), **({"num_classes": num_classes} if num_classes is not None else {})}
-            self.model = build_model(model, paradigm, pretrained_cfg, **kwargs)
-            architecture = model
-        if num_classes is not None and num_classes != self.model.num_classes:
-            self.model.reset_classifier(num_classes)
-        if model_spec is None and checkpoint is not None and pretrained_cfg:
-            self.model.pretrained_cfg = {**self.model.pretrained_cfg, **pretrained_cfg}
-        self.hparams["model_spec"] = build_spec(self.model, architecture, paradigm, kwargs)
-        self.set_routing(Routing.parse(routing, len(self.model.blocks)))
+        self.backbone_config = Backbone.coerce(backbone)
+        # Checkpoints and loggers hold the backbone as a plain mapping, which load_from_checkpoint hands back.
+        self.save_hyperparameters({"backbone": self.backbone_config.as_dict()})
+        # model_spec is set when restored from one of our checkpoints: Lightning loads the weights next.
+        self.model, self.hparams["model_spec"] = self.backbone_config.build(model_spec)
+        self.set_routing(Routing.parse(self.backbone_config.routing, len(self.model.blocks)))
         self.data_config = resolve_model_data_config(self.model)
         # Loaded models come in eval mode and Lightning keeps submodule modes at fit start: without this, dropout and
         # drop-path would be silently off during training.
@@ -106,7 +89,7 @@ class _PrunedModule(L.LightningModule):
         images, labels = batch
         logits = self(images)
         if batch_idx == 0 and stage == "test":  # once per run: NaN logits would give a top-1, not an error
-            source = f"model {self.hparams.get('checkpoint') or self.hparams.get('model')!r}"
+            source = f"model {self.backbone_config.checkpoint or self.backbone_config.model!r}"
             check_finite_outputs(logits, source, f"the first test batch under routing {self.routing.name!r}")
         self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=len(labels))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
@@ -130,14 +113,9 @@ class PrunedClassifier(_PrunedModule):
     """Fine-tune or evaluate a (pruned) timm classifier.
 
     Args:
-        model: timm architecture name (``auto``: the one the checkpoint names).
-        checkpoint: weights to start from: timm hub name, local weights file or Lightning checkpoint.
-        paradigm: ``supervised``, ``distilled``, ``mae`` (average-pool readout) or ``dino`` (see :class:`LinearProbe`).
-        num_classes: classes of the head (reset when the checkpoint's differ).
-        model_kwargs: timm ``create_model`` arguments (img_size, patch_size, depth, ...).
-        pretrained_cfg: preprocessing of the model (timm's ``input_size``, ``mean``, ``std``, ``crop_pct``, ...)
-            when it differs from the architecture's default (e.g. 1 x 28 x 28 Fashion-MNIST images).
-        routing: routing YAML path or dict; None trains the unpruned model.
+        backbone: the network: architecture, checkpoint, paradigm (``supervised``, ``distilled``, ``mae`` for the
+            average-pool readout; ``dino`` backbones go to :class:`LinearProbe`), classes, routing (None trains the
+            unpruned model); default a supervised DeiT-T.
         lr: peak learning rate (AdamW).
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up length.
@@ -150,13 +128,7 @@ class PrunedClassifier(_PrunedModule):
 
     def __init__(
         self,
-        model: str = "deit_tiny_patch16_224",
-        checkpoint: str | None = None,
-        paradigm: str = "supervised",
-        num_classes: int | None = None,
-        model_kwargs: dict[str, Any] | None = None,
-        pretrained_cfg: dict[str, Any] | None = None,
-        routing: str | dict | None = None,
+        backbone: Backbone = SUPERVISED,
         lr: float = 5e-4,
         weight_decay: float = 0.05,
         warmup_epochs: float = 0.0,
@@ -167,7 +139,7 @@ class PrunedClassifier(_PrunedModule):
         model_spec: dict[str, Any] | None = None,
     ) -> None:
         self.save_hyperparameters()
-        super().__init__(model, checkpoint, paradigm, num_classes, model_kwargs, routing, model_spec, pretrained_cfg)
+        super().__init__(backbone=backbone, model_spec=model_spec)
         classes = self.model.num_classes
         if classes == 0:
             raise UserError(
@@ -215,21 +187,16 @@ class DistillationClassifier(PrunedClassifier):
 
     Args:
         teacher: any timm hub name, weights file or Lightning checkpoint (frozen, fed the same images).
-        model: a distilled timm architecture (``deit_*_distilled_*``).
+        backbone: the student: a distilled timm architecture (``deit_*_distilled_*``); default a distilled DeiT-T
+            with paradigm ``distilled``.
         **kwargs: see :class:`PrunedClassifier`.
     """
 
-    def __init__(
-        self,
-        teacher: str,
-        model: str = "deit_tiny_distilled_patch16_224",
-        paradigm: str = "distilled",
-        **kwargs: Any,
-    ) -> None:
-        # `paradigm` is a named argument so that LightningCLI's default is "distilled", not PrunedClassifier's
-        # "supervised"; PrunedClassifier's save_hyperparameters already records `teacher` (Lightning collects the
-        # arguments of every __init__ on the stack), and a second call here would erase `model_spec`.
-        super().__init__(model=model, paradigm=paradigm, **kwargs)
+    def __init__(self, teacher: str, backbone: Backbone = DISTILLED, **kwargs: Any) -> None:
+        # `backbone` is a named argument so that LightningCLI's default is the distilled one, not PrunedClassifier's;
+        # PrunedClassifier's save_hyperparameters already records `teacher` (Lightning collects the arguments of every
+        # __init__ on the stack), and a second call here would erase `model_spec`.
+        super().__init__(backbone=backbone, **kwargs)
         if not hasattr(self.model, "set_distilled_training"):
             raise UserError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
         if self.mixup is not None:
@@ -263,17 +230,14 @@ class DistillationClassifier(PrunedClassifier):
 class _FrozenBackbone(_PrunedModule):
     """A frozen, pruned feature extractor reading the class token of the last ``n_last_blocks`` blocks."""
 
-    def __init__(
-        self,
-        model: str,
-        checkpoint: str | None,
-        model_kwargs: dict | None,
-        pretrained_cfg: dict | None,
-        routing: str | dict | None,
-        n_last_blocks: int,
-        model_spec: dict | None,
-    ) -> None:
-        super().__init__(model, checkpoint, "dino", 0, model_kwargs, routing, model_spec, pretrained_cfg)
+    def __init__(self, backbone: Backbone | dict[str, Any], n_last_blocks: int, model_spec: dict | None) -> None:
+        backbone = Backbone.coerce(backbone)
+        if backbone.num_classes:
+            raise UserError(
+                f"the DINO readouts read a headless backbone, but backbone.num_classes is {backbone.num_classes}: "
+                "give the classes as the module's num_classes"
+            )
+        super().__init__(backbone=dataclasses.replace(backbone, num_classes=0), model_spec=model_spec)
         self.model.requires_grad_(False).eval()
         self.n_last_blocks = n_last_blocks
         if not self.model.has_class_token:
@@ -298,12 +262,9 @@ class LinearProbe(_FrozenBackbone):
     """DINO linear evaluation: a linear classifier on the frozen (pruned) backbone's class token(s).
 
     Args:
-        num_classes: classes.
-        model: timm architecture name (``auto``: the checkpoint's).
-        checkpoint: backbone weights.
-        model_kwargs: timm ``create_model`` arguments.
-        pretrained_cfg: preprocessing overrides (timm's ``input_size``, ``mean``, ``std``, ...).
-        routing: routing of the backbone.
+        num_classes: classes of the linear classifier.
+        backbone: the frozen backbone, headless (its ``num_classes`` left unset); default the architecture its
+            checkpoint names, paradigm ``dino``.
         n_last_blocks: concatenate the class tokens of the last n blocks (DINO uses 4 for ViT-S).
         lr: SGD learning rate.
         momentum: SGD momentum.
@@ -314,11 +275,7 @@ class LinearProbe(_FrozenBackbone):
     def __init__(
         self,
         num_classes: int,
-        model: str = "auto",
-        checkpoint: str | None = None,
-        model_kwargs: dict | None = None,
-        pretrained_cfg: dict | None = None,
-        routing: str | dict | None = None,
+        backbone: Backbone = DINO,
         n_last_blocks: int = 1,
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -326,7 +283,7 @@ class LinearProbe(_FrozenBackbone):
         model_spec: dict | None = None,
     ) -> None:
         self.save_hyperparameters()
-        super().__init__(model, checkpoint, model_kwargs, pretrained_cfg, routing, n_last_blocks, model_spec)
+        super().__init__(backbone=backbone, n_last_blocks=n_last_blocks, model_spec=model_spec)
         self.head = nn.Linear(self.feature_dim, num_classes)
         self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
 
@@ -357,11 +314,8 @@ class KNNClassifier(_FrozenBackbone):
 
     Args:
         num_classes: classes.
-        model: timm architecture name (``auto``: the checkpoint's).
-        checkpoint: backbone weights.
-        model_kwargs: timm ``create_model`` arguments.
-        pretrained_cfg: preprocessing overrides (timm's ``input_size``, ``mean``, ``std``, ...).
-        routing: routing of the backbone (the memory bank is embedded with the same routing).
+        backbone: the frozen backbone, headless (its ``num_classes`` left unset), whose routing also embeds the memory
+            bank; default the architecture its checkpoint names, paradigm ``dino``.
         k: neighbours (DINO: 20).
         temperature: vote temperature (DINO: 0.07).
         model_spec: set by checkpoints; leave unset.
@@ -370,17 +324,13 @@ class KNNClassifier(_FrozenBackbone):
     def __init__(
         self,
         num_classes: int,
-        model: str = "auto",
-        checkpoint: str | None = None,
-        model_kwargs: dict | None = None,
-        pretrained_cfg: dict | None = None,
-        routing: str | dict | None = None,
+        backbone: Backbone = DINO,
         k: int = 20,
         temperature: float = 0.07,
         model_spec: dict | None = None,
     ) -> None:
         self.save_hyperparameters()
-        super().__init__(model, checkpoint, model_kwargs, pretrained_cfg, routing, 1, model_spec)
+        super().__init__(backbone=backbone, n_last_blocks=1, model_spec=model_spec)
         self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
