@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from attnprune import Routing, count_flops, prune, unprune
+from attnprune.routing import Rule
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search import (
     Evaluator,
@@ -26,10 +27,10 @@ from attnprune.search import (
     search_routing,
     split_holdout,
 )
-from attnprune.search import state as search_state
-from attnprune.search.beam import _screen_layer, consider, fill_budget
+from attnprune.search.beam import _screen_layer, fill_budget
 from attnprune.search.core import standard_error
 from attnprune.search.space import cheapest_flops, completion
+from attnprune.search.state import BeforeFill, Best, SearchState
 from tests.conftest import tiny_vit
 
 SMALL = SearchSpace(
@@ -110,12 +111,12 @@ def test_selection_keeps_the_better_of_two_candidates_of_known_quality(model, da
     space = SearchSpace(scorers=("l2_norm", "std"), reducers=("drop",), keeps=(0.5,), layers=(0,), shortlist=0)
     result = search_routing(model, data, 1.0, space=space, holdout=0, beam_width=1, finalists=1, progress=False)
     assert len(result.routing) == 0 and result.report["val_kl"] == 0.0
-    state = {"best": None}
+    state = SearchState("any")
     worse, better = Routing.tome(2, 4), Routing.tome(1, 4)
-    consider(state, worse, {"loss": 0.5})
-    consider(state, better, {"loss": 0.25})
-    consider(state, worse, {"loss": 0.25})  # a tie keeps the earlier candidate
-    assert Routing.from_dict(state["best"]["routing"]) == better
+    state.consider(worse, {"loss": 0.5})
+    state.consider(better, {"loss": 0.25})
+    state.consider(worse, {"loss": 0.25})  # a tie keeps the earlier candidate
+    assert state.best.routing == better and state.best.metrics == {"loss": 0.25}
 
 
 def test_a_routing_exactly_at_the_budget_is_within_it(model, data):
@@ -138,10 +139,10 @@ def test_fill_spends_the_budget_left_without_raising_the_loss(model, data):
     harsh_loss = evaluator.measure(evaluator.initial(), harsh, 0)["loss"]
 
     def fill(loss: float) -> Routing:
-        state = {"best": {"routing": harsh.to_dict(), "metrics": {"loss": loss}}}
+        state = SearchState("any", best=Best(harsh, {"loss": loss}))
         fill_budget(model, evaluator, space, target, state)
-        assert state["best"]["metrics"]["loss"] <= loss and state["before_fill"]["metrics"]["loss"] == loss
-        return Routing.from_dict(state["best"]["routing"])
+        assert state.best.metrics["loss"] <= loss and state.before_fill.metrics["loss"] == loss
+        return state.best.routing
 
     assert fill(loss=0.0) == harsh  # no milder routing can beat a lossless score: nothing changes
     filled = fill(loss=harsh_loss)
@@ -183,10 +184,10 @@ def test_fill_follows_the_cheapest_screened_move_until_the_loss_would_rise(model
             break
         best, best_loss, steps = chosen, loss(chosen), steps + 1
     assert steps >= 2  # the replay takes several moves, so the order of the moves matters
-    state = {"best": {"routing": start.to_dict(), "metrics": {"loss": loss(start)}}}
+    state = SearchState("any", best=Best(start, {"loss": loss(start)}))
     fill_budget(model, evaluator, space, target, state, screen_images=5)
-    assert Routing.from_dict(state["best"]["routing"]) == best
-    assert state["best"]["metrics"]["loss"] == pytest.approx(best_loss, rel=1e-6)
+    assert state.best.routing == best
+    assert state.best.metrics["loss"] == pytest.approx(best_loss, rel=1e-6)
 
 
 class TableEvaluator:
@@ -225,12 +226,12 @@ def test_fill_takes_the_screened_best_move_ties_to_more_flops_and_stops_when_con
 
     assert count_flops(model, routing(((0, 0.9), (2, 0.9)))) > count_flops(model, routing(((0, 0.5),)))
     assert count_flops(model, routing(((0, 0.9), (2, 0.5)))) > count_flops(model, routing(((0, 0.5), (2, 0.9))))
-    state = {"best": {"routing": routing(start).to_dict(), "metrics": {"loss": 5.0}}}
+    state = SearchState("any", best=Best(routing(start), {"loss": 5.0}))
     evaluator = TableEvaluator(screened, confirmed, screen=5)
     fill_budget(model, evaluator, space, count_flops(model, Routing()), state, screen_images=5)
-    assert Routing.from_dict(state["best"]["routing"]) == routing(((0, 0.5), (2, 0.9)))
-    assert state["best"]["metrics"] == {"loss": 5.0}
-    assert state["before_fill"] == {"metrics": {"loss": 5.0}, "flops": count_flops(model, routing(start))}
+    assert state.best.routing == routing(((0, 0.5), (2, 0.9)))
+    assert state.best.metrics == {"loss": 5.0}
+    assert state.before_fill == BeforeFill({"loss": 5.0}, count_flops(model, routing(start)))
 
 
 def test_beam_fills_the_budget_it_leaves_and_saves_the_filled_routing(model, data, tmp_path):
@@ -253,10 +254,10 @@ def test_an_interrupted_search_fills_as_fill_budget_does_screening_on_screen_ima
     ``fill_budget`` does from that state with the same screening size: the same routing, candidates and block
     passes (each side counting one reference pass)."""
     space = SearchSpace(scorers=("l2_norm",), reducers=("drop",), keeps=(0.5, 0.7, 0.9), layers=(0, 1, 2, 3))
-    path, calls, original = tmp_path / "state.json", {"n": 0}, search_state.checkpoint
+    path, calls, original = tmp_path / "state.json", {"n": 0}, SearchState.checkpoint
 
-    def dies_before_the_fill(*args):
-        original(*args)
+    def dies_before_the_fill(self, *args):
+        original(self, *args)
         calls["n"] += 1
         if calls["n"] == 4:  # the fourth and last beam step
             raise KeyboardInterrupt
@@ -266,17 +267,17 @@ def test_an_interrupted_search_fills_as_fill_budget_does_screening_on_screen_ima
             model, data, 0.8, space=space, holdout=0, state_path=path, screen_images=5, progress=False
         )
 
-    monkeypatch.setattr(search_state, "checkpoint", dies_before_the_fill)
+    monkeypatch.setattr(SearchState, "checkpoint", dies_before_the_fill)
     with pytest.raises(KeyboardInterrupt):
         search()
-    monkeypatch.setattr(search_state, "checkpoint", original)
+    monkeypatch.setattr(SearchState, "checkpoint", original)
     before = json.loads(path.read_text())
     assert before["step"] == 4 and "before_fill" not in before
-    replay, evaluator = copy.deepcopy(before), Evaluator(model, data, "kl")
+    replay, evaluator = SearchState.from_json(before), Evaluator(model, data, "kl")
     fill_budget(model, evaluator, space, 0.8 * count_flops(model, Routing()), replay, screen_images=5)
     result = search()
     after = json.loads(path.read_text())
-    assert result.routing == Routing.from_dict(replay["best"]["routing"])
+    assert result.routing == replay.best.routing
     assert result.routing != Routing.from_dict(before["best"]["routing"])  # the fill moved
     assert after["candidates"] - before["candidates"] == evaluator.candidates
     assert after["block_passes"] - before["block_passes"] == pytest.approx(evaluator.block_passes)
@@ -307,18 +308,18 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     full = search_routing(model, data, 0.7, space=SMALL, progress=False)
     state = tmp_path / "state.json"
     calls = {"n": 0}
-    original = search_state.checkpoint
+    original = SearchState.checkpoint
 
-    def dies_after_two_steps(*args):
-        original(*args)
+    def dies_after_two_steps(self, *args):
+        original(self, *args)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(search_state, "checkpoint", dies_after_two_steps)
+    monkeypatch.setattr(SearchState, "checkpoint", dies_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
         search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
-    monkeypatch.setattr(search_state, "checkpoint", original)
+    monkeypatch.setattr(SearchState, "checkpoint", original)
     assert '"step": 2' in state.read_text()
     resumed = search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
     assert resumed.routing == full.routing and resumed.report["val_kl"] == full.report["val_kl"]
@@ -343,6 +344,68 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
         search_routing(model, data, 0.7, space=SMALL, state_path=tmp_path, progress=False)
 
 
+def test_state_round_trips_through_the_json_of_a_state_file():
+    """A state file holds rules and routings as routing files write them; loading one gives Rules and a Routing, and
+    saving it again gives the same JSON, so a state saved before a restart resumes exactly."""
+    saved = {
+        "fingerprint": "0123456789abcdef",
+        "step": 2,
+        "beam": [
+            [
+                {"layer": 0, "score": "l2_norm", "keep": 0.7, "reduce": "fuse"},
+                {"layer": 1, "keep": 0.8, "reduce": "merge"},
+            ],
+            [],
+        ],
+        "best": {
+            "routing": {
+                "name": "searched",
+                "prop_attn": True,
+                "seed": 0,
+                "rules": [
+                    {"layer": 0, "score": "l2_norm", "keep": 0.7, "reduce": "fuse"},
+                    {"layer": 2, "r": 5, "reduce": "merge"},
+                ],
+            },
+            "metrics": {"kl": 0.25, "top1": 0.5, "loss": 0.25},
+        },
+        "candidates": 17,
+        "block_passes": 40.5,
+        "seconds": 1.25,
+        "before_fill": {"metrics": {"kl": 0.5, "loss": 0.5}, "flops": 123456},
+    }
+    state = SearchState.from_json(json.loads(json.dumps(saved)))
+    assert state.beam == [(Rule(0, score="l2_norm", keep=0.7, reduce="fuse"), Rule(1, keep=0.8, reduce="merge")), ()]
+    assert state.best.routing == Routing(
+        (Rule(0, "l2_norm", 0.7, reduce="fuse"), Rule(2, r=5, reduce="merge")), "searched"
+    )
+    assert state.before_fill == BeforeFill({"kl": 0.5, "loss": 0.5}, 123456) and state.transition_depth is None
+    assert json.dumps(state.to_json()) == json.dumps(saved)  # the same keys in the same order
+    fresh = SearchState("0123456789abcdef")
+    assert fresh.to_json() == {
+        "fingerprint": "0123456789abcdef",
+        "step": 0,
+        "beam": [[]],
+        "best": None,
+        "candidates": 0,
+        "block_passes": 0.0,
+        "seconds": 0.0,
+    }
+    fresh.transition_depth = 3
+    assert SearchState.from_json(fresh.to_json()) == fresh and fresh.to_json()["transition_depth"] == 3
+
+
+def test_state_is_saved_atomically_and_loaded_only_by_its_own_search(tmp_path):
+    path = tmp_path / "deep" / "state.json"
+    state = SearchState("mine", step=1)
+    state.consider(Routing.tome(1, 4), {"loss": 0.5})
+    state.save(path)
+    assert SearchState.load(path, "mine") == state and not path.with_suffix(".tmp").exists()
+    assert SearchState.load(tmp_path / "absent.json", "mine") is None and SearchState.load(None, "mine") is None
+    with pytest.raises(ValueError, match="belongs to another search"):
+        SearchState.load(path, "another")
+
+
 def test_completion_caps_each_merge_at_what_bipartite_matching_allows(model):
     """64 tokens, ToMe in blocks 0-2: the tightest completion merges 32, 16 and 8 (half of what reaches each block),
     the cheapest routing of a merge-only space; a uniform r cannot get there without an invalid r (32 in block 1).
@@ -351,9 +414,9 @@ def test_completion_caps_each_merge_at_what_bipartite_matching_allows(model):
     tightest = completion(model, [], [0, 1, 2], cheapest_flops(model, merge_only))
     assert [(rule.layer, rule.r) for rule in tightest.rules] == [(0, 32), (1, 16), (2, 8)]
     assert count_flops(model, tightest) == cheapest_flops(model, merge_only)
-    drop = {"layer": 0, "score": "l2_norm", "keep": 0.7, "reduce": "drop"}
+    drop = Rule(0, score="l2_norm", keep=0.7, reduce="drop")
     assert completion(model, [drop], [1, 2], 0) is None
-    cheapest = Routing((drop, {"layer": 1, "r": 22, "reduce": "merge"}, {"layer": 2, "r": 11, "reduce": "merge"}))
+    cheapest = Routing((drop, Rule(1, r=22, reduce="merge"), Rule(2, r=11, reduce="merge")))
     capped = completion(model, [drop], [1, 2], count_flops(model, cheapest))
     assert capped == Routing(cheapest.rules, name="searched")
 
@@ -368,12 +431,12 @@ def test_a_beam_wider_than_the_space_finds_the_exhaustive_best(model, data, tmp_
     evaluator = Evaluator(model, data, "kl")
     layers = space.pruning_layers(len(model.blocks))
     assert layers == [0, 1, 2]
-    losses, prefixes = [], [[]]
+    losses, prefixes = [], [()]
     for step, layer in enumerate(layers):
         grown = []
         for fixed in prefixes:
             for rule in space.candidates(layer, True):
-                rules = fixed + ([rule] if rule is not None else [])
+                rules = fixed + ((rule,) if rule is not None else ())
                 routing = completion(model, rules, layers[step + 1 :], target)
                 if routing is not None:
                     losses.append(evaluator.measure(evaluator.initial(), routing, 0)["loss"])
@@ -393,7 +456,8 @@ def test_a_beam_wider_than_the_space_finds_the_exhaustive_best(model, data, tmp_
         progress=False,
     )
     kept = json.loads(path.read_text())["beam"]
-    assert sorted(map(json.dumps, kept)) == sorted(map(json.dumps, prefixes)) and len(prefixes) > 20
+    expected = [[rule.to_dict() for rule in rules] for rules in prefixes]
+    assert sorted(map(json.dumps, kept)) == sorted(map(json.dumps, expected)) and len(prefixes) > 20
     assert result.report["before_fill"]["val_loss"] == pytest.approx(min(losses), rel=1e-6)
     assert result.report["val_loss"] <= min(losses)  # the fill only ever lowers it
 
@@ -416,27 +480,29 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
     space = SearchSpace(scorers=("l2_norm", "std", "cls_attention"), keeps=(0.6, 0.7, 0.8), shortlist=1)
     evaluator = Evaluator(model, data, "kl")
     target = 0.7 * count_flops(model, Routing())
-    screened = _screen_layer(model, evaluator, space, target, [], (evaluator.initial(), 0), 0, [1, 2], 5)
-    probes = [{"layer": 0, "score": s, "keep": 0.7, "reduce": "drop"} for s in ("l2_norm", "std", "cls_attention")]
+
+    def screen(space: SearchSpace) -> list:
+        return _screen_layer(model, evaluator, space, target, (), (evaluator.initial(), 0), 0, [1, 2], 5)
+
+    screened = screen(space)
+    probes = [Rule(0, score=s, keep=0.7, reduce="drop") for s in ("l2_norm", "std", "cls_attention")]
     probe_loss = {}
     for rule in probes:
         routing = completion(model, [rule], [1, 2], target)
-        probe_loss[rule["score"]] = evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"]
+        probe_loss[rule.score] = evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"]
     best = min(probe_loss, key=probe_loss.get)
-    expected = [[p] for p in probes] + [
-        [rule] if rule is not None else [] for rule in space.candidates(0, True, [best]) if rule not in probes
+    expected = [(p,) for p in probes] + [
+        (rule,) if rule is not None else () for rule in space.candidates(0, True, [best]) if rule not in probes
     ]
     assert [rules for _, rules, _ in screened] == expected
     for loss, rules, routing in screened:
         assert routing == completion(model, rules, [1, 2], target)
         assert loss == pytest.approx(evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"], rel=1e-6)
-    unlisted = _screen_layer(model, evaluator, SMALL, target, [], (evaluator.initial(), 0), 0, [1, 2], 5)
-    expected = [[rule] if rule is not None else [] for rule in SMALL.candidates(0, True)]  # no shortlist: all
+    unlisted = screen(SMALL)
+    expected = [(rule,) if rule is not None else () for rule in SMALL.candidates(0, True)]  # no shortlist: all
     assert [rules for _, rules, _ in unlisted] == expected and any("cls_attention" in str(r) for r in expected)
-    off = _screen_layer(
-        model, evaluator, replace(space, shortlist=0), target, [], (evaluator.initial(), 0), 0, [1, 2], 5
-    )
-    assert [rules for _, rules, _ in off] == [[r] if r is not None else [] for r in space.candidates(0, True)]
+    off = screen(replace(space, shortlist=0))
+    assert [rules for _, rules, _ in off] == [(r,) if r is not None else () for r in space.candidates(0, True)]
 
 
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="a progress bar hangs mutmut's forked test runs")

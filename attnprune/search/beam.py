@@ -9,25 +9,19 @@ routing leaves of the budget, one milder rule at a time, while the objective doe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from attnprune.flops import count_flops
-from attnprune.routing import Routing
-from attnprune.search import state as search_state
+from attnprune.routing import Routing, Rule
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.space import SearchSpace, completion, milder
+from attnprune.search.state import BeforeFill, Best, SearchState
 
-__all__ = ["beam", "consider", "fill_budget"]
-
-
-def consider(state: dict[str, Any], routing: Routing, metrics: dict[str, float]) -> None:
-    """Make ``routing`` the best so far if its loss is strictly lower (the earlier candidate wins ties)."""
-    if state["best"] is None or metrics["loss"] < state["best"]["metrics"]["loss"]:
-        state["best"] = {"routing": routing.to_dict(), "metrics": metrics}
+__all__ = ["beam", "fill_budget"]
 
 
 def beam(
@@ -35,25 +29,25 @@ def beam(
     evaluator: Evaluator,
     space: SearchSpace,
     target: float,
-    state: dict[str, Any],
+    state: SearchState,
     path: Path | None,
     progress: bool,
     beam_width: int,
     prefix_cache: bool,
     screen_images: int,
     finalists: int,
-) -> dict[str, Any]:
+) -> SearchState:
     """Run (or resume) the beam search in ``state``; see the module docstring."""
     layers = space.pruning_layers(len(model.blocks))
-    bar = tqdm(total=len(layers), initial=state["step"], desc="routing search (beam)", disable=not progress)
-    for step in range(state["step"], len(layers)):
+    bar = tqdm(total=len(layers), initial=state.step, desc="routing search (beam)", disable=not progress)
+    for step in range(state.step, len(layers)):
         started = time.perf_counter()
         layer, free = layers[step], layers[step + 1 :]
-        screened: list[tuple[float, list[dict], Routing, int]] = []
+        screened: list[tuple[float, tuple[Rule, ...], Routing, int]] = []
         prefixes: dict[int, tuple[list, int]] = {}
-        for index, fixed in enumerate(state["beam"]):
+        for index, fixed in enumerate(state.beam):
             if prefix_cache:  # the fixed prefix runs once; each candidate starts at this layer
-                prefixes[index] = evaluator.advance(evaluator.initial(), Routing(tuple(fixed)), 0, layer), layer
+                prefixes[index] = evaluator.advance(evaluator.initial(), Routing(fixed), 0, layer), layer
             else:
                 prefixes[index] = evaluator.initial(), 0
             screened += [
@@ -66,18 +60,18 @@ def beam(
         scored = []
         for _, rules, routing, index in screened[: max(beam_width, finalists)]:
             metrics = evaluator.measure(prefixes[index][0], routing, prefixes[index][1])
-            consider(state, routing, metrics)
+            state.consider(routing, metrics)
             scored.append((metrics["loss"], rules))
         scored.sort(key=lambda item: item[0])
-        state["beam"] = [rules for _, rules in scored[:beam_width]] or state["beam"]
-        state["step"] = step + 1
-        search_state.checkpoint(state, evaluator, path, started)
+        state.beam = [rules for _, rules in scored[:beam_width]] or state.beam
+        state.step = step + 1
+        state.checkpoint(evaluator, path, started)
         bar.update(1)
     bar.close()
-    if "before_fill" not in state:  # saved only together with the filled routing, so an interrupted fill reruns
+    if state.before_fill is None:  # saved only together with the filled routing, so an interrupted fill reruns
         started = time.perf_counter()
         fill_budget(model, evaluator, space, target, state, screen_images)
-        search_state.checkpoint(state, evaluator, path, started)
+        state.checkpoint(evaluator, path, started)
     return state
 
 
@@ -86,18 +80,18 @@ def _screen_layer(
     evaluator: Evaluator,
     space: SearchSpace,
     target: float,
-    fixed: list[dict],
+    fixed: tuple[Rule, ...],
     prefix: tuple[list, int],
     layer: int,
     free: list[int],
     screen_images: int,
-) -> list[tuple[float, list[dict], Routing]]:
+) -> list[tuple[float, tuple[Rule, ...], Routing]]:
     """Every candidate rule at ``layer`` after the ``fixed`` rules, completed within budget and scored on the first
     ``screen_images`` images: first one probe per scorer, then every keep and reducer of the best scorers."""
     screened = []
 
-    def screen(rule: dict | None) -> float | None:
-        rules = fixed + ([rule] if rule is not None else [])
+    def screen(rule: Rule | None) -> float | None:
+        rules = fixed + ((rule,) if rule is not None else ())
         routing = completion(model, rules, free, target)
         if routing is None:
             return None
@@ -109,7 +103,7 @@ def _screen_layer(
     probes, shortlist = [], None
     if 0 < space.shortlist < len(space.usable_scorers(class_token)):
         probes = space.probes(layer, class_token)
-        losses = {rule["score"]: screen(rule) for rule in probes}
+        losses = {rule.score: screen(rule) for rule in probes}
         ranked = sorted((loss, scorer) for scorer, loss in losses.items() if loss is not None)
         shortlist = [scorer for _, scorer in ranked[: space.shortlist]]
     for rule in space.candidates(layer, class_token, shortlist):
@@ -123,26 +117,24 @@ def fill_budget(
     evaluator: Evaluator,
     space: SearchSpace,
     target: float,
-    state: dict[str, Any],
+    state: SearchState,
     screen_images: int | None = None,
 ) -> None:
     """Spend the budget the best routing leaves: make one rule milder at a time (the move with the lowest screened
     loss, ties to the more FLOPs), as long as the loss on all images does not rise and the routing stays within
-    budget.
+    budget. Sets ``state.before_fill`` and leaves the filled routing in ``state.best``.
 
     A beam step that prunes hard early can leave little for the ToMe completion to remove, so the best routing found
     may use less than the budget, and giving tokens back rarely hurts.
     """
-    best = Routing.from_dict(state["best"]["routing"])
-    metrics = state["best"]["metrics"]
-    state["before_fill"] = {"metrics": metrics, "flops": count_flops(model, best)}
+    best, metrics = state.best.routing, state.best.metrics
+    state.before_fill = BeforeFill(metrics, count_flops(model, best))
     while True:
         moves = []
-        for index in range(len(best.rules)):
-            rules = [r.to_dict() for r in best.rules]
-            softer = milder(rules[index], space)
-            rules[index : index + 1] = [softer] if softer is not None else []
-            routing = Routing.from_dict({**best.to_dict(), "rules": rules})
+        for index, rule in enumerate(best.rules):
+            softer = milder(rule, space)
+            rules = best.rules[:index] + ((softer,) if softer is not None else ()) + best.rules[index + 1 :]
+            routing = replace(best, rules=rules)
             flops = count_flops(model, routing)
             if flops <= target:
                 loss = evaluator.measure(evaluator.initial(), routing, 0, screen_images)["loss"]
@@ -154,4 +146,4 @@ def fill_budget(
         if confirmed["loss"] > metrics["loss"]:
             break
         best, metrics = routing, confirmed
-    state["best"] = {"routing": best.to_dict(), "metrics": metrics}
+    state.best = Best(best, metrics)

@@ -19,11 +19,11 @@ from attnprune.errors import UserError, UserTypeError
 from attnprune.flops import count_flops
 from attnprune.routing import Routing
 from attnprune.routing.baselines import matched_baselines
-from attnprune.search import state as search_state
 from attnprune.search.beam import beam
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.objective import resolve_objective
 from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
+from attnprune.search.state import SearchState, fingerprint
 from attnprune.search.transition import label_free, transition
 from attnprune.vit import check_prunable
 
@@ -156,17 +156,17 @@ def search_routing(
         "screen_images": screen_images,
         "finalists": finalists,
     }
-    fingerprint = search_state.fingerprint(model, settings, evaluator)
-    state = search_state.load_state(path, fingerprint) or search_state.new_state(fingerprint)
-    previous_seconds = state["seconds"]  # time spent before an interruption, when resuming
+    key = fingerprint(model, settings, evaluator)
+    state = SearchState.load(path, key) or SearchState(key)
+    previous_seconds = state.seconds  # time spent before an interruption, when resuming
     options = {
         "beam_width": beam_width,
         "prefix_cache": prefix_cache,
         "screen_images": screen_images,
         "finalists": finalists,
     }
-    state = STRATEGIES[strategy](model, evaluator, space, target, state, path, progress, **options)
-    routing, metrics = Routing.from_dict(state["best"]["routing"]), state["best"]["metrics"]
+    STRATEGIES[strategy](model, evaluator, space, target, state, path, progress, **options)
+    routing, metrics = state.best.routing, state.best.metrics
     check = None
     if held_out:
         checker = Evaluator(model, held_out, name)
@@ -176,7 +176,7 @@ def search_routing(
         evaluator.candidates += checker.candidates
         evaluator.block_passes += checker.block_passes * checker.images / evaluator.images
     flops = count_flops(model, routing)
-    block_passes = state["block_passes"] + evaluator.block_passes
+    block_passes = state.block_passes + evaluator.block_passes
     report = {
         "strategy": strategy,
         "objective": name,
@@ -184,19 +184,19 @@ def search_routing(
         **{f"val_{key}": value for key, value in metrics.items()},
         "flops": flops,
         "flops_ratio": flops / unpruned,
-        "candidates_evaluated": state["candidates"] + evaluator.candidates,
+        "candidates_evaluated": state.candidates + evaluator.candidates,
         "block_passes": block_passes,
         "full_forward_equivalents": block_passes / len(model.blocks),
         "images": evaluator.images,
         "wall_time_s": previous_seconds + time.perf_counter() - start,
     }
-    if "before_fill" in state:
+    if state.before_fill is not None:
         report["before_fill"] = {
-            **{f"val_{key}": value for key, value in state["before_fill"]["metrics"].items()},
-            "flops_ratio": state["before_fill"]["flops"] / unpruned,
+            **{f"val_{key}": value for key, value in state.before_fill.metrics.items()},
+            "flops_ratio": state.before_fill.flops / unpruned,
         }
-    if "transition_depth" in state:
-        report["transition_depth"] = state["transition_depth"]
+    if state.transition_depth is not None:
+        report["transition_depth"] = state.transition_depth
     if check is not None:
         report["check"] = check
     return SearchResult(routing, report)

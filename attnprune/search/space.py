@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from timm.models.vision_transformer import VisionTransformer
 
 from attnprune.errors import UserError
 from attnprune.flops import count_flops
-from attnprune.routing import Routing, max_merge
+from attnprune.routing import Routing, Rule, max_merge
 from attnprune.scoring import SCORERS
 from attnprune.vit import num_patch_tokens
 
-__all__ = ["SearchSpace", "InfeasibleBudget", "cheapest_flops", "completion", "tune_keep", "milder"]
+__all__ = [
+    "SearchSpace",
+    "InfeasibleBudget",
+    "cheapest_flops",
+    "completion",
+    "tune_keep",
+    "milder",
+    "transition_routing",
+]
 
 
 class InfeasibleBudget(UserError):
@@ -52,31 +59,31 @@ class SearchSpace:
         """The scorers that apply to a model with (or without) a class token."""
         return [s for s in self.scorers if class_token or not SCORERS[s].needs_class_token]
 
-    def probes(self, layer: int, class_token: bool) -> list[dict[str, Any]]:
+    def non_attention_scorers(self) -> list[str]:
+        """The scorers below the transition depth of the ``transition`` strategies (``l2_norm`` if none)."""
+        return [s for s in self.scorers if SCORERS[s].family != "attention"] or ["l2_norm"]
+
+    def probes(self, layer: int, class_token: bool) -> list[Rule]:
         """One ``drop`` rule per scorer at the median keep: the cheap first look that shortlists scorers."""
         if not self.keeps or "drop" not in self.reducers and "fuse" not in self.reducers:
             return []
         keep = sorted(self.keeps)[len(self.keeps) // 2]
         reduce = "drop" if "drop" in self.reducers else "fuse"
-        return [{"layer": layer, "score": s, "keep": keep, "reduce": reduce} for s in self.usable_scorers(class_token)]
+        return [Rule(layer, score=s, keep=keep, reduce=reduce) for s in self.usable_scorers(class_token)]
 
-    def candidates(
-        self, layer: int, class_token: bool, scorers: list[str] | None = None
-    ) -> list[dict[str, Any] | None]:
+    def candidates(self, layer: int, class_token: bool, scorers: list[str] | None = None) -> list[Rule | None]:
         """Rules to try at ``layer`` (None is "no rule"), with ``drop``/``fuse`` limited to ``scorers`` if given."""
-        rules: list[dict[str, Any] | None] = [None]
+        rules: list[Rule | None] = [None]
         scorers = self.usable_scorers(class_token) if scorers is None else scorers
         for reduce in self.reducers:
             if reduce == "merge":
-                rules += [{"layer": layer, "keep": k, "reduce": "merge"} for k in self.merge_keeps]
+                rules += [Rule(layer, keep=k, reduce="merge") for k in self.merge_keeps]
             else:
-                rules += [
-                    {"layer": layer, "score": s, "keep": k, "reduce": reduce} for s in scorers for k in self.keeps
-                ]
+                rules += [Rule(layer, score=s, keep=k, reduce=reduce) for s in scorers for k in self.keeps]
         return rules
 
 
-def completion(model: VisionTransformer, fixed: list[dict], free: list[int], target: float) -> Routing | None:
+def completion(model: VisionTransformer, fixed: Sequence[Rule], free: list[int], target: float) -> Routing | None:
     """``fixed`` rules plus ToMe merging in the ``free`` layers with the fewest tokens removed that meets ``target``
     FLOPs; None if even the most merging does not.
 
@@ -84,18 +91,18 @@ def completion(model: VisionTransformer, fixed: list[dict], free: list[int], tar
     (``[r + 1] * m + [r] * (len(free) - m)``), so the completion spends the budget as closely as ToMe itself can.
     """
 
-    depth, tokens = len(model.blocks), num_patch_tokens(model)
+    depth, tokens, fixed = len(model.blocks), num_patch_tokens(model), tuple(fixed)
 
     def merged(step: int) -> Routing:  # step = r * len(free) + m
         r, extra = divmod(step, len(free)) if free else (0, 0)
         schedule = [r + 1] * extra + [r] * (len(free) - extra)
-        merges: list[dict] = []
+        merges: tuple[Rule, ...] = ()
         for layer, n in sorted(zip(free, schedule, strict=True)):
             # as the official ToMe does, a layer merges at most what bipartite matching allows (stated, not clipped)
-            n = min(n, max_merge(Routing(tuple(fixed + merges)).token_counts(depth, tokens)[layer]))
+            n = min(n, max_merge(Routing(fixed + merges).token_counts(depth, tokens)[layer]))
             if n:
-                merges.append({"layer": layer, "r": n, "reduce": "merge"})
-        return Routing(tuple(fixed + merges), name="searched")
+                merges += (Rule(layer, r=n, reduce="merge"),)
+        return Routing(fixed + merges, name="searched")
 
     def flops(step: int) -> int:
         return count_flops(model, merged(step))
@@ -125,19 +132,26 @@ def cheapest_flops(model: VisionTransformer, space: SearchSpace) -> int:
     options = []
     if space.keeps and any(r != "merge" for r in space.reducers):
         scorer = "l2_norm" if "l2_norm" in space.scorers else space.scorers[0]
-        options.append(Routing(tuple({"layer": layer, "score": scorer, "keep": min(space.keeps)} for layer in layers)))
+        options.append(Routing(tuple(Rule(layer, score=scorer, keep=min(space.keeps)) for layer in layers)))
     if "merge" in space.reducers:  # as much as bipartite matching can merge in every layer
         tokens, merges = num_patch_tokens(model), []
         for layer in sorted(layers):
-            merges.append({"layer": layer, "r": max_merge(tokens), "reduce": "merge"})
-            tokens -= merges[-1]["r"]
+            merges.append(Rule(layer, r=max_merge(tokens), reduce="merge"))
+            tokens -= merges[-1].r
         options.append(Routing(tuple(merges)))
     return min(count_flops(model, routing) for routing in options)
 
 
-def milder(rule: dict[str, Any], space: SearchSpace) -> dict[str, Any] | None:
+def milder(rule: Rule, space: SearchSpace) -> Rule | None:
     """The next milder version of ``rule`` (fewer tokens removed); None: no rule at that layer."""
-    if "r" in rule:
-        return {**rule, "r": rule["r"] - 1} if rule["r"] > 1 else None
-    keeps = [k for k in (space.merge_keeps if rule["reduce"] == "merge" else space.keeps) if k > rule["keep"]]
-    return {**rule, "keep": min(keeps)} if keeps else None
+    if rule.r is not None:
+        return replace(rule, r=rule.r - 1) if rule.r > 1 else None
+    keeps = [k for k in (space.merge_keeps if rule.reduce == "merge" else space.keeps) if k > rule.keep]
+    return replace(rule, keep=min(keeps)) if keeps else None
+
+
+def transition_routing(layers: list[int], t: int, scorer: str, attention: str, reduce: str, keep: float) -> Routing:
+    """``scorer`` in the pruning ``layers`` below ``t``, ``attention`` from ``t`` on, all at one keep fraction: the
+    routings of the ``transition`` strategies."""
+    rules = tuple(Rule(layer, score=scorer if layer < t else attention, keep=keep, reduce=reduce) for layer in layers)
+    return Routing(rules, name=f"transition-t{t}-{scorer}-{reduce}")

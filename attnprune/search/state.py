@@ -1,10 +1,12 @@
-"""The resumable state of a search: saved atomically after every step, refused by any other search."""
+"""The resumable state of a search: what the strategies change as they go, saved atomically after every step as
+JSON, refused by any other search."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,11 @@ import torch
 from torch import nn
 
 from attnprune.errors import UserError
+from attnprune.routing import Routing, Rule
+from attnprune.routing.rules import check_rule
 from attnprune.search.evaluator import Evaluator
 
-__all__ = ["fingerprint", "load_state", "save_state", "checkpoint", "new_state"]
+__all__ = ["Best", "BeforeFill", "SearchState", "fingerprint"]
 
 
 def fingerprint(model: nn.Module, settings: dict[str, Any], evaluator: Evaluator) -> str:
@@ -27,52 +31,122 @@ def fingerprint(model: nn.Module, settings: dict[str, Any], evaluator: Evaluator
     return digest.hexdigest()[:16]
 
 
-def new_state(fingerprint: str) -> dict[str, Any]:
-    return {
-        "fingerprint": fingerprint,
-        "step": 0,
-        "beam": [[]],
-        "best": None,
-        "candidates": 0,
-        "block_passes": 0.0,
-        "seconds": 0.0,
-    }
+@dataclass(frozen=True)
+class Best:
+    """The best routing so far and its metrics on all searched images (``loss`` ranks it)."""
+
+    routing: Routing
+    metrics: dict[str, float]
 
 
-def load_state(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
-    """The saved state at ``path`` if there is one (None otherwise).
+@dataclass(frozen=True)
+class BeforeFill:
+    """The beam's best routing before the budget fill: its metrics and FLOPs."""
 
-    Raises:
-        ValueError: the file is not a search state, or belongs to another search.
+    metrics: dict[str, float]
+    flops: int
+
+
+@dataclass
+class SearchState:
+    """Everything a search has decided and spent so far; a strategy resumes from it.
+
+    Attributes:
+        fingerprint: the search it belongs to (:func:`fingerprint`).
+        step: steps done (beam: layers decided; transition: grid points tried).
+        beam: the partial routings kept, as rules in the order they were decided.
+        best: the best routing so far (None before the first candidate).
+        candidates: candidates evaluated in the steps done.
+        block_passes: blocks run over the searched images in the steps done.
+        seconds: time spent in the steps done.
+        before_fill: set by the beam's budget fill, saved together with the filled routing.
+        transition_depth: set by the ``label_free`` strategy.
     """
-    if path is None or not path.exists():
-        return None
-    if not path.is_file():
-        raise UserError(f"search state_path {path} is a directory; give a JSON file path")
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"search state {path} is not valid JSON ({error}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        raise UserError(
-            f"search state {path} belongs to another search (model, data, budget or settings differ); "
-            "delete it or pass another state_path"
+
+    fingerprint: str
+    step: int = 0
+    beam: list[tuple[Rule, ...]] = field(default_factory=lambda: [()])
+    best: Best | None = None
+    candidates: int = 0
+    block_passes: float = 0.0
+    seconds: float = 0.0
+    before_fill: BeforeFill | None = None
+    transition_depth: int | None = None
+
+    def consider(self, routing: Routing, metrics: dict[str, float]) -> None:
+        """Make ``routing`` the best so far if its loss is strictly lower (the earlier candidate wins ties)."""
+        if self.best is None or metrics["loss"] < self.best.metrics["loss"]:
+            self.best = Best(routing, metrics)
+
+    def checkpoint(self, evaluator: Evaluator, path: Path | None, started: float) -> None:
+        """Fold the evaluator's counts and the time since ``started`` into the state and save it to ``path``."""
+        self.candidates += evaluator.candidates
+        self.block_passes += evaluator.block_passes
+        self.seconds += time.perf_counter() - started
+        evaluator.candidates = evaluator.block_passes = 0
+        self.save(path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as JSON-ready data (rules and routings as the mappings routing files use)."""
+        data: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "beam": [[rule.to_dict() for rule in rules] for rules in self.beam],
+            "best": None
+            if self.best is None
+            else {"routing": self.best.routing.to_dict(), "metrics": self.best.metrics},
+            "candidates": self.candidates,
+            "block_passes": self.block_passes,
+            "seconds": self.seconds,
+        }
+        if self.before_fill is not None:
+            data["before_fill"] = {"metrics": self.before_fill.metrics, "flops": self.before_fill.flops}
+        if self.transition_depth is not None:
+            data["transition_depth"] = self.transition_depth
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SearchState:
+        """The state that :meth:`to_json` gave ``data``."""
+        best, before_fill = data["best"], data.get("before_fill")
+        return cls(
+            fingerprint=data["fingerprint"],
+            step=data["step"],
+            beam=[tuple(check_rule(i, rule) for i, rule in enumerate(rules)) for rules in data["beam"]],
+            best=None if best is None else Best(Routing.from_dict(best["routing"]), best["metrics"]),
+            candidates=data["candidates"],
+            block_passes=data["block_passes"],
+            seconds=data["seconds"],
+            before_fill=None if before_fill is None else BeforeFill(before_fill["metrics"], before_fill["flops"]),
+            transition_depth=data.get("transition_depth"),
         )
-    return state
 
+    def save(self, path: Path | None) -> None:
+        """Write the state to ``path`` (nothing without one) atomically: a kill never leaves half a state."""
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+            tmp.replace(path)
 
-def save_state(path: Path | None, state: dict[str, Any]) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(path)  # atomic: a kill never leaves half a state
+    @classmethod
+    def load(cls, path: Path | None, fingerprint: str) -> SearchState | None:
+        """The state saved at ``path`` if there is one (None otherwise).
 
-
-def checkpoint(state: dict[str, Any], evaluator: Evaluator, path: Path | None, started: float) -> None:
-    """Fold the evaluator's counts and the step's time into ``state`` and save it."""
-    state["candidates"] += evaluator.candidates
-    state["block_passes"] += evaluator.block_passes
-    state["seconds"] += time.perf_counter() - started
-    evaluator.candidates = evaluator.block_passes = 0
-    save_state(path, state)
+        Raises:
+            UserError: the file is not a search state, or belongs to another search.
+        """
+        if path is None or not path.exists():
+            return None
+        if not path.is_file():
+            raise UserError(f"search state_path {path} is a directory; give a JSON file path")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"search state {path} is not valid JSON ({error}); delete it to start over") from None
+        if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"search state {path} belongs to another search (model, data, budget or settings differ); "
+                "delete it or pass another state_path"
+            )
+        return cls.from_json(data)

@@ -14,27 +14,11 @@ from typing import Any
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from attnprune.routing import Routing
-from attnprune.scoring import SCORERS
-from attnprune.search import state as search_state
-from attnprune.search.beam import consider
 from attnprune.search.evaluator import Evaluator
-from attnprune.search.space import InfeasibleBudget, SearchSpace, tune_keep
+from attnprune.search.space import InfeasibleBudget, SearchSpace, transition_routing, tune_keep
+from attnprune.search.state import SearchState
 
-__all__ = ["transition", "label_free", "transition_routing"]
-
-
-def transition_routing(layers: list[int], t: int, scorer: str, attention: str, reduce: str, keep: float) -> Routing:
-    """``scorer`` in the pruning ``layers`` below ``t``, ``attention`` from ``t`` on, all at one keep fraction."""
-    rules = tuple(
-        {"layer": layer, "score": scorer if layer < t else attention, "keep": keep, "reduce": reduce}
-        for layer in layers
-    )
-    return Routing(rules, name=f"transition-t{t}-{scorer}-{reduce}")
-
-
-def _low_scorers(space: SearchSpace) -> list[str]:
-    return [s for s in space.scorers if SCORERS[s].family != "attention"] or ["l2_norm"]
+__all__ = ["transition", "label_free"]
 
 
 def transition(
@@ -42,29 +26,29 @@ def transition(
     evaluator: Evaluator,
     space: SearchSpace,
     target: float,
-    state: dict[str, Any],
+    state: SearchState,
     path: Path | None,
     progress: bool,
     **_: Any,
-) -> dict[str, Any]:
+) -> SearchState:
     """Every transition depth, scorer and reducer, each at the keep fraction that meets the budget."""
     depth = len(model.blocks)
     layers = space.pruning_layers(depth)
-    low = _low_scorers(space)
+    low = space.non_attention_scorers()
     reducers = [r for r in space.reducers if r != "merge"] or ["drop"]
     grid = [(t, s, r) for r in reducers for s in low for t in range(0, depth + 1) if not (t == 0 and s != low[0])]
-    bar = tqdm(total=len(grid), initial=state["step"], desc="routing search (transition)", disable=not progress)
-    for step in range(state["step"], len(grid)):
+    bar = tqdm(total=len(grid), initial=state.step, desc="routing search (transition)", disable=not progress)
+    for step in range(state.step, len(grid)):
         started = time.perf_counter()
         t, scorer, reduce = grid[step]
         routing = tune_keep(model, partial(transition_routing, layers, t, scorer, space.attention, reduce), target)
         if routing is not None:
-            consider(state, routing, evaluator.measure(evaluator.initial(), routing, 0))
-        state["step"] = step + 1
-        search_state.checkpoint(state, evaluator, path, started)
+            state.consider(routing, evaluator.measure(evaluator.initial(), routing, 0))
+        state.step = step + 1
+        state.checkpoint(evaluator, path, started)
         bar.update(1)
     bar.close()
-    if state["best"] is None:
+    if state.best is None:
         raise InfeasibleBudget("no transition routing meets the budget; widen the space or raise the budget")
     return state
 
@@ -74,12 +58,12 @@ def label_free(
     evaluator: Evaluator,
     space: SearchSpace,
     target: float,
-    state: dict[str, Any],
+    state: SearchState,
     path: Path | None,
     progress: bool,
     analysis_images: int = 256,
     **_: Any,
-) -> dict[str, Any]:
+) -> SearchState:
     """The transition depth where attention's oracle agreement takes the lead, and the best non-attention scorer
     below it, from the selectivity analysis; the keep fraction tuned to the budget."""
     from attnprune.selectivity import SelectivityAnalyzer, attention_transition_depth
@@ -88,7 +72,7 @@ def label_free(
     started = time.perf_counter()
     depth = len(model.blocks)
     layers = space.pruning_layers(depth)
-    low = _low_scorers(space)
+    low = space.non_attention_scorers()
     analyzer = SelectivityAnalyzer(depth, model.has_class_token, scorers=[*low, space.attention])
     seen = 0
     for batch in evaluator.raw:  # the oracle needs no labels: only the images
@@ -105,8 +89,8 @@ def label_free(
     routing = tune_keep(model, partial(transition_routing, layers, t, scorer, space.attention, reduce), target)
     if routing is None:
         raise InfeasibleBudget("the label-free routing cannot meet the budget; raise the budget")
-    consider(state, routing, evaluator.measure(evaluator.initial(), routing, 0))
-    state["step"] = 1
-    state["transition_depth"] = t
-    search_state.checkpoint(state, evaluator, path, started)
+    state.consider(routing, evaluator.measure(evaluator.initial(), routing, 0))
+    state.step = 1
+    state.transition_depth = t
+    state.checkpoint(evaluator, path, started)
     return state
