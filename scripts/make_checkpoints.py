@@ -5,12 +5,13 @@ train.py on the training split (validation held out), the best epoch on validati
 the metadata attnprune.load_model needs, and its model card records the commands, seed, wall time, split and test
 top-1. Not part of CI: run it on a quiet machine, one training at a time.
 
-Two recipes, each a list of stages per model (every stage's config names its accelerator): ``cpu`` (the default;
-stages sized to train in under an hour on 2 CPU cores, except supervised_continue2.yaml, a GPU stage) and ``gpu``
-(longer schedules and more loader workers, from overlay configs in configs/fashion_mnist/gpu/; distilled_continue.yaml
-and the DINO probe are CPU stages). The shipped supervised model followed ``cpu``, the other three ``gpu``; each
-card lists the commands that made it. Arguments not known to this script are passed to every train.py stage (e.g.
-``--trainer.max_time 00:00:05:00``).
+Two recipes, each a list of stages per model (every stage names its accelerator): ``cpu`` (the default; stages
+sized to train in under an hour on 2 CPU cores, except the supervised model's third stage, a GPU stage) and ``gpu``
+(longer schedules and more loader workers, from overlay configs in configs/fashion_mnist/gpu/; the distilled model's
+warm restart and the DINO probe are CPU stages). A stage is a train.py run of configs from configs/fashion_mnist/ and
+command-line options over them: a warm restart starts from the last epoch of the stage before. The shipped supervised
+model followed ``cpu``, the other three ``gpu``; each card lists the commands that made it. Arguments not known to
+this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:05:00``).
 
     .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
     .venv/bin/python scripts/make_checkpoints.py supervised           # one
@@ -23,20 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from attnprune import count_flops, save_model
+from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.lit.modules import DistillationClassifier, LinearProbe, PrunedClassifier
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from attnprune import count_flops, save_model  # noqa: E402
-from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
-from attnprune.lit.modules import DistillationClassifier, LinearProbe, PrunedClassifier  # noqa: E402
-
 CONFIGS = ROOT / "configs" / "fashion_mnist"
 RUNS = ROOT / "runs"
 
@@ -47,39 +48,92 @@ MODELS = {
     "dino": ("dino", LinearProbe),
     "mae": ("mae", PrunedClassifier),
 }
-# recipe -> name -> training stages, each a list of configs (a later config overrides an earlier one)
+
+
+class Stage(NamedTuple):
+    """One train.py run: configs from configs/fashion_mnist/ (a later one overrides an earlier one), then
+    command-line options over them (``{"model.init_args.lr": "0.001"}`` is ``--model.init_args.lr 0.001``)."""
+
+    configs: tuple[str, ...]
+    options: dict[str, str] | None = None
+
+
+def restart_from(name: str, stage: int, **fields: str) -> str:
+    """A backbone (``--model.init_args.backbone``) that starts from the last epoch of model ``name``'s ``stage``, in
+    the architecture it names; ``fields`` set other backbone fields (``model_kwargs="null"``)."""
+    fields = {"model": "auto", "checkpoint": f"runs/fmnist-{name}/stage{stage}/last.ckpt", **fields}
+    return "{" + ", ".join(f"{key}: {value}" for key, value in fields.items()) + "}"
+
+
+def supervised_restart(stage: int, options: dict[str, str] | None = None) -> Stage:
+    """A later stage of the supervised model: a warm restart (SGDR: a new warm-up and cosine decay, at half the first
+    stage's peak learning rate) from the last epoch of the stage before, whose validation top-1 was still rising.
+    Shape and preprocessing come from that checkpoint; ``options`` override these."""
+    base = {
+        "trainer.max_epochs": "10",
+        "trainer.logger.init_args.name": "fmnist-supervised-continue",
+        "model.init_args.backbone": restart_from("supervised", stage - 1, model_kwargs="null", pretrained_cfg="null"),
+        "model.init_args.lr": "0.001",
+    }
+    return Stage(("supervised.yaml",), {**base, **(options or {})})
+
+
+# recipe -> name -> training stages
 RECIPES = {
     "cpu": {
         "supervised": [
-            ["supervised.yaml"],
-            ["supervised_continue.yaml"],
-            ["supervised_continue.yaml", "supervised_continue2.yaml"],  # a GPU stage: 2 CPU cores would take 70 min
-            ["supervised_continue.yaml", "supervised_continue3.yaml"],
+            Stage(("supervised.yaml",)),
+            supervised_restart(1),
+            # a GPU stage: 2 CPU cores would take 70 min
+            supervised_restart(
+                2,
+                {
+                    "trainer.max_epochs": "20",
+                    "trainer": "{accelerator: gpu, devices: 1}",
+                    "data.init_args.num_workers": "14",  # the data transforms spread over the GPU machine's cores
+                },
+            ),
+            supervised_restart(3, {"model.init_args.lr": "0.0005"}),
         ],
-        "distilled": [["distilled.yaml"]],
-        "dino": [["dino_pretrain.yaml"], ["dino_probe.yaml"]],
-        "mae": [["mae_pretrain.yaml"], ["mae_finetune.yaml"]],
+        "distilled": [Stage(("distilled.yaml",))],
+        "dino": [Stage(("dino_pretrain.yaml",)), Stage(("dino_probe.yaml",))],
+        "mae": [Stage(("mae_pretrain.yaml",)), Stage(("mae_finetune.yaml",))],
     },
     "gpu": {
-        "supervised": [["supervised.yaml", "gpu/supervised.yaml"]],
+        "supervised": [Stage(("supervised.yaml", "gpu/supervised.yaml"))],
         "distilled": [
-            ["distilled.yaml", "gpu/distilled.yaml"],
-            ["distilled.yaml", "distilled_continue.yaml"],  # on the CPU: a warm restart, with the shipped teacher
+            Stage(("distilled.yaml", "gpu/distilled.yaml")),
+            # on the CPU: a warm restart from the GPU stage, which its time limit stopped before the learning rate had
+            # decayed; the teacher is distilled.yaml's, the shipped supervised model
+            Stage(
+                ("distilled.yaml",),
+                {
+                    "trainer.max_epochs": "8",
+                    "trainer.logger.init_args.name": "fmnist-distilled-continue",
+                    "model.init_args.backbone": restart_from("distilled", 0),
+                    "model.init_args.lr": "0.001",
+                },
+            ),
         ],
         "dino": [
-            ["dino_pretrain.yaml", "gpu/dino_pretrain.yaml"],
-            ["dino_probe.yaml"],  # on the CPU: only the linear head trains (12 min on 2 cores)
+            Stage(("dino_pretrain.yaml", "gpu/dino_pretrain.yaml")),
+            Stage(("dino_probe.yaml",)),  # on the CPU: only the linear head trains (12 min on 2 cores)
         ],
-        "mae": [["mae_pretrain.yaml", "gpu/mae_pretrain.yaml"], ["mae_finetune.yaml", "gpu/mae_finetune.yaml"]],
+        "mae": [
+            Stage(("mae_pretrain.yaml", "gpu/mae_pretrain.yaml")),
+            Stage(("mae_finetune.yaml", "gpu/mae_finetune.yaml")),
+        ],
     },
 }
 
 
-def stage_command(name: str, index: int, configs: list[str], extra: list[str]) -> list[str]:
+def stage_command(name: str, index: int, stage: Stage, extra: list[str]) -> list[str]:
     """The train.py command of one stage; its checkpoints go to runs/fmnist-<name>/stage<index>."""
     command = ["python", "train.py", "fit"]
-    for config in configs:
+    for config in stage.configs:
         command += ["--config", str((CONFIGS / config).relative_to(ROOT))]
+    for option, value in (stage.options or {}).items():
+        command += [f"--{option}", value]
     return [*command, "--checkpoint.dirpath", f"runs/fmnist-{name}/stage{index}", *extra]
 
 
@@ -138,7 +192,7 @@ def export(
         "paradigm": paradigm,
         "architecture": spec["architecture"],
         "model_kwargs": kwargs,
-        "commands": [" ".join(c) for c in commands],
+        "commands": [shlex.join(c) for c in commands],
         "export_command": f"python scripts/make_checkpoints.py {name} --recipe {recipe}",
         "seed": 0,
         "train_wall_time_s": seconds,
@@ -207,7 +261,7 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     for name in args.names:
         stages = RECIPES[args.recipe][name]
-        commands = [stage_command(name, i, configs, extra) for i, configs in enumerate(stages)]
+        commands = [stage_command(name, i, stage, extra) for i, stage in enumerate(stages)]
         seconds = args.wall_time_s
         if not args.export_only:
             start = time.perf_counter()
