@@ -28,9 +28,10 @@ from attnprune.search import (
     split_holdout,
 )
 from attnprune.search.beam import _screen_layer, fill_budget
-from attnprune.search.core import standard_error
+from attnprune.search.core import STRATEGIES, standard_error
 from attnprune.search.space import cheapest_flops, completion
 from attnprune.search.state import BeforeFill, Best, SearchState
+from attnprune.search.strategy import BeamOptions, SearchContext
 from tests.conftest import tiny_vit
 
 SMALL = SearchSpace(
@@ -406,6 +407,41 @@ def test_state_is_saved_atomically_and_loaded_only_by_its_own_search(tmp_path):
         SearchState.load(path, "another")
 
 
+def test_strategies_are_registered_by_name_and_called_with_one_context(model, data, monkeypatch):
+    """Every strategy takes the same two arguments: the context (model, evaluator, space, target FLOPs, state path,
+    progress and the beam's options) and the state it leaves the best routing in. A strategy added to the registry
+    is run by name like the built-in ones."""
+    assert list(STRATEGIES) == ["beam", "transition", "label_free"]
+    seen = {}
+
+    def unpruned_only(context: SearchContext, state: SearchState) -> None:
+        seen["context"] = context
+        state.consider(Routing(), context.evaluator.measure(context.evaluator.initial(), Routing(), 0))
+        state.step = 1
+        state.checkpoint(context.evaluator, context.path, time.perf_counter())
+
+    monkeypatch.setitem(STRATEGIES, "unpruned_only", unpruned_only)
+    result = search_routing(
+        model,
+        data,
+        1.0,
+        space=SMALL,
+        strategy="unpruned_only",
+        holdout=0,
+        beam_width=3,
+        prefix_cache=False,
+        screen_images=7,
+        finalists=5,
+        progress=False,
+    )
+    context = seen["context"]
+    assert context.options == BeamOptions(beam_width=3, prefix_cache=False, screen_images=7, finalists=5)
+    assert context.model is model and context.space == SMALL and context.path is None and not context.progress
+    assert context.target == count_flops(model, Routing()) and context.evaluator.images == 24
+    assert result.routing == Routing() and result.report["strategy"] == "unpruned_only"
+    assert result.report["val_kl"] == 0.0 and result.report["candidates_evaluated"] == 1
+
+
 def test_completion_caps_each_merge_at_what_bipartite_matching_allows(model):
     """64 tokens, ToMe in blocks 0-2: the tightest completion merges 32, 16 and 8 (half of what reaches each block),
     the cheapest routing of a merge-only space; a uniform r cannot get there without an invalid r (32 in block 1).
@@ -480,9 +516,11 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
     space = SearchSpace(scorers=("l2_norm", "std", "cls_attention"), keeps=(0.6, 0.7, 0.8), shortlist=1)
     evaluator = Evaluator(model, data, "kl")
     target = 0.7 * count_flops(model, Routing())
+    options = BeamOptions(screen_images=5)
 
     def screen(space: SearchSpace) -> list:
-        return _screen_layer(model, evaluator, space, target, (), (evaluator.initial(), 0), 0, [1, 2], 5)
+        context = SearchContext(model, evaluator, space, target, options=options)
+        return _screen_layer(context, (), (evaluator.initial(), 0), 0, [1, 2])
 
     screened = screen(space)
     probes = [Rule(0, score=s, keep=0.7, reduce="drop") for s in ("l2_norm", "std", "cls_attention")]

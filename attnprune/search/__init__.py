@@ -8,8 +8,12 @@ The package, stage by stage:
   images (KL divergence of the class distributions; cosine distance of the features for a headless backbone), which
   needs no labels and varies far less between image subsets than top-1;
 - :mod:`~attnprune.search.evaluator`: scores routings from cached token states of the prefix already fixed;
-- :mod:`~attnprune.search.beam` and :mod:`~attnprune.search.transition`: the strategies;
-- :mod:`~attnprune.search.state`: the resumable state (tied to the settings, every weight and the searched images);
+- :mod:`~attnprune.search.state`: the resumable :class:`~attnprune.search.state.SearchState` (the best routing so
+  far, the beam, the work done; JSON on disk, tied to the settings, every weight and the searched images);
+- :mod:`~attnprune.search.strategy`: the one signature of a strategy, ``strategy(context, state)``, and what the
+  :class:`~attnprune.search.strategy.SearchContext` holds;
+- :mod:`~attnprune.search.beam`, :mod:`~attnprune.search.transition`, :mod:`~attnprune.search.label_free`: the
+  strategies, registered by name in :data:`~attnprune.search.core.STRATEGIES`;
 - :mod:`~attnprune.search.core`: :func:`search_routing`, which by default keeps 30% of the images out of the search
   and returns the best, on those, of the routing found and the baselines within budget.
 """

@@ -10,92 +10,72 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from timm.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
 from attnprune.flops import count_flops
 from attnprune.routing import Routing, Rule
-from attnprune.search.evaluator import Evaluator
+from attnprune.search.evaluator import Evaluator, States
 from attnprune.search.space import SearchSpace, completion, milder
 from attnprune.search.state import BeforeFill, Best, SearchState
+from attnprune.search.strategy import SearchContext
 
 __all__ = ["beam", "fill_budget"]
 
+Prefix = tuple[States, int]  # token states of a fixed prefix and the block they enter
 
-def beam(
-    model: VisionTransformer,
-    evaluator: Evaluator,
-    space: SearchSpace,
-    target: float,
-    state: SearchState,
-    path: Path | None,
-    progress: bool,
-    beam_width: int,
-    prefix_cache: bool,
-    screen_images: int,
-    finalists: int,
-) -> SearchState:
+
+def beam(context: SearchContext, state: SearchState) -> None:
     """Run (or resume) the beam search in ``state``; see the module docstring."""
-    layers = space.pruning_layers(len(model.blocks))
-    bar = tqdm(total=len(layers), initial=state.step, desc="routing search (beam)", disable=not progress)
+    evaluator, options = context.evaluator, context.options
+    layers = context.space.pruning_layers(len(context.model.blocks))
+    bar = tqdm(total=len(layers), initial=state.step, desc="routing search (beam)", disable=not context.progress)
     for step in range(state.step, len(layers)):
         started = time.perf_counter()
         layer, free = layers[step], layers[step + 1 :]
         screened: list[tuple[float, tuple[Rule, ...], Routing, int]] = []
-        prefixes: dict[int, tuple[list, int]] = {}
+        prefixes: dict[int, Prefix] = {}
         for index, fixed in enumerate(state.beam):
-            if prefix_cache:  # the fixed prefix runs once; each candidate starts at this layer
+            if options.prefix_cache:  # the fixed prefix runs once; each candidate starts at this layer
                 prefixes[index] = evaluator.advance(evaluator.initial(), Routing(fixed), 0, layer), layer
             else:
                 prefixes[index] = evaluator.initial(), 0
             screened += [
                 (loss, rules, routing, index)
-                for loss, rules, routing in _screen_layer(
-                    model, evaluator, space, target, fixed, prefixes[index], layer, free, screen_images
-                )
+                for loss, rules, routing in _screen_layer(context, fixed, prefixes[index], layer, free)
             ]
         screened.sort(key=lambda item: item[0])  # stable: equal losses keep the order they were generated in
         scored = []
-        for _, rules, routing, index in screened[: max(beam_width, finalists)]:
+        for _, rules, routing, index in screened[: max(options.beam_width, options.finalists)]:
             metrics = evaluator.measure(prefixes[index][0], routing, prefixes[index][1])
             state.consider(routing, metrics)
             scored.append((metrics["loss"], rules))
         scored.sort(key=lambda item: item[0])
-        state.beam = [rules for _, rules in scored[:beam_width]] or state.beam
+        state.beam = [rules for _, rules in scored[: options.beam_width]] or state.beam
         state.step = step + 1
-        state.checkpoint(evaluator, path, started)
+        state.checkpoint(evaluator, context.path, started)
         bar.update(1)
     bar.close()
     if state.before_fill is None:  # saved only together with the filled routing, so an interrupted fill reruns
         started = time.perf_counter()
-        fill_budget(model, evaluator, space, target, state, screen_images)
-        state.checkpoint(evaluator, path, started)
-    return state
+        fill_budget(context.model, evaluator, context.space, context.target, state, options.screen_images)
+        state.checkpoint(evaluator, context.path, started)
 
 
 def _screen_layer(
-    model: VisionTransformer,
-    evaluator: Evaluator,
-    space: SearchSpace,
-    target: float,
-    fixed: tuple[Rule, ...],
-    prefix: tuple[list, int],
-    layer: int,
-    free: list[int],
-    screen_images: int,
+    context: SearchContext, fixed: tuple[Rule, ...], prefix: Prefix, layer: int, free: list[int]
 ) -> list[tuple[float, tuple[Rule, ...], Routing]]:
     """Every candidate rule at ``layer`` after the ``fixed`` rules, completed within budget and scored on the first
     ``screen_images`` images: first one probe per scorer, then every keep and reducer of the best scorers."""
-    screened = []
+    model, space, screened = context.model, context.space, []
 
     def screen(rule: Rule | None) -> float | None:
         rules = fixed + ((rule,) if rule is not None else ())
-        routing = completion(model, rules, free, target)
+        routing = completion(model, rules, free, context.target)
         if routing is None:
             return None
-        loss = evaluator.measure(prefix[0], routing, prefix[1], screen_images)["loss"]
+        loss = context.evaluator.measure(prefix[0], routing, prefix[1], context.options.screen_images)["loss"]
         screened.append((loss, rules, routing))
         return loss
 

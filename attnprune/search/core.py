@@ -21,15 +21,17 @@ from attnprune.routing import Routing
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search.beam import beam
 from attnprune.search.evaluator import Evaluator
+from attnprune.search.label_free import label_free
 from attnprune.search.objective import resolve_objective
 from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
 from attnprune.search.state import SearchState, fingerprint
-from attnprune.search.transition import label_free, transition
+from attnprune.search.strategy import BeamOptions, SearchContext, Strategy
+from attnprune.search.transition import transition
 from attnprune.vit import check_prunable
 
 __all__ = ["SearchResult", "search_routing", "split_holdout", "check_against_baselines", "standard_error"]
 
-STRATEGIES = {"beam": beam, "transition": transition, "label_free": label_free}
+STRATEGIES: dict[str, Strategy] = {"beam": beam, "transition": transition, "label_free": label_free}
 
 
 @dataclass
@@ -96,7 +98,7 @@ def search_routing(
             test split). Labels are needed only by ``objective="top1"``; when present, top-1 is reported too.
         budget: FLOPs budget as a fraction in (0, 1] of the unpruned model's.
         space: candidate rules (default :class:`SearchSpace`).
-        strategy: ``beam``, ``transition`` or ``label_free``.
+        strategy: ``beam``, ``transition`` or ``label_free`` (:data:`STRATEGIES`).
         objective: what ranks candidates (lower is better): ``fidelity`` (default: ``kl``, the KL divergence of the
             class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
             for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
@@ -159,13 +161,8 @@ def search_routing(
     key = fingerprint(model, settings, evaluator)
     state = SearchState.load(path, key) or SearchState(key)
     previous_seconds = state.seconds  # time spent before an interruption, when resuming
-    options = {
-        "beam_width": beam_width,
-        "prefix_cache": prefix_cache,
-        "screen_images": screen_images,
-        "finalists": finalists,
-    }
-    STRATEGIES[strategy](model, evaluator, space, target, state, path, progress, **options)
+    options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
+    STRATEGIES[strategy](SearchContext(model, evaluator, space, target, path, progress, options), state)
     routing, metrics = state.best.routing, state.best.metrics
     check = None
     if held_out:

@@ -1,0 +1,62 @@
+"""What every search strategy is given and how it is called: one signature, ``strategy(context, state)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from timm.models.vision_transformer import VisionTransformer
+
+from attnprune.search.evaluator import Evaluator
+from attnprune.search.space import SearchSpace
+from attnprune.search.state import SearchState
+
+__all__ = ["BeamOptions", "SearchContext", "Strategy"]
+
+
+@dataclass(frozen=True)
+class BeamOptions:
+    """The settings of the ``beam`` strategy (see :func:`attnprune.search.search_routing`).
+
+    Attributes:
+        beam_width: partial routings kept per layer.
+        prefix_cache: reuse the token states of each fixed prefix; off, every candidate runs from the input.
+        screen_images: every candidate is first scored on the batches holding this many images,
+        finalists: then the ``finalists`` best of them (at least ``beam_width``) are confirmed on all searched images.
+    """
+
+    beam_width: int = 2
+    prefix_cache: bool = True
+    screen_images: int = 256
+    finalists: int = 4
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What a strategy searches with; the :class:`SearchState` it changes comes beside it.
+
+    Attributes:
+        model: the timm ViT searched.
+        evaluator: scores routings on the searched images and counts the work done.
+        space: the candidate rules.
+        target: the FLOPs budget, absolute.
+        path: where the state is saved after every step (None: not saved).
+        progress: show a progress bar.
+        options: the beam's settings (the other strategies ignore them).
+    """
+
+    model: VisionTransformer
+    evaluator: Evaluator
+    space: SearchSpace
+    target: float
+    path: Path | None = None
+    progress: bool = False
+    options: BeamOptions = BeamOptions()
+
+
+class Strategy(Protocol):
+    """A search strategy: runs (or resumes) the search in ``state``, leaving the best routing in ``state.best`` and
+    checkpointing the state after every step (:meth:`SearchState.checkpoint`)."""
+
+    def __call__(self, context: SearchContext, state: SearchState) -> None: ...
