@@ -39,7 +39,7 @@ from attnprune import Routing, count_flops, load_model  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
-from attnprune.search.core import standard_error  # noqa: E402
+from attnprune.search.check import standard_error  # noqa: E402
 from attnprune.search.evaluator import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

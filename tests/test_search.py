@@ -28,7 +28,8 @@ from attnprune.search import (
     split_holdout,
 )
 from attnprune.search.beam import _screen_layer, fill_budget
-from attnprune.search.core import STRATEGIES, standard_error
+from attnprune.search.check import standard_error
+from attnprune.search.core import STRATEGIES
 from attnprune.search.space import cheapest_flops, completion
 from attnprune.search.state import BeforeFill, Best, SearchState
 from attnprune.search.strategy import BeamOptions, SearchContext

@@ -2,8 +2,8 @@
 
 The package, stage by stage:
 
-- :mod:`~attnprune.search.space`: the candidate rules (:class:`SearchSpace`) and the ToMe completion of a partial
-  routing, so every candidate is a complete routing within budget;
+- :mod:`~attnprune.search.space`: the candidate rules (:class:`SearchSpace`, as :class:`~attnprune.routing.Rule` s)
+  and the ToMe completion of a partial routing, so every candidate is a complete routing within budget;
 - :mod:`~attnprune.search.objective`: what ranks candidates, by default fidelity to the unpruned model on the same
   images (KL divergence of the class distributions; cosine distance of the features for a headless backbone), which
   needs no labels and varies far less between image subsets than top-1;
@@ -14,11 +14,13 @@ The package, stage by stage:
   :class:`~attnprune.search.strategy.SearchContext` holds;
 - :mod:`~attnprune.search.beam`, :mod:`~attnprune.search.transition`, :mod:`~attnprune.search.label_free`: the
   strategies, registered by name in :data:`~attnprune.search.core.STRATEGIES`;
-- :mod:`~attnprune.search.core`: :func:`search_routing`, which by default keeps 30% of the images out of the search
-  and returns the best, on those, of the routing found and the baselines within budget.
+- :mod:`~attnprune.search.check`: the held-out check of the routing found against the baselines within budget;
+- :mod:`~attnprune.search.core`: :func:`search_routing` (validate, run, check, report), which by default keeps 30%
+  of the images out of the search and returns the best, on those, of the routing found and the baselines.
 """
 
-from attnprune.search.core import SearchResult, check_against_baselines, search_routing, split_holdout
+from attnprune.search.check import check_against_baselines, split_holdout
+from attnprune.search.core import SearchResult, search_routing
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.objective import OBJECTIVES, cosine_distance, kl_divergence
 from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops

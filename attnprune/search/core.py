@@ -1,11 +1,11 @@
 """``search_routing``: the static routing that best preserves the model under a FLOPs budget, checked on held-out
-images against the baselines."""
+images against the baselines. A search is four steps: :func:`validate_search` (every setting, before any work),
+:func:`run_search` (the strategy over the resumable state), :func:`~attnprune.search.check.check_held_out` and
+:func:`search_report`."""
 
 from __future__ import annotations
 
-import math
 import numbers
-import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -18,8 +18,8 @@ from torch import Tensor
 from attnprune.errors import UserError, UserTypeError
 from attnprune.flops import count_flops
 from attnprune.routing import Routing
-from attnprune.routing.baselines import matched_baselines
 from attnprune.search.beam import beam
+from attnprune.search.check import check_confidence, check_held_out, split_holdout
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.label_free import label_free
 from attnprune.search.objective import resolve_objective
@@ -29,7 +29,7 @@ from attnprune.search.strategy import BeamOptions, SearchContext, Strategy
 from attnprune.search.transition import transition
 from attnprune.vit import check_prunable
 
-__all__ = ["SearchResult", "search_routing", "split_holdout", "check_against_baselines", "standard_error"]
+__all__ = ["STRATEGIES", "SearchResult", "SearchSettings", "search_routing", "validate_search", "run_search"]
 
 STRATEGIES: dict[str, Strategy] = {"beam": beam, "transition": transition, "label_free": label_free}
 
@@ -42,14 +42,80 @@ class SearchResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SearchSettings:
+    """A search's validated settings (:func:`validate_search`).
+
+    Attributes:
+        budget: the FLOPs budget as a fraction of ``unpruned``.
+        space: the candidate rules.
+        strategy: a key of :data:`STRATEGIES`.
+        confidence: of the held-out check's paired test.
+        options: the beam's settings.
+        unpruned: the unpruned model's FLOPs.
+    """
+
+    budget: float
+    space: SearchSpace
+    strategy: str
+    confidence: float
+    options: BeamOptions
+    unpruned: int
+
+    @property
+    def target(self) -> float:
+        """The FLOPs budget, absolute."""
+        return self.budget * self.unpruned
+
+    def identity(self, objective: str) -> dict[str, Any]:
+        """What a saved state must have been searched with to be resumed (with the model and the images)."""
+        return {
+            "budget": self.budget,
+            "space": asdict(self.space),
+            "strategy": self.strategy,
+            "objective": objective,
+            "beam_width": self.options.beam_width,
+            "screen_images": self.options.screen_images,
+            "finalists": self.options.finalists,
+        }
+
+
 def _positive_int(name: str, value: Any) -> None:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise UserError(f"search {name} must be a positive integer, got {value!r}")
 
 
-def _check_confidence(confidence: Any) -> None:
-    if not isinstance(confidence, numbers.Real) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
-        raise UserError(f"search confidence must be in [0.5, 1), got {confidence!r}")
+def validate_search(
+    model: VisionTransformer,
+    budget: float,
+    *,
+    space: SearchSpace,
+    strategy: str,
+    confidence: float,
+    options: BeamOptions,
+) -> SearchSettings:
+    """Check every setting of a search before any work.
+
+    Raises:
+        UserError: a setting out of range, or a model the routings cannot prune.
+        InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
+    """
+    if strategy not in STRATEGIES:
+        raise UserError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not 0 < budget <= 1:
+        raise UserError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
+    check_confidence(confidence)
+    for name in ("beam_width", "screen_images", "finalists"):
+        _positive_int(name, getattr(options, name))
+    check_prunable(model, Routing())
+    settings = SearchSettings(budget, space, strategy, confidence, options, count_flops(model, Routing()))
+    cheapest = cheapest_flops(model, space)
+    if cheapest > settings.target:
+        raise InfeasibleBudget(
+            f"budget {budget:g} ({settings.target / 1e9:.4g} GFLOPs) is below the cheapest routing the search space "
+            f"reaches: {cheapest / 1e9:.4g} GFLOPs ({cheapest / settings.unpruned:.1%} of the unpruned model)"
+        )
+    return settings
 
 
 def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tensor, Tensor | None]]:
@@ -71,6 +137,73 @@ def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tenso
     if not batches or not sum(len(images) for images, _ in batches):
         raise UserError("search dataloader yielded no images")
     return batches
+
+
+def run_search(
+    model: VisionTransformer,
+    batches: list[tuple[Tensor, Tensor | None]],
+    settings: SearchSettings,
+    objective: str,
+    state_path: str | Path | None,
+    progress: bool,
+) -> tuple[SearchState, Evaluator, float]:
+    """Run (or resume from ``state_path``) the settings' strategy on the searched ``batches``.
+
+    Returns:
+        The finished state, the evaluator (its counts are the work done since the last checkpoint) and the seconds
+        spent before this run, when it resumed an interrupted search.
+
+    Raises:
+        UserError: an objective the model or the labels cannot serve, a saved state of another search.
+    """
+    name = resolve_objective(objective, model, all(labels is not None for _, labels in batches))
+    evaluator = Evaluator(model, batches, name)
+    path = Path(state_path) if state_path is not None else None
+    key = fingerprint(model, settings.identity(name), evaluator)
+    state = SearchState.load(path, key) or SearchState(key)
+    previous_seconds = state.seconds
+    context = SearchContext(model, evaluator, settings.space, settings.target, path, progress, settings.options)
+    STRATEGIES[settings.strategy](context, state)
+    return state, evaluator, previous_seconds
+
+
+def search_report(
+    model: VisionTransformer,
+    settings: SearchSettings,
+    state: SearchState,
+    evaluator: Evaluator,
+    *,
+    routing: Routing,
+    metrics: dict[str, float],
+    check: dict[str, Any] | None,
+    seconds: float,
+) -> dict[str, Any]:
+    """The report of :func:`search_routing` on the ``routing`` returned and its ``metrics`` on the searched images."""
+    flops = count_flops(model, routing)
+    block_passes = state.block_passes + evaluator.block_passes
+    report = {
+        "strategy": settings.strategy,
+        "objective": evaluator.objective,
+        "budget": settings.budget,
+        **{f"val_{key}": value for key, value in metrics.items()},
+        "flops": flops,
+        "flops_ratio": flops / settings.unpruned,
+        "candidates_evaluated": state.candidates + evaluator.candidates,
+        "block_passes": block_passes,
+        "full_forward_equivalents": block_passes / len(model.blocks),
+        "images": evaluator.images,
+        "wall_time_s": seconds,
+    }
+    if state.before_fill is not None:
+        report["before_fill"] = {
+            **{f"val_{key}": value for key, value in state.before_fill.metrics.items()},
+            "flops_ratio": state.before_fill.flops / settings.unpruned,
+        }
+    if state.transition_depth is not None:
+        report["transition_depth"] = state.transition_depth
+    if check is not None:
+        report["check"] = check
+    return report
 
 
 def search_routing(
@@ -125,149 +258,21 @@ def search_routing(
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
-        ValueError: a setting out of range, labels outside the head's classes, a state of another search.
+        UserError: a setting out of range, labels outside the head's classes, a state of another search.
     """
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not 0 < budget <= 1:
-        raise UserError(f"search budget must be a fraction of the unpruned model's FLOPs in (0, 1], got {budget!r}")
-    _check_confidence(confidence)
-    for name, value in (("beam_width", beam_width), ("screen_images", screen_images), ("finalists", finalists)):
-        _positive_int(name, value)
+    options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
     space = space or SearchSpace()
-    check_prunable(model, Routing())
-    unpruned = count_flops(model, Routing())
-    target = budget * unpruned
-    cheapest = cheapest_flops(model, space)
-    if cheapest > target:
-        raise InfeasibleBudget(
-            f"budget {budget:g} ({target / 1e9:.4g} GFLOPs) is below the cheapest routing the search space reaches: "
-            f"{cheapest / 1e9:.4g} GFLOPs ({cheapest / unpruned:.1%} of the unpruned model)"
-        )
+    settings = validate_search(model, budget, space=space, strategy=strategy, confidence=confidence, options=options)
     start = time.perf_counter()
     searched, held_out = split_holdout(_batches(dataloader, model), holdout)
-    name = resolve_objective(objective, model, all(labels is not None for _, labels in searched))
-    evaluator = Evaluator(model, searched, name)
-    path = Path(state_path) if state_path is not None else None
-    settings = {
-        "budget": budget,
-        "space": asdict(space),
-        "strategy": strategy,
-        "objective": name,
-        "beam_width": beam_width,
-        "screen_images": screen_images,
-        "finalists": finalists,
-    }
-    key = fingerprint(model, settings, evaluator)
-    state = SearchState.load(path, key) or SearchState(key)
-    previous_seconds = state.seconds  # time spent before an interruption, when resuming
-    options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
-    STRATEGIES[strategy](SearchContext(model, evaluator, space, target, path, progress, options), state)
-    routing, metrics = state.best.routing, state.best.metrics
-    check = None
+    state, evaluator, previous_seconds = run_search(model, searched, settings, objective, state_path, progress)
+    routing, metrics, check = state.best.routing, state.best.metrics, None
     if held_out:
-        checker = Evaluator(model, held_out, name)
-        routing, check = check_against_baselines(model, checker, routing, target, confidence)
-        if check["returned"] != "searched":  # the returned baseline's metrics on the searched images
-            metrics = evaluator.measure(evaluator.initial(), routing, 0)
-        evaluator.candidates += checker.candidates
-        evaluator.block_passes += checker.block_passes * checker.images / evaluator.images
-    flops = count_flops(model, routing)
-    block_passes = state.block_passes + evaluator.block_passes
-    report = {
-        "strategy": strategy,
-        "objective": name,
-        "budget": budget,
-        **{f"val_{key}": value for key, value in metrics.items()},
-        "flops": flops,
-        "flops_ratio": flops / unpruned,
-        "candidates_evaluated": state.candidates + evaluator.candidates,
-        "block_passes": block_passes,
-        "full_forward_equivalents": block_passes / len(model.blocks),
-        "images": evaluator.images,
-        "wall_time_s": previous_seconds + time.perf_counter() - start,
-    }
-    if state.before_fill is not None:
-        report["before_fill"] = {
-            **{f"val_{key}": value for key, value in state.before_fill.metrics.items()},
-            "flops_ratio": state.before_fill.flops / unpruned,
-        }
-    if state.transition_depth is not None:
-        report["transition_depth"] = state.transition_depth
-    if check is not None:
-        report["check"] = check
+        routing, metrics, check = check_held_out(
+            model, evaluator, held_out, routing, metrics, settings.target, confidence
+        )
+    seconds = previous_seconds + time.perf_counter() - start
+    report = search_report(
+        model, settings, state, evaluator, routing=routing, metrics=metrics, check=check, seconds=seconds
+    )
     return SearchResult(routing, report)
-
-
-def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
-    """The validation images searched on and the last ``holdout`` fraction of them kept out to check the result,
-    as batches (a batch straddling the boundary is split)."""
-    if not isinstance(holdout, numbers.Real) or isinstance(holdout, bool) or not 0 <= holdout < 1:
-        raise UserError(f"holdout must be a fraction of the validation images in [0, 1), got {holdout!r}")
-    total = sum(len(images) for images, _ in batches)
-    count = round(holdout * total)
-    if holdout > 0 and not 0 < count < total:
-        raise UserError(
-            f"holdout {holdout:g} of {total} validation images leaves {total - count} to search on and {count} to "
-            "check on; it must leave at least one image for each"
-        )
-    searched, held_out, seen = [], [], 0
-    for images, labels in batches:
-        cut = min(max(total - count - seen, 0), len(images))
-        seen += len(images)
-        if cut:
-            searched.append((images[:cut], labels[:cut] if labels is not None else None))
-        if cut < len(images):
-            held_out.append((images[cut:], labels[cut:] if labels is not None else None))
-    return searched, held_out
-
-
-def check_against_baselines(
-    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float, confidence: float = 0.95
-) -> tuple[Routing, dict[str, Any]]:
-    """The routing found against the baselines within budget (ToMe, and EViT and attention top-k where the model has
-    a class token), measured on the held-out images by the search's objective.
-
-    The routing found is returned only when it beats every baseline with ``confidence`` by a one-sided paired test of
-    the per-image losses (the upper confidence bound of its mean loss minus the baseline's is below 0); otherwise
-    the baseline with the lowest held-out loss is. A routing picked among hundreds of candidates looks better on the
-    images it was picked on than it is, and a difference within the noise of a few hundred images is no lead.
-    """
-    _check_confidence(confidence)
-    contenders = {"searched": routing, **matched_baselines(model, target, within=True)}
-    contenders.pop("random", None)  # a control, not a contender (and absent when even it cannot meet the target)
-    values = {method: held_out.per_image(held_out.initial(), r, 0) for method, r in contenders.items()}
-    results = {method: {name: v.mean().item() for name, v in metrics.items()} for method, metrics in values.items()}
-    z = statistics.NormalDist().inv_cdf(confidence)
-    paired = {}
-    for method in [m for m in contenders if m != "searched"]:
-        difference = values["searched"]["loss"] - values[method]["loss"]
-        mean, error = difference.mean().item(), standard_error(difference)
-        paired[method] = {"difference": mean, "standard_error": error, "upper_bound": mean + z * error}
-    method = "searched"  # also when no baseline gets within the budget
-    if not all(p["upper_bound"] < 0 for p in paired.values()):
-        method = min(paired, key=lambda m: results[m]["loss"])
-    check = {
-        "holdout_images": held_out.images,
-        "objective": held_out.objective,
-        "confidence": confidence,
-        "holdout": results,
-        "paired": paired,
-        "returned": method,
-        "searched_routing": routing.to_dict(),
-    }
-    if method != "searched":
-        bound = paired[method]["upper_bound"]
-        check["note"] = (
-            f"the routing the search found did not beat the baseline {method} on the {held_out.images} held-out "
-            f"images with {confidence:.0%} confidence ({held_out.objective} {results['searched']['loss']:.4g} "
-            f"against {results[method]['loss']:.4g}, upper bound of the difference {bound:+.3g}), so {method} is "
-            "returned; the routing found is in searched_routing"
-        )
-    return contenders[method], check
-
-
-def standard_error(values: Tensor) -> float:
-    """Standard error of the mean of ``values`` (per-image differences for a paired comparison); infinite for one
-    value, which says nothing of the spread (so a routing cannot be confirmed on one image)."""
-    return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else math.inf

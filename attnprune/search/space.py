@@ -87,8 +87,9 @@ def completion(model: VisionTransformer, fixed: Sequence[Rule], free: list[int],
     """``fixed`` rules plus ToMe merging in the ``free`` layers with the fewest tokens removed that meets ``target``
     FLOPs; None if even the most merging does not.
 
-    As in :func:`attnprune.flops.matched_baselines`, r may be one larger in the first free layers than in the rest
-    (``[r + 1] * m + [r] * (len(free) - m)``), so the completion spends the budget as closely as ToMe itself can.
+    As in :func:`attnprune.routing.baselines.matched_baselines`, r may be one larger in the first free layers than in
+    the rest (``[r + 1] * m + [r] * (len(free) - m)``), so the completion spends the budget as closely as ToMe itself
+    can.
     """
 
     depth, tokens, fixed = len(model.blocks), num_patch_tokens(model), tuple(fixed)
