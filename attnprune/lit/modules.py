@@ -83,6 +83,7 @@ class _PrunedModule(L.LightningModule):
         prune(self.backbone, routing)
 
     def gflops(self) -> float:
+        """GFLOPs per image of the backbone under its routing (:func:`attnprune.count_flops`)."""
         return count_flops(self.backbone, self.routing) / 1e9
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> None:

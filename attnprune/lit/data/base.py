@@ -199,6 +199,8 @@ class ImageDataModule(L.LightningDataModule):
         return resolve_data_config(pretrained_cfg=IMAGENET_DATA_CONFIG)
 
     def make_transform(self, training: bool) -> Callable[[Any], torch.Tensor]:
+        """The transform of one split's images (any image type in, a tensor in the model's mode out): timm's
+        training or evaluation transform of :meth:`resolved_data_config`, or ``train_transform`` for training."""
         config = self.resolved_data_config()
         mode = "L" if config["input_size"][0] == 1 else "RGB"
         if training and self.train_transform is not None:
@@ -259,6 +261,7 @@ class ImageDataModule(L.LightningDataModule):
         return data.with_transform(apply)
 
     def describe_source(self) -> str:
+        """How error messages name the data source."""
         return type(self).__name__
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
