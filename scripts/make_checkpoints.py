@@ -15,7 +15,7 @@ this script are passed to every train.py stage (e.g. ``--trainer.max_time 00:00:
 
     .venv/bin/python scripts/make_checkpoints.py                      # all four, in dependency order
     .venv/bin/python scripts/make_checkpoints.py supervised           # one
-    .venv/bin/python scripts/make_checkpoints.py supervised --export-only   # re-export after an interrupted run
+    .venv/bin/python scripts/make_checkpoints.py supervised --export_only   # re-export after an interrupted run
     python scripts/make_checkpoints.py supervised distilled --recipe gpu  # on a GPU
 """
 
@@ -240,7 +240,7 @@ def write_card(path: Path, card: dict) -> None:
         "",
         "```bash",
         *card["commands"],
-        card["export_command"] + " --export-only   # export the best validation epoch, measure test top-1",
+        card["export_command"] + " --export_only   # export the best validation epoch, measure test top-1",
         "```",
         "",
         f"Load it with `attnprune.load_model('checkpoints/{card['name']}.safetensors')`.",
@@ -254,8 +254,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--recipe", default="cpu", choices=list(RECIPES))
-    parser.add_argument("--export-only", action="store_true", help="export existing runs without training")
-    parser.add_argument("--wall-time-s", type=float, help="with --export-only: the measured training time to record")
+    parser.add_argument("--export_only", action="store_true", help="export existing runs without training")
+    parser.add_argument("--wall_time_s", type=float, help="with --export_only: the measured training time to record")
     parser.add_argument("--hardware", help="what trained the model (default: this machine)")
     parser.add_argument("--note", default="", help="a remark for the model card")
     args, extra = parser.parse_known_args()

@@ -2,7 +2,7 @@
 
 python train.py fit --config configs/fashion_mnist/supervised.yaml
 python train.py fit --config configs/fashion_mnist/supervised.yaml --ckpt_path runs/.../last.ckpt   # resume
-python train.py fit --config ... --model.routing configs/routing/layerwise_example.yaml             # fine-tune pruned
+python train.py fit --config ... --model.init_args.backbone.routing tome:r=2                        # fine-tune pruned
 
 A bad option, file or routing ends with exit status 2 and one line on stderr (``--debug`` or ``ATTNPRUNE_DEBUG=1``
 for a traceback).

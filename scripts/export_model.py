@@ -1,7 +1,7 @@
 """Export the best validation epoch of a ``train.py`` run as a weights file with a card, for the models that exist
 only to test the search on (``benchmarks/models/``; the shipped models have ``scripts/make_checkpoints.py``).
 
-    .venv/bin/python benchmarks/export_model.py --run runs/fmnist-gen-d6-cls \\
+    .venv/bin/python scripts/export_model.py --run runs/fmnist-gen-d6-cls \\
         --config configs/fashion_mnist/generalization/d6_cls.yaml --out benchmarks/models/fmnist_gen_d6_cls.safetensors
 """
 
@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from make_checkpoints import best_checkpoint, test_top1  # the sibling script: python puts scripts/ on the path
 
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from make_checkpoints import best_checkpoint, test_top1  # noqa: E402
-
-from attnprune import count_flops, load_model, save_model  # noqa: E402
+from attnprune import count_flops, load_model, save_model
 
 
 def main() -> None:
@@ -38,7 +34,7 @@ def main() -> None:
         "architecture": spec["architecture"],
         "model_kwargs": kwargs,
         "command": f"python train.py fit --config {args.config}",
-        "export_command": f"python benchmarks/export_model.py --run {args.run} --config {args.config} --out {args.out}",
+        "export_command": f"python scripts/export_model.py --run {args.run} --config {args.config} --out {args.out}",
         "purpose": "trained only to test the routing search on a model nobody tuned it on "
         "(benchmarks/search_generalization.py); not a shipped model",
         "data": "Fashion-MNIST: 55,000 training images; validation = the shipped models' 5,000 (data seed 0); "
