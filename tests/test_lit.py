@@ -277,7 +277,13 @@ def test_backbone_mapping_in_yaml_trains_and_its_checkpoint_restores_the_module(
             "class_path": "attnprune.lit.data.ImageFolderDataModule",
             "init_args": {"root": str(folder), "batch_size": 8, "val_size": 6, "cache_dir": str(tmp_path / "hf")},
         },
-        "trainer": {"accelerator": "cpu", "logger": False, "max_steps": 2, "enable_progress_bar": False},
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "max_steps": 2,
+            "enable_progress_bar": False,
+            "default_root_dir": str(tmp_path),  # the saved run config goes there, not into the working directory
+        },
         "checkpoint": {"dirpath": str(tmp_path / "checkpoints")},
     }
     path = tmp_path / "distilled.yaml"
