@@ -363,6 +363,12 @@ def test_routing_that_does_not_fit_the_model():
         PrunedClassifier(tiny_backbone(routing={"rules": [{"layer": 9, "score": "std", "keep": 0.5}]}))
 
 
+def test_a_module_reads_routing_presets_as_every_entry_point_does():
+    module = PrunedClassifier(tiny_backbone(routing="evit:keep=0.5"))  # the tiny backbone has 4 blocks
+    assert module.routing == Routing.parse("evit:keep=0.5", 4) == Routing.evit(0.5, (1, 2, 3))
+    assert module.backbone.routing is module.routing
+
+
 def test_checkpoint_of_another_architecture(tmp_path):
     small = PrunedClassifier(tiny_backbone()).model
     path = tmp_path / "weights.pth"

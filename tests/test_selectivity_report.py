@@ -74,9 +74,8 @@ def analysis(folder, tmp_path_factory):
         }
     ).to_yaml(routing)
     data = ImageFolderDataModule(root=str(folder), batch_size=4, val_size=6, cache_dir=str(out / "hf"))
-    meta = analyze(
-        str(path), data, output_dir=str(out / "report"), num_images=5, routings=[str(routing)], token_map_images=2
-    )
+    routings = [str(routing), "tome:r=2"]  # a YAML file and a preset spec, read as evaluate.py reads them
+    meta = analyze(str(path), data, output_dir=str(out / "report"), num_images=5, routings=routings, token_map_images=2)
     return out / "report", meta
 
 
@@ -91,6 +90,8 @@ def test_analyze_writes_tables_and_plots(analysis):
         "reliability.pdf",
         "tokens_mixed.png",
         "tokens_mixed.pdf",
+        "tokens_tome-r2.png",
+        "tokens_tome-r2.pdf",
     }
     saved = json.loads((report / "selectivity.json").read_text())
     assert saved["meta"]["images"] == 5 and saved["meta"]["oracle_sequences"] == 5 * 4 * 16
