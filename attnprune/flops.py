@@ -7,12 +7,11 @@ work; element-wise work outside them (norms, activations, softmax) is not counte
 
 from __future__ import annotations
 
-import math
-
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from attnprune.errors import UserError
+from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, num_patch_tokens, routing_of
@@ -31,11 +30,7 @@ def reducer_flops(plan: LayerPlan, tokens: int, dim: int, head_dim: int) -> int:
     """Multiply-accumulates of a reducer on ``tokens`` tokens (prefix included) of width ``dim``."""
     if plan.n_out == plan.n_in:
         return 0
-    if plan.rule.reduce == "merge":  # cosine matching of set A against set B on the head-averaged keys, then averaging
-        return math.ceil(tokens / 2) * (tokens // 2) * head_dim + 2 * tokens * dim
-    if plan.rule.reduce == "fuse":  # score-weighted average of the dropped tokens
-        return (plan.n_in - plan.n_keep) * dim
-    return 0
+    return REDUCERS[plan.rule.reduce].flops(plan, tokens, dim, head_dim)
 
 
 def count_flops(

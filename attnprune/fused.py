@@ -28,7 +28,8 @@ from torch import Tensor
 
 from attnprune import reduction
 from attnprune.errors import UserError
-from attnprune.reduction import Reducer, bipartite_match, prefix_split
+from attnprune.reduction import bipartite_match, prefix_split
+from attnprune.reduction.registry import ReduceFn
 
 __all__ = [
     "FUSED_REDUCERS",
@@ -81,9 +82,10 @@ def lean_attention(q: Tensor) -> bool:
     return lean(q.device) and not (q.device.type == "cuda" and q.dtype == torch.float32)
 
 
-def reducer_for(name: str, device: torch.device) -> Reducer:
-    """The reducer registered as ``name``: the lean version where :func:`lean` says so, else the reference."""
-    return FUSED_REDUCERS[name] if lean(device) else reduction.REDUCERS[name]
+def reducer_for(name: str, device: torch.device) -> ReduceFn:
+    """The reducer registered as ``name``: the lean version where :func:`lean` says so and one exists, else the
+    reference."""
+    return FUSED_REDUCERS[name] if lean(device) and name in FUSED_REDUCERS else reduction.REDUCERS[name]
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
@@ -142,7 +144,7 @@ def merge(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, metric
     return out[..., :width] / merged_size, merged_size
 
 
-FUSED_REDUCERS: dict[str, Reducer] = {"drop": drop, "fuse": fuse, "merge": merge}
+FUSED_REDUCERS: dict[str, ReduceFn] = {"drop": drop, "fuse": fuse, "merge": merge}
 
 
 def attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float, dropout_p: float = 0.0) -> Tensor:

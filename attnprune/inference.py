@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from attnprune.errors import UserError
+from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
 from attnprune.vit import embed, head, plans_for, pruned_block_forward, routing_of, run_blocks, runs_as_timm
 
@@ -133,7 +134,7 @@ class InferenceModel(nn.Module):
         source: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """:func:`attnprune.vit.block_step` through the compiled block functions."""
-        if plan is not None and size is None and plan.rule.reduce in ("fuse", "merge"):
+        if plan is not None and size is None and REDUCERS[plan.rule.reduce].averages:
             # sizes of one (a zero attention bias) instead of None: the first averaging block then runs the same
             # compiled graph as the later ones
             size = x.new_ones(x.shape[0], x.shape[1], 1)

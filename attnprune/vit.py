@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from attnprune import fused
 from attnprune.errors import UserError, UserTypeError
+from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS, ScoreContext
 
@@ -291,7 +292,7 @@ def _forward(self: VisionTransformer, x: Tensor) -> Tensor:
 
 def attend(
     block: Block, x: Tensor, bias: Tensor | None = None, need_probs: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """The attention half of timm's pre-norm ``Block``: ``x`` plus the attention output (the pruning point).
 
     Args:
@@ -301,8 +302,8 @@ def attend(
         need_probs: materialise the attention probabilities instead of using the fused kernel.
 
     Returns:
-        The tokens after the attention residual, the queries and keys ``[B, H, T, d]`` (after qk-norm) and the
-        attention probabilities ``[B, H, T, T]`` (None unless ``need_probs``).
+        The tokens after the attention residual, the queries, keys and values ``[B, H, T, d]`` (queries and keys
+        after qk-norm) and the attention probabilities ``[B, H, T, T]`` (None unless ``need_probs``).
     """
     attn: Attention = block.attn
     h = block.norm1(x)
@@ -324,7 +325,7 @@ def attend(
     out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     if gate is not None:
         out = out * gate
-    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q, k, probs
+    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q, k, v, probs
 
 
 def feed_forward(block: Block, x: Tensor) -> Tensor:
@@ -349,17 +350,17 @@ def pruned_block_forward(
     tokens = x.shape[1]
     bias = size.log().to(x.dtype).view(len(x), 1, 1, tokens) if size is not None and routing.prop_attn else None
     scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
-    x, q, k, probs = attend(block, x, bias, need_probs=scorer is not None and scorer.needs_attention)
+    x, q, k, v, probs = attend(block, x, bias, need_probs=scorer is not None and scorer.needs_attention)
     n_out = _tokens_out(plan, tokens, num_prefix)
     if n_out is not None:
-        ctx = ScoreContext(q, k, block.attn.scale, num_prefix, bias, probs, layer, routing.seed)
+        ctx = ScoreContext(q, k, block.attn.scale, num_prefix, bias, probs, layer, routing.seed, v=v)
         scores = scorer(x, ctx) if scorer is not None else None
-        metric = ctx.key_metric if plan.rule.reduce == "merge" else None
+        metric = {"keys": ctx.key_metric, "tokens": x, None: None}[REDUCERS[plan.rule.reduce].metric]
         width = x.shape[-1]
         if source is not None:  # every reducer gathers, sums or averages: membership survives the same operations
             x = torch.cat([x, source], dim=-1)
         reducer = fused.reducer_for(plan.rule.reduce, x.device)
-        x, size = reducer(x, size, n_out, num_prefix, scores=scores, metric=metric)
+        x, size = reducer(x, size, n_out, num_prefix, scores=scores, metric=metric, **plan.options())
         if source is not None:
             x, source = x[..., :width], x[..., width:]
     return feed_forward(block, x), size, source
@@ -371,6 +372,6 @@ def _tokens_out(plan: LayerPlan | None, tokens: int, num_prefix: int) -> int | N
     serves every block merging the same ``r`` (all of ToMe's), see :mod:`attnprune.inference`."""
     if plan is None:
         return None
-    if plan.rule.reduce == "merge" and plan.rule.r is not None:
+    if REDUCERS[plan.rule.reduce].max_removed is not None and plan.rule.r is not None:
         return tokens - num_prefix - plan.rule.r if plan.rule.r > 0 else None
     return plan.n_out if plan.n_out != plan.n_in else None

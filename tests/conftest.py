@@ -38,9 +38,9 @@ def random_routing(rng: random.Random, depth: int, class_token: bool = True) -> 
     layers = sorted(rng.sample(range(depth), rng.randint(1, depth)))
     rules = []
     for layer in layers:
-        reduce = rng.choice(sorted(REDUCERS))
+        reduce = rng.choice(sorted(name for name, r in REDUCERS.items() if not r.required))
         rule = {"layer": layer, "reduce": reduce}
-        if reduce != "merge":
+        if REDUCERS[reduce].takes_score:
             rule["score"] = rng.choice(scorers)
         if rng.random() < 0.5:
             rule["keep"] = rng.choice([0.5, 0.6, 0.75, 0.9, 1.0])

@@ -107,19 +107,19 @@ API_CASES = [
         "tome-r-too-large",
         lambda f: prune(tiny_vit(), Routing.tome(100, 4)),
         ValueError,
-        "layer 0: r=100, but with 64 non-prefix tokens reaching it bipartite matching merges at most r=32",
+        "layer 0: r=100, but with 64 non-prefix tokens reaching it 'merge' merges at most r=32",
     ),
     (
         "tome-r-too-large-in-a-late-layer",
         lambda f: count_flops(tiny_vit(), Routing.tome(20, 4)),
         ValueError,
-        "layer 2: r=20, but with 24 non-prefix tokens reaching it bipartite matching merges at most r=12",
+        "layer 2: r=20, but with 24 non-prefix tokens reaching it 'merge' merges at most r=12",
     ),
     (
         "merge-rule-r-1000",
         lambda f: count_flops(tiny_vit(), {"rules": [{"layer": 1, "r": 1000, "reduce": "merge"}]}),
         ValueError,
-        "layer 1: r=1000, but with 64 non-prefix tokens reaching it bipartite matching merges at most r=32",
+        "layer 1: r=1000, but with 64 non-prefix tokens reaching it 'merge' merges at most r=32",
     ),
     (
         "merge-rule-keep-below-half",

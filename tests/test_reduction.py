@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from attnprune.reduction import REDUCERS, drop, fuse, merge
+from attnprune.reduction import REDUCERS, drop, fuse, merge, register_reducer
 
 
 def _tokens(batch=2, tokens=11, dim=6, seed=0):
@@ -89,8 +90,17 @@ def test_fuse_without_sizes_on_wide_tokens():
     assert size.flatten().tolist() == [1.0, 1.0, 2.0]
 
 
-def test_reducers_are_registered_by_name():
-    assert REDUCERS == {"drop": drop, "fuse": fuse, "merge": merge}
+def test_reducers_are_registered_by_name_with_what_rules_need():
+    assert {name: REDUCERS[name].fn for name in ("drop", "fuse", "merge")} == {
+        "drop": drop,
+        "fuse": fuse,
+        "merge": merge,
+    }
+    assert [REDUCERS[n].takes_score for n in ("drop", "fuse", "merge")] == [True, True, False]
+    assert REDUCERS["merge"].metric == "keys" and REDUCERS["merge"].max_removed(9) == 4
+    assert (REDUCERS["fuse"].added, REDUCERS["fuse"].averages, REDUCERS["drop"].averages) == (1, True, False)
+    with pytest.raises(ValueError, match="reducer 'drop' is registered twice"):
+        register_reducer("drop")(drop)
 
 
 def test_fuse_per_image_on_a_batch():

@@ -287,12 +287,12 @@ def test_merge_resolves_r_and_keep_up_to_half_of_the_tokens():
         (
             [{"layer": 0, "r": 5, "reduce": "merge"}, {"layer": 2, "r": 3, "reduce": "merge"}],
             "routing rule 1: field 'r' merges too many tokens at layer 2: r=3, but with 5 non-prefix tokens reaching "
-            "it bipartite matching merges at most r=2",
+            "it 'merge' merges at most r=2",
         ),
         (
             [{"layer": 0, "r": 2, "reduce": "merge"}, {"layer": 2, "keep": 0.25, "reduce": "merge"}],
             "routing rule 1: field 'keep' merges too many tokens at layer 2: keep=0.25 (r=6), but with 8 non-prefix "
-            "tokens reaching it bipartite matching merges at most r=4",
+            "tokens reaching it 'merge' merges at most r=4",
         ),
         (
             [{"layer": 0, "r": 2, "reduce": "merge"}, {"layer": 2, "keep": 9, "reduce": "merge"}],
@@ -332,7 +332,7 @@ BAD_RULES = [
     ),
     (
         {"layer": 1, "score": "std", "keep": 0.5, "reduce": "merge"},
-        "field 'score' must be omitted for reduce 'merge' (ToMe matches on keys), got 'std'",
+        "field 'score' must be omitted for reduce 'merge' (it matches on keys), got 'std'",
     ),
     (
         {"layer": 1, "score": "std", "keep": 0.5, "reduce": "squash"},
@@ -359,7 +359,7 @@ BAD_RULES = [
     ({"layer": 1, "score": "std", "r": True}, "field 'r' must be an integer >= 0, got True"),
     (
         {"layer": 1, "score": "std", "keep": 0.5, "zeta": 1, "kep": 1},
-        "field 'kep' is not a rule field (expected one of layer, score, keep, r, reduce)",
+        "field 'kep' is not a rule field (expected one of layer, score, keep, r, reduce, prune, threshold, margin)",
     ),
 ]
 
@@ -372,7 +372,7 @@ def test_bad_rule_names_position_and_field(rule, message):
 
 
 def test_a_rule_must_be_a_mapping():
-    message = "routing rule 1: expected a mapping with fields ('layer', 'score', 'keep', 'r', 'reduce'), got 'x'"
+    message = "routing rule 1: expected a mapping with fields (layer, score, keep, r, reduce, ...), got 'x'"
     with pytest.raises(ValueError, match=exactly(message)):
         Routing.from_dict({"rules": [{"layer": 0, "score": "std", "keep": 0.5}, "x"]})
 

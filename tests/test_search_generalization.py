@@ -1,7 +1,6 @@
 """benchmarks/search_generalization.py: the margins over the best baseline, of the routing returned and of the one
 found before the held-out check, in test top-1 and test KL, with their paired standard errors, on hand-built rows."""
 
-
 import pytest
 
 

@@ -387,9 +387,9 @@ def test_class_attention_scores_include_the_size_bias():
     with torch.no_grad():
         out, out_size, _ = pruned_block_forward(block, x, size, plan, routing, 1, 0)
         bias = size.log().view(2, 1, 1, 9)
-        y, _, _, probs = attend(block, x, bias, need_probs=True)
+        y, _, _, _, probs = attend(block, x, bias, need_probs=True)
         keep = probs[:, :, 0, 1:].mean(dim=1).topk(4).indices.sort().values
-        unbiased = attend(block, x, need_probs=True)[3][:, :, 0, 1:].mean(dim=1).topk(4).indices.sort().values
+        unbiased = attend(block, x, need_probs=True)[4][:, :, 0, 1:].mean(dim=1).topk(4).indices.sort().values
     assert not torch.equal(keep, unbiased)  # the bias changes which tokens are kept
     rows = torch.cat([torch.zeros(2, 1, dtype=torch.long), keep + 1], dim=1)
     expected = feed_forward(block, y.gather(1, rows[..., None].expand(-1, -1, 48)))
@@ -438,12 +438,12 @@ def test_attend_paths_agree_and_match_timms_block():
 
     block, x, bias = _attention_inputs()
     with torch.no_grad():
-        plain, q, k, probs = attend(block, x)
+        plain, q, k, _, probs = attend(block, x)
         assert probs is None
         torch.testing.assert_close(feed_forward(block, plain), block(x), rtol=0, atol=1e-5)
         for b in (None, bias):
             reference = attend(block, x, b)[0]
-            materialised, _, _, probs = attend(block, x, b, need_probs=True)
+            materialised, _, _, _, probs = attend(block, x, b, need_probs=True)
             logits = q @ k.transpose(-2, -1) * block.attn.scale + (0 if b is None else b)
             torch.testing.assert_close(probs, logits.softmax(dim=-1), rtol=0, atol=1e-6)
             torch.testing.assert_close(materialised, reference, rtol=0, atol=1e-5)

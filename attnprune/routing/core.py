@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from attnprune.errors import UserError, UserTypeError
-from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, keep_count, max_merge
+from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, max_merge, plan_rule
 
 __all__ = ["Routing", "PRESETS", "baseline_layers"]
 
@@ -45,8 +45,9 @@ class Routing:
         ... ]})
         >>> routing.token_counts(depth=4, num_tokens=64)  # tokens entering each block, then leaving the last
         [64, 64, 48, 40, 40]
-        >>> routing.resolve(depth=4, num_tokens=64)[1]
-        LayerPlan(rule=Rule(layer=2, score=None, keep=None, r=8, reduce='merge'), n_in=48, n_keep=40, n_out=40)
+        >>> plan = routing.resolve(depth=4, num_tokens=64)[1]
+        >>> plan.rule, plan.n_in, plan.n_out
+        (Rule(layer=2, r=8, reduce='merge'), 48, 40)
     """
 
     rules: tuple[Rule, ...] = ()
@@ -254,34 +255,7 @@ class Routing:
         for position, rule in enumerate(self.rules):
             if rule.layer >= depth:
                 raise fail(position, "layer", f"is {rule.layer} but the model has {depth} blocks (0..{depth - 1})")
-            if rule.reduce == "merge":
-                # Bipartite matching can merge at most half of the tokens: more is an error, never clipped.
-                field_name = "r" if rule.r is not None else "keep"
-                removed = rule.r if rule.r is not None else n - keep_count(position, rule.keep, n)
-                if removed > max_merge(n):
-                    asked = f"r={rule.r}" if rule.r is not None else f"keep={rule.keep!r} (r={removed})"
-                    raise fail(
-                        position,
-                        field_name,
-                        f"merges too many tokens at layer {rule.layer}: {asked}, but with {n} non-prefix tokens "
-                        f"reaching it bipartite matching merges at most r={max_merge(n)}",
-                    )
-                plans.append(LayerPlan(rule, n, n - removed, n - removed))
-            else:
-                if rule.keep is not None:
-                    n_keep = keep_count(position, rule.keep, n)
-                else:
-                    # fuse adds one token, so it keeps one token less to remove r in all
-                    n_keep = n - rule.r - (rule.reduce == "fuse" and rule.r > 0)
-                    if n_keep < (rule.reduce == "drop"):
-                        raise fail(
-                            position,
-                            "r",
-                            f"removes {rule.r} tokens but only {n} non-prefix tokens reach layer {rule.layer} "
-                            f"(at most r={max(n - 1, 0)})",
-                        )
-                fused = rule.reduce == "fuse" and n_keep < n
-                plans.append(LayerPlan(rule, n, n_keep, n_keep + fused))
+            plans.append(plan_rule(position, rule, n))
             n = plans[-1].n_out
         return plans
 

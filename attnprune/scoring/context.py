@@ -20,6 +20,7 @@ class ScoreContext:
         attention: attention probabilities ``[B, H, T, T]`` when the block materialised them, else None.
         layer: block index.
         seed: routing seed (``random`` scorer).
+        v: values ``[B, H, T, d]`` (scorers weighting attention by value norms).
     """
 
     def __init__(
@@ -32,8 +33,9 @@ class ScoreContext:
         attention: Tensor | None = None,
         layer: int = 0,
         seed: int = 0,
+        v: Tensor | None = None,
     ) -> None:
-        self.q, self.k, self.scale = q, k, scale
+        self.q, self.k, self.v, self.scale = q, k, v, scale
         self.num_prefix, self.bias, self.layer, self.seed = num_prefix, bias, layer, seed
         self._attention = attention
         self._cls_attention: Tensor | None = None

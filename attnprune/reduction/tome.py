@@ -1,59 +1,17 @@
-"""Reducers: remove tokens given their scores (``drop``, ``fuse``) or their similarity (``merge``).
-
-Every reducer is a pure function ``(x, size, n_out, num_prefix, scores=..., metric=...) -> (x, size)`` on
-``x: [B, T, C]`` with ``num_prefix`` prefix tokens at the front, which are never removed and stay at the front.
-``size`` (``[B, T, 1]`` or None for all ones) counts how many input patches each token stands for; reducers that
-average tokens update it, so proportional attention and average pooling stay correct.
-"""
+"""ToMe's bipartite soft matching (Bolya et al., 2023): ``merge`` sums the most similar tokens into their partners,
+weighted by size, matching on the attention keys averaged over heads."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["REDUCERS", "drop", "fuse", "merge", "prefix_split", "bipartite_match", "bipartite_merge_plan"]
+from attnprune.reduction.registry import gather_tokens, register_reducer
 
-Reducer = Callable[..., tuple[Tensor, Tensor | None]]
-
-
-def _gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    return x.gather(dim=1, index=idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _top_indices(scores: Tensor, k: int) -> Tensor:
-    """Indices of the ``k`` highest scores, in token order (keeps the spatial order for the next blocks)."""
-    return scores.topk(k, dim=1).indices.sort(dim=1).values
-
-
-def drop(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, scores: Tensor, **_: object):
-    """Keep the ``n_out`` highest-scoring non-prefix tokens and discard the rest."""
-    keep = _top_indices(scores, n_out)
-    prefix = x[:, :num_prefix]
-    x = torch.cat([prefix, _gather_tokens(x[:, num_prefix:], keep)], dim=1)
-    if size is not None:
-        size = torch.cat([size[:, :num_prefix], _gather_tokens(size[:, num_prefix:], keep)], dim=1)
-    return x, size
-
-
-def fuse(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, scores: Tensor, **_: object):
-    """EViT: keep the ``n_out - 1`` highest-scoring tokens and average the others, weighted by score and size,
-    into one fused token appended at the end."""
-    n_keep = n_out - 1
-    tokens = x[:, num_prefix:]
-    if size is None:
-        size = torch.ones_like(x[..., :1])
-    order = scores.argsort(dim=1, descending=True)
-    keep, rest = order[:, :n_keep].sort(dim=1).values, order[:, n_keep:]
-    weights = scores.gather(1, rest)[..., None] * _gather_tokens(size[:, num_prefix:], rest)
-    fused = (_gather_tokens(tokens, rest) * weights).sum(dim=1, keepdim=True) / weights.sum(
-        dim=1, keepdim=True
-    ).clamp_min(torch.finfo(x.dtype).tiny)
-    x = torch.cat([x[:, :num_prefix], _gather_tokens(tokens, keep), fused], dim=1)
-    rest_size = _gather_tokens(size[:, num_prefix:], rest).sum(dim=1, keepdim=True)
-    size = torch.cat([size[:, :num_prefix], _gather_tokens(size[:, num_prefix:], keep), rest_size], dim=1)
-    return x, size
+__all__ = ["bipartite_match", "bipartite_merge_plan", "merge", "prefix_split"]
 
 
 def prefix_split(num_prefix: int) -> tuple[int, int]:
@@ -107,9 +65,9 @@ def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[T
 
     def merge_sum(x: Tensor) -> Tensor:
         set_a, set_b = x[:, ::2], x[:, 1::2]
-        kept_a = _gather_tokens(set_a, unmerged)
+        kept_a = gather_tokens(set_a, unmerged)
         index = destinations[..., None].expand(-1, -1, x.shape[-1])
-        set_b = set_b.scatter_reduce(1, index, _gather_tokens(set_a, sources), reduce="sum")
+        set_b = set_b.scatter_reduce(1, index, gather_tokens(set_a, sources), reduce="sum")
         prefix = [
             kept_a[:, i // 2 : i // 2 + 1] if i % 2 == 0 else set_b[:, i // 2 : i // 2 + 1] for i in range(num_prefix)
         ]
@@ -118,6 +76,12 @@ def bipartite_merge_plan(metric: Tensor, r: int, num_prefix: int) -> Callable[[T
     return merge_sum
 
 
+def _merge_flops(plan: object, tokens: int, dim: int, head_dim: int) -> int:
+    """Cosine matching of set A against set B on the head-averaged keys, then the weighted averaging."""
+    return math.ceil(tokens / 2) * (tokens // 2) * head_dim + 2 * tokens * dim
+
+
+@register_reducer("merge", metric="keys", max_removed=lambda n: n // 2, averages=True, flops=_merge_flops)
 def merge(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, metric: Tensor, **_: object):
     """ToMe: merge the ``T - num_prefix - n_out`` most redundant tokens by size-weighted averaging."""
     r = x.shape[1] - num_prefix - n_out
@@ -127,6 +91,3 @@ def merge(x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, *, metric
     x = merge_sum(x * size)
     size = merge_sum(size)
     return x / size, size
-
-
-REDUCERS: dict[str, Reducer] = {"drop": drop, "fuse": fuse, "merge": merge}
