@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from attnprune import LayerPlan, Routing, Rule, prune
+from attnprune.reduction import REDUCERS
 from attnprune.routing import max_merge
 from tests.conftest import tiny_vit
 
@@ -336,7 +337,7 @@ BAD_RULES = [
     ),
     (
         {"layer": 1, "score": "std", "keep": 0.5, "reduce": "squash"},
-        "field 'reduce' names unknown reducer 'squash' (known: drop, fuse, merge)",
+        f"field 'reduce' names unknown reducer 'squash' (known: {', '.join(sorted(REDUCERS))})",
     ),
     ({"layer": 1, "score": "std", "keep": 1.5}, "field 'keep' as a fraction must be in (0, 1], got 1.5"),
     ({"layer": 1, "score": "std", "keep": 0.0}, "field 'keep' as a fraction must be in (0, 1], got 0.0"),

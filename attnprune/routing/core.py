@@ -12,7 +12,6 @@ point names a routing the same way (:meth:`Routing.parse`): ``unpruned``, a pres
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,16 @@ from typing import Any
 import yaml
 
 from attnprune.errors import UserError, UserTypeError
-from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, max_merge, plan_rule
+from attnprune.routing.presets import RoutingPresets, baseline_layers
+from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, plan_rule
 
-__all__ = ["Routing", "PRESETS", "baseline_layers"]
+__all__ = ["Routing", "PRESETS"]
 
 _ROUTING_FIELDS = ("name", "rules", "prop_attn", "seed")
 
 
 @dataclass(frozen=True)
-class Routing:
+class Routing(RoutingPresets):
     """An ordered, validated list of per-layer rules.
 
     Args:
@@ -128,70 +128,6 @@ class Routing:
             Path(path).write_text(text)
         return text
 
-    # -------------------------------------------------------------------------------------------- presets
-    @classmethod
-    def tome(cls, r: int | Sequence[int], depth: int, prop_attn: bool = True, num_tokens: int | None = None) -> Routing:
-        """ToMe: bipartite soft matching removing ``r`` tokens in every block (or ``r[i]`` in block i).
-
-        Args:
-            r: tokens merged per block, or one value per block.
-            depth: the model's number of blocks.
-            prop_attn: proportional attention.
-            num_tokens: the model's non-prefix tokens; when given, each block's r is capped at what bipartite
-                matching can merge there (:func:`max_merge`), as the official ToMe caps it, and the rules say the
-                capped values. Without it an r too large for the tokens left fails when the routing is applied.
-        """
-        schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
-        bad = [ri for ri in schedule if not is_int(ri) or ri < 0]
-        if bad:
-            raise UserError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
-        if len(schedule) != depth:
-            raise UserError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
-        if num_tokens is not None:
-            if not is_int(num_tokens) or num_tokens < 1:
-                raise UserError(f"ToMe's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
-            capped, n = [], num_tokens
-            for ri in schedule:
-                capped.append(min(ri, max_merge(n)))
-                n -= capped[-1]
-            schedule = capped
-        rules = tuple(Rule(layer=i, r=ri, reduce="merge") for i, ri in enumerate(schedule) if ri > 0)
-        return cls(rules, name=f"tome-r{r}" if is_int(r) else "tome", prop_attn=prop_attn)
-
-    @classmethod
-    def evit(cls, keep: float = 0.7, layers: Sequence[int] = (3, 6, 9)) -> Routing:
-        """EViT: keep the tokens the CLS token attends to most, fuse the rest into one token (no prop. attention)."""
-        rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="fuse") for i in layers)
-        return cls(rules, name=f"evit-{keep:g}", prop_attn=False)
-
-    @classmethod
-    def topk_attention(cls, keep: float, layers: Sequence[int]) -> Routing:
-        """Uniform attention top-k: keep the tokens the CLS token attends to most, drop the rest."""
-        rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="drop") for i in layers)
-        return cls(rules, name=f"topk-attention-{keep:g}")
-
-    @classmethod
-    def random(cls, keep: float, layers: Sequence[int], seed: int = 0) -> Routing:
-        """Control: keep a seeded random subset of tokens at each layer."""
-        rules = tuple(Rule(layer=i, score="random", keep=keep, reduce="drop") for i in layers)
-        return cls(rules, name=f"random-{keep:g}", seed=seed)
-
-    @classmethod
-    def layerwise(cls, keep: float, layers: Sequence[int], first_keep: float | None = None) -> Routing:
-        """The per-layer choice attnprune is built on, by hand: embedding statistics (``l2_norm``, ``drop``) at the
-        first of ``layers``, where attention is still diffuse, and class-token attention with fusion at the others.
-
-        Args:
-            keep: keep fraction of the attention layers.
-            layers: the pruning blocks, the first one scored by ``l2_norm``.
-            first_keep: keep fraction of the first layer (default ``keep + 0.1``, at most 1).
-        """
-        first, *deeper = layers
-        first_keep = min(1.0, round(keep + 0.1, 3)) if first_keep is None else first_keep
-        rules = [Rule(layer=first, score="l2_norm", keep=first_keep, reduce="drop")]
-        rules += [Rule(layer=layer, score="cls_attention", keep=keep, reduce="fuse") for layer in deeper]
-        return cls(tuple(rules), name=f"layerwise-{keep:g}")
-
     # ------------------------------------------------------------------------------------------- parsing
     @classmethod
     def parse(cls, spec: Routing | dict | str | Path | None, depth: int | None = None) -> Routing:
@@ -274,19 +210,22 @@ PRESETS = {
     "topk_attention": "topk_attention:keep=<fraction>[,layers=3-6-9]",
     "random": "random:keep=<fraction>[,layers=3-6-9][,seed=0]",
     "layerwise": "layerwise:keep=<fraction>[,layers=3-6-9]",
+    "ppt": "ppt:r=<tokens removed per layer>,threshold=<variance>[,layers=3-6-9]",
+    "pitome": "pitome:ratio=<fraction kept per block>",
+    "diffrate": "diffrate:file=<compression_rate.json>,model=<key>,gflops=<budget>",
 }
 """The routing presets by name, each with its spec syntax (see :meth:`Routing.parse`); ``unpruned`` takes none."""
 
-
-def baseline_layers(depth: int) -> tuple[int, ...]:
-    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks (fewer on shallow models,
-    never beyond the last block).
-
-    Example:
-        >>> baseline_layers(12), baseline_layers(4)
-        ((3, 6, 9), (1, 2, 3))
-    """
-    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
+_ARGUMENTS = {  # preset -> (required, optional) arguments
+    "tome": ({"r"}, set()),
+    "evit": ({"keep"}, {"layers"}),
+    "topk_attention": ({"keep"}, {"layers"}),
+    "random": ({"keep"}, {"layers", "seed"}),
+    "layerwise": ({"keep"}, {"layers"}),
+    "ppt": ({"r", "threshold"}, {"layers"}),
+    "pitome": ({"ratio"}, set()),
+    "diffrate": ({"file", "model", "gflops"}, set()),
+}
 
 
 def _preset(spec: str, name: str, arguments: str, depth: int | None) -> Routing:
@@ -299,28 +238,39 @@ def _preset(spec: str, name: str, arguments: str, depth: int | None) -> Routing:
         if key.strip() in args:
             raise UserError(f"routing preset {spec!r}: argument {key.strip()!r} is given twice ({PRESETS[name]})")
         args[key.strip()] = value.strip()
-    allowed = {"tome": {"r"}, "random": {"keep", "layers", "seed"}}.get(name, {"keep", "layers"})
-    unknown = sorted(set(args) - allowed)
+    required, optional = _ARGUMENTS[name]
+    unknown = sorted(set(args) - required - optional)
     if unknown:
         raise UserError(f"routing preset {spec!r}: unknown argument {unknown[0]!r} ({PRESETS[name]})")
-    required = "r" if name == "tome" else "keep"
-    if required not in args:
-        raise UserError(f"routing preset {spec!r} needs {required}=... ({PRESETS[name]})")
-    if depth is None and (name == "tome" or "layers" not in args):
+    missing = sorted(required - set(args))
+    if missing:
+        raise UserError(f"routing preset {spec!r} needs {missing[0]}=... ({PRESETS[name]})")
+    if depth is None and name != "diffrate" and (name in ("tome", "pitome") or "layers" not in args):
         raise UserError(f"routing preset {spec!r} needs the model's depth (Routing.parse(spec, depth))")
     try:
-        if name == "tome":
-            return Routing.tome(int(args["r"]), depth)
-        keep = float(args["keep"])
-        layers = tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else None
-        seed = int(args.get("seed", 0))
+        return _build(name, args, depth)
     except ValueError as err:
+        if isinstance(err, UserError):
+            raise
         raise UserError(f"routing preset {spec!r}: {err} ({PRESETS[name]})") from err
-    layers = layers if layers is not None else baseline_layers(depth)
+
+
+def _build(name: str, args: dict[str, str], depth: int | None) -> Routing:
+    """The preset's routing from its checked arguments (a ``ValueError`` for a value that does not convert)."""
+    if name == "tome":
+        return Routing.tome(int(args["r"]), depth)
+    if name == "pitome":
+        return Routing.pitome(float(args["ratio"]), depth)
+    if name == "diffrate":
+        return Routing.diffrate_schedule(args["file"], args["model"], float(args["gflops"]))
+    layers = tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else baseline_layers(depth)
+    if name == "ppt":
+        return Routing.ppt(int(args["r"]), layers, float(args["threshold"]))
+    keep = float(args["keep"])
     if name == "evit":
         return Routing.evit(keep, layers)
     if name == "topk_attention":
         return Routing.topk_attention(keep, layers)
     if name == "layerwise":
         return Routing.layerwise(keep, layers)
-    return Routing.random(keep, layers, seed=seed)
+    return Routing.random(keep, layers, seed=int(args.get("seed", 0)))

@@ -1,0 +1,221 @@
+"""The presets of :class:`~attnprune.routing.Routing`: the baselines and peers as routings of the same contract.
+
+- ToMe (Bolya et al., 2023): ``merge`` with ``r`` in every block;
+- EViT (Liang et al., 2022): ``cls_attention`` + ``fuse`` at three blocks; uniform attention top-k: ``drop``;
+- the layer-wise routing by hand (statistics first, attention deeper) and the random control;
+- PPT (Wu et al., 2023): per image, prune by class-token attention times value norm where the scores are spread
+  out, merge as ToMe where they are flat (``adaptive``);
+- DiffRate (Chen et al., ICCV 2023): per block, prune by class-token attention, then merge each further token into
+  its most similar kept one (``absorb``), with the kept counts of its published schedules;
+- PiToMe (Tran et al., NeurIPS 2024): merge by an energy score that protects isolated tokens (``energy_merge``,
+  ``energy_bipartite``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from attnprune.errors import UserError
+from attnprune.routing.rules import Rule, is_int, max_merge
+
+__all__ = ["RoutingPresets", "baseline_layers"]
+
+R = TypeVar("R", bound="RoutingPresets")
+
+
+class RoutingPresets:
+    """The preset constructors, inherited by :class:`~attnprune.routing.Routing` (``cls`` is the routing class)."""
+
+    @classmethod
+    def tome(
+        cls: type[R], r: int | Sequence[int], depth: int, prop_attn: bool = True, num_tokens: int | None = None
+    ) -> R:
+        """ToMe: bipartite soft matching removing ``r`` tokens in every block (or ``r[i]`` in block i).
+
+        Args:
+            r: tokens merged per block, or one value per block.
+            depth: the model's number of blocks.
+            prop_attn: proportional attention.
+            num_tokens: the model's non-prefix tokens; when given, each block's r is capped at what bipartite
+                matching can merge there (:func:`max_merge`), as the official ToMe caps it, and the rules say the
+                capped values. Without it an r too large for the tokens left fails when the routing is applied.
+        """
+        schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
+        bad = [ri for ri in schedule if not is_int(ri) or ri < 0]
+        if bad:
+            raise UserError(f"ToMe's r must be an integer >= 0 (tokens merged per block), got r={bad[0]!r}")
+        if len(schedule) != depth:
+            raise UserError(f"ToMe schedule has {len(schedule)} values of r for a model of depth {depth}")
+        if num_tokens is not None:
+            if not is_int(num_tokens) or num_tokens < 1:
+                raise UserError(f"ToMe's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
+            capped, n = [], num_tokens
+            for ri in schedule:
+                capped.append(min(ri, max_merge(n)))
+                n -= capped[-1]
+            schedule = capped
+        rules = tuple(Rule(layer=i, r=ri, reduce="merge") for i, ri in enumerate(schedule) if ri > 0)
+        return cls(rules, name=f"tome-r{r}" if is_int(r) else "tome", prop_attn=prop_attn)
+
+    @classmethod
+    def evit(cls: type[R], keep: float = 0.7, layers: Sequence[int] = (3, 6, 9)) -> R:
+        """EViT: keep the tokens the CLS token attends to most, fuse the rest into one token (no prop. attention)."""
+        rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="fuse") for i in layers)
+        return cls(rules, name=f"evit-{keep:g}", prop_attn=False)
+
+    @classmethod
+    def topk_attention(cls: type[R], keep: float, layers: Sequence[int]) -> R:
+        """Uniform attention top-k: keep the tokens the CLS token attends to most, drop the rest."""
+        rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="drop") for i in layers)
+        return cls(rules, name=f"topk-attention-{keep:g}")
+
+    @classmethod
+    def random(cls: type[R], keep: float, layers: Sequence[int], seed: int = 0) -> R:
+        """Control: keep a seeded random subset of tokens at each layer."""
+        rules = tuple(Rule(layer=i, score="random", keep=keep, reduce="drop") for i in layers)
+        return cls(rules, name=f"random-{keep:g}", seed=seed)
+
+    @classmethod
+    def layerwise(cls: type[R], keep: float, layers: Sequence[int], first_keep: float | None = None) -> R:
+        """The per-layer choice attnprune is built on, by hand: embedding statistics (``l2_norm``, ``drop``) at the
+        first of ``layers``, where attention is still diffuse, and class-token attention with fusion at the others.
+
+        Args:
+            keep: keep fraction of the attention layers.
+            layers: the pruning blocks, the first one scored by ``l2_norm``.
+            first_keep: keep fraction of the first layer (default ``keep + 0.1``, at most 1).
+        """
+        first, *deeper = layers
+        first_keep = min(1.0, round(keep + 0.1, 3)) if first_keep is None else first_keep
+        rules = [Rule(layer=first, score="l2_norm", keep=first_keep, reduce="drop")]
+        rules += [Rule(layer=layer, score="cls_attention", keep=keep, reduce="fuse") for layer in deeper]
+        return cls(tuple(rules), name=f"layerwise-{keep:g}")
+
+    @classmethod
+    def ppt(cls: type[R], r: int, layers: Sequence[int], threshold: float) -> R:
+        """PPT: at each of ``layers``, remove ``r`` tokens per image by pruning where the variance of its scores is
+        high and by ToMe's merging where it is low.
+
+        The scores are PPT's (``cls_value``): the class token's attention summed over heads times each token's
+        value norm, normalised to sum to one over the patch tokens; an image whose scores have an unbiased variance
+        of at least ``threshold`` keeps its ``n - r`` highest-scoring tokens, the others merge ``r`` tokens by
+        bipartite soft matching on the keys. Proportional attention is on, as in PPT's off-the-shelf evaluation.
+
+        Args:
+            r: tokens removed at each of ``layers`` (PPT's ``--r_tokens``).
+            layers: the 0-based blocks that reduce (PPT's ``--pp_loc_list``), for example ``(3, 6, 9)``.
+            threshold: the variance from which an image is pruned (PPT's ``--threshold``, 7e-5 for DeiT-S).
+        """
+        rules = tuple(
+            Rule(layer=layer, score="cls_value", r=r, reduce="adaptive", threshold=threshold) for layer in layers
+        )
+        return cls(rules, name=f"ppt-r{r}", prop_attn=True)
+
+    @classmethod
+    def diffrate(cls: type[R], prune_kept: Sequence[int], merge_kept: Sequence[int]) -> R:
+        """DiffRate: in block ``l``, prune to ``prune_kept[l]`` tokens by class-token attention, then merge down to
+        ``merge_kept[l]``, each further token into its most similar kept token (``absorb``).
+
+        The counts are those of DiffRate's ``compression_rate.json`` (``prune_kept_num``, ``merge_kept_num``):
+        one per block, each *including the class token*, the first the model's tokens (DiffRate never reduces
+        block 0). As in its code, a count above the tokens left keeps them all (a later count that rises reduces
+        nothing), and proportional attention is on.
+
+        Raises:
+            UserError: lists of different lengths or empty, or a count that is not an integer >= 1.
+        """
+        prune_kept, merge_kept = list(prune_kept), list(merge_kept)
+        if not prune_kept or len(prune_kept) != len(merge_kept):
+            raise UserError(
+                f"DiffRate's kept counts need one value per block in both lists, got {len(prune_kept)} prune and "
+                f"{len(merge_kept)} merge counts"
+            )
+        for name, counts in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
+            bad = [c for c in counts if not is_int(c) or c < 1]
+            if bad:
+                raise UserError(f"DiffRate's {name} counts include the class token: integers >= 1, got {bad[0]!r}")
+        rules, tokens = [], prune_kept[0] - 1  # patch tokens: the class token is not a rule's to count
+        for layer, (p, m) in enumerate(zip(prune_kept, merge_kept, strict=True)):
+            pruned, merged = min(tokens, p - 1), m - 1
+            if merged < pruned:
+                prune = pruned if pruned < tokens else None
+                rules.append(Rule(layer=layer, score="cls_attention", keep=merged, prune=prune, reduce="absorb"))
+                tokens = merged
+            elif pruned < tokens:
+                rules.append(Rule(layer=layer, score="cls_attention", keep=pruned, reduce="drop"))
+                tokens = pruned
+        return cls(tuple(rules), name="diffrate", prop_attn=True)
+
+    @classmethod
+    def diffrate_schedule(cls: type[R], path: str | Path, model_key: str, gflops: float | str) -> R:
+        """:meth:`diffrate` with a schedule of DiffRate's ``compression_rate.json``.
+
+        Args:
+            path: the JSON file (``{model_key: {gflops: {"prune_kept_num": "[...]", "merge_kept_num": "[...]"}}}``).
+            model_key: its model, for example ``ViT-S-DeiT`` or ``ViT-B-MAE``.
+            gflops: the schedule's FLOPs budget as the file writes it, for example ``2.9``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            UserError: the model or the budget is not in the file (the message lists those that are).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"DiffRate schedule file {path} does not exist")
+        try:
+            schedules = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not JSON: {err}") from err
+        if model_key not in schedules:
+            raise UserError(f"{path} has no model {model_key!r} (it has: {', '.join(schedules)})")
+        budgets = {float(key): value for key, value in schedules[model_key].items()}
+        if float(gflops) not in budgets:
+            known = ", ".join(f"{b:g}" for b in sorted(budgets))
+            raise UserError(f"{path} has no {model_key} schedule at {gflops} GFLOPs (it has: {known})")
+        entry = budgets[float(gflops)]
+        routing = cls.diffrate(json.loads(entry["prune_kept_num"]), json.loads(entry["merge_kept_num"]))
+        return cls(routing.rules, name=f"diffrate-{model_key}-{float(gflops):g}", prop_attn=True)
+
+    @classmethod
+    def pitome(cls: type[R], ratio: float, depth: int) -> R:
+        """PiToMe: every block keeps ``ratio`` of the tokens reaching it, merging the high-energy ones.
+
+        As PiToMe's code does: the energy margin falls from 0.75 in block 0 to ``0.75 / depth`` in the last; the
+        first ``ceil(depth / 2)`` blocks match by bipartite soft matching over all tokens in energy order
+        (``energy_bipartite``), the others merge only the ``2 r`` highest-energy tokens and protect the rest
+        (``energy_merge``); merging averages by size, and attention is not proportional.
+
+        Args:
+            ratio: PiToMe's ``model.ratio``, in (0, 1]: the fraction of the patch tokens each block keeps.
+            depth: the model's number of blocks.
+        """
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise UserError(f"PiToMe's ratio must be a fraction in (0, 1] (tokens kept per block), got {ratio!r}")
+        if ratio == 1:
+            return cls((), name="pitome-1", prop_attn=False)
+        bipartite = math.ceil(depth * 0.5)
+        rules = tuple(
+            Rule(
+                layer=layer,
+                keep=float(ratio),
+                reduce="energy_bipartite" if layer < bipartite else "energy_merge",
+                margin=0.75 - 0.75 * (layer / depth),
+            )
+            for layer in range(depth)
+        )
+        return cls(rules, name=f"pitome-{ratio:g}", prop_attn=False)
+
+
+def baseline_layers(depth: int) -> tuple[int, ...]:
+    """EViT's three pruning layers (3, 6 and 9 of 12 blocks) scaled to ``depth`` blocks (fewer on shallow models,
+    never beyond the last block).
+
+    Example:
+        >>> baseline_layers(12), baseline_layers(4)
+        ((3, 6, 9), (1, 2, 3))
+    """
+    return tuple(sorted({min(depth - 1, max(1, round(depth * f))) for f in (0.25, 0.5, 0.75)}))
