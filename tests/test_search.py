@@ -738,7 +738,7 @@ def test_top1_objective_check_returns_the_baseline_that_labels_favour(model):
         unprune(model)
     result = search_routing(model, data, budget, space=SMALL, objective="top1", holdout=0.5, progress=False)
     check = result.report["check"]
-    assert check["holdout"]["tome"]["top1"] == 1.0 > check["holdout"]["searched"]["top1"]
+    assert check["holdout"]["tome"]["top1"] == 1.0 >= check["holdout"]["searched"]["top1"]  # no better than ToMe
     assert check["returned"] == "tome" and result.routing == tome and result.report["val_top1"] == 1.0
     assert result.report["val_loss"] == 0.0  # ToMe's top-1 error on the searched images, the objective here
 

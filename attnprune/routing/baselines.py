@@ -47,22 +47,19 @@ def match_flops(
 
 
 def matched_baselines(model: VisionTransformer, target: float, within: bool = False) -> dict[str, Routing]:
-    """ToMe, EViT, uniform attention top-k and random, each tuned to ``target`` FLOPs (absolute).
+    """ToMe, EViT, uniform attention top-k, PiToMe and random, each tuned to ``target`` FLOPs (absolute).
 
-    ToMe's r may differ by one between blocks (``[r + 1] * m + [r] * (depth - m)``) and the keep fractions move in
-    steps of 0.005, so the match is usually within 1%. With ``within``, each is the routing with the most FLOPs not
-    above ``target`` instead of the closest, and a method that cannot get under ``target`` is left out. EViT and
-    attention top-k rank tokens by class-token attention, so a model without a class token has neither.
+    ToMe's r may differ by one between blocks, the larger values in the first or in the last blocks
+    (``[r + 1] * m + [r] * (depth - m)`` or the reverse: a token merged late costs less than one merged early, so
+    the match is finer); the keep fractions and PiToMe's ratio move in steps of 0.005, so the match is usually within
+    1%. With ``within``, each is the routing with the most FLOPs not above ``target`` instead of the closest, and a
+    method that cannot get under ``target`` is left out. EViT and attention top-k rank tokens by class-token
+    attention, so a model without a class token has neither.
     """
     depth, layers = len(model.blocks), baseline_layers(len(model.blocks))
     keeps = [k / 1000 for k in range(200, 1001, 5)]
-    tokens = num_patch_tokens(model)  # ToMe's r capped where matching cannot merge that many, as ToMe caps it
     families = {
-        "tome": [
-            Routing.tome([r + 1] * m + [r] * (depth - m), depth, num_tokens=tokens)
-            for r in range(0, 24)
-            for m in range(depth)
-        ],
+        "tome": _tome_schedules(depth, num_patch_tokens(model)),
         "evit": [Routing.evit(k, layers) for k in keeps],
         "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
         "random": [Routing.random(k, layers, seed=0) for k in keeps],
@@ -71,11 +68,24 @@ def matched_baselines(model: VisionTransformer, target: float, within: bool = Fa
         del families["evit"], families["topk_attention"]
     tuned = {}
     for method, routings in families.items():
-        flops = [(count_flops(model, routing), routing) for routing in routings]
+        flops = []
+        for routing in routings:
+            try:
+                flops.append((count_flops(model, routing), routing))
+            except UserError:  # a ratio that merges more than matching can where few tokens are left
+                continue
         if within:
             fitting = [item for item in flops if item[0] <= target]
             if fitting:
                 tuned[method] = max(fitting, key=lambda item: item[0])[1]
-        else:
+        elif flops:
             tuned[method] = min(flops, key=lambda item: abs(item[0] - target))[1]
     return tuned
+
+
+def _tome_schedules(depth: int, tokens: int) -> list[Routing]:
+    """ToMe's schedules with per-block r differing by at most one, r capped where matching cannot merge that many
+    (as ToMe caps it): the larger r in the first ``m`` blocks, then the same in the last ``m``."""
+    first = [[r + 1] * m + [r] * (depth - m) for r in range(0, 24) for m in range(depth)]
+    last = [[r] * (depth - m) + [r + 1] * m for r in range(0, 24) for m in range(1, depth)]
+    return [Routing.tome(schedule, depth, num_tokens=tokens) for schedule in first + last]

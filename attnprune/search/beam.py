@@ -86,7 +86,7 @@ def _screen_layer(
         losses = {rule.score: screen(rule) for rule in probes}
         ranked = sorted((loss, scorer) for scorer, loss in losses.items() if loss is not None)
         shortlist = [scorer for _, scorer in ranked[: space.shortlist]]
-    for rule in space.candidates(layer, class_token, shortlist):
+    for rule in space.candidates(layer, class_token, shortlist, len(context.model.blocks)):
         if rule not in probes:
             screen(rule)
     return screened

@@ -9,6 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from attnprune.errors import UserError
 from attnprune.flops import count_flops
+from attnprune.reduction import REDUCERS
 from attnprune.routing import Routing, Rule, max_merge
 from attnprune.scoring import SCORERS
 from attnprune.vit import num_patch_tokens
@@ -33,10 +34,11 @@ class SearchSpace:
     """Candidate rules of the search.
 
     Attributes:
-        scorers: scorers of ``drop`` and ``fuse`` rules.
-        reducers: reducers tried (``merge`` takes its fraction from ``merge_keeps``: ToMe's r, chosen per layer).
-        keeps: keep fractions of ``drop`` and ``fuse`` rules.
-        merge_keeps: keep fractions of ``merge`` rules (bipartite matching keeps at least half).
+        scorers: scorers of the reducers that rank tokens by a score (``drop``, ``fuse``, ``absorb``).
+        reducers: reducers tried; those that match tokens instead of scoring them (``merge``, ToMe's r chosen per
+            layer, and PiToMe's ``energy_merge``) take their fractions from ``merge_keeps``.
+        keeps: keep fractions of the scoring reducers' rules.
+        merge_keeps: keep fractions of the matching reducers' rules (bipartite matching keeps at least half).
         layers: blocks that may prune (default: all but the last).
         attention: the attention scorer of the ``transition`` strategies.
         shortlist: at each layer the beam first tries every scorer once (``drop`` at the median keep) and expands
@@ -71,15 +73,19 @@ class SearchSpace:
         reduce = "drop" if "drop" in self.reducers else "fuse"
         return [Rule(layer, score=s, keep=keep, reduce=reduce) for s in self.usable_scorers(class_token)]
 
-    def candidates(self, layer: int, class_token: bool, scorers: list[str] | None = None) -> list[Rule | None]:
-        """Rules to try at ``layer`` (None is "no rule"), with ``drop``/``fuse`` limited to ``scorers`` if given."""
+    def candidates(
+        self, layer: int, class_token: bool, scorers: list[str] | None = None, depth: int | None = None
+    ) -> list[Rule | None]:
+        """Rules to try at ``layer`` of a ``depth``-block model (None is "no rule"), the scoring reducers limited to
+        ``scorers`` if given."""
         rules: list[Rule | None] = [None]
         scorers = self.usable_scorers(class_token) if scorers is None else scorers
         for reduce in self.reducers:
-            if reduce == "merge":
-                rules += [Rule(layer, keep=k, reduce="merge") for k in self.merge_keeps]
+            options = _default_options(reduce, layer, depth)
+            if REDUCERS[reduce].takes_score:
+                rules += [Rule(layer, score=s, keep=k, reduce=reduce, **options) for s in scorers for k in self.keeps]
             else:
-                rules += [Rule(layer, score=s, keep=k, reduce=reduce) for s in scorers for k in self.keeps]
+                rules += [Rule(layer, keep=k, reduce=reduce, **options) for k in self.merge_keeps]
         return rules
 
 
@@ -147,8 +153,20 @@ def milder(rule: Rule, space: SearchSpace) -> Rule | None:
     """The next milder version of ``rule`` (fewer tokens removed); None: no rule at that layer."""
     if rule.r is not None:
         return replace(rule, r=rule.r - 1) if rule.r > 1 else None
-    keeps = [k for k in (space.merge_keeps if rule.reduce == "merge" else space.keeps) if k > rule.keep]
+    keeps = [k for k in (space.keeps if REDUCERS[rule.reduce].takes_score else space.merge_keeps) if k > rule.keep]
     return replace(rule, keep=min(keeps)) if keeps else None
+
+
+def _default_options(reduce: str, layer: int, depth: int | None) -> dict[str, float]:
+    """The options a reducer requires, as its method sets them: PiToMe's energy margin falls with depth."""
+    if "margin" in REDUCERS[reduce].required:
+        if depth is None:
+            raise UserError(f"search candidates of reduce {reduce!r} need the model's depth (its margin follows it)")
+        return {"margin": 0.75 - 0.75 * (layer / depth)}
+    missing = sorted(REDUCERS[reduce].required)
+    if missing:
+        raise UserError(f"the search space cannot try reduce {reduce!r}: it needs {missing[0]}, which has no default")
+    return {}
 
 
 def transition_routing(layers: list[int], t: int, scorer: str, attention: str, reduce: str, keep: float) -> Routing:

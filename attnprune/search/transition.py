@@ -9,6 +9,7 @@ from functools import partial
 
 from tqdm.auto import tqdm
 
+from attnprune.reduction import REDUCERS
 from attnprune.search.space import InfeasibleBudget, transition_routing, tune_keep
 from attnprune.search.state import SearchState
 from attnprune.search.strategy import SearchContext
@@ -22,7 +23,7 @@ def transition(context: SearchContext, state: SearchState) -> None:
     depth = len(model.blocks)
     layers = space.pruning_layers(depth)
     low = space.non_attention_scorers()
-    reducers = [r for r in space.reducers if r != "merge"] or ["drop"]
+    reducers = [r for r in space.reducers if REDUCERS[r].takes_score] or ["drop"]
     grid = [(t, s, r) for r in reducers for s in low for t in range(0, depth + 1) if not (t == 0 and s != low[0])]
     bar = tqdm(total=len(grid), initial=state.step, desc="routing search (transition)", disable=not context.progress)
     for step in range(state.step, len(grid)):
