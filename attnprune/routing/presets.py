@@ -184,17 +184,37 @@ class RoutingPresets:
     def pitome(cls: type[R], ratio: float, depth: int) -> R:
         """PiToMe: every block keeps ``ratio`` of the tokens reaching it, merging the high-energy ones.
 
-        As PiToMe's code does: the energy margin falls from 0.75 in block 0 to ``0.75 / depth`` in the last; the
-        first ``ceil(depth / 2)`` blocks match by bipartite soft matching over all tokens in energy order
+        As PiToMe's code does (see :mod:`attnprune.reduction.pitome`, which follows the code where the paper differs):
+        the energy margin falls from 0.75 in block 0 as ``0.75 - 0.75 * layer / depth``; the first
+        ``ceil(depth / 2)`` blocks match by bipartite soft matching over all tokens in energy order
         (``energy_bipartite``), the others merge only the ``2 r`` highest-energy tokens and protect the rest
         (``energy_merge``); merging averages by size, and attention is not proportional.
+
+        Token counts: each rule keeps ``ratio`` of the ``n`` patch tokens reaching its block, ``ceil(ratio * n)``
+        (with the rules' 1e-9 tolerance for float noise), where PiToMe's code removes ``floor(n - n * ratio)``. The
+        two agree except where ``n * ratio`` is an integer in exact arithmetic but its float product lands just
+        above it: at 25 tokens and ratio 0.56 (25 * 0.56 = 14.000000000000002) the rule keeps 14, the code 15.
+        Below ratio 0.5 a block removes more tokens than matching can (half of them; ``energy_bipartite`` one more
+        of an odd count), where the official code fails: the routing is refused when it is resolved, never clipped.
 
         Args:
             ratio: PiToMe's ``model.ratio``, in (0, 1]: the fraction of the patch tokens each block keeps.
             depth: the model's number of blocks.
+
+        Raises:
+            UserError: ``ratio`` is not a number in (0, 1], or ``depth`` not an integer >= 1.
+
+        Example:
+            >>> from attnprune import Routing
+            >>> [(rule.reduce, rule.margin) for rule in Routing.pitome(0.9, 3).rules]
+            [('energy_bipartite', 0.75), ('energy_bipartite', 0.5), ('energy_merge', 0.25)]
+            >>> Routing.pitome(0.9, 3).token_counts(depth=3, num_tokens=64)
+            [64, 58, 53, 48]
         """
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
             raise UserError(f"PiToMe's ratio must be a fraction in (0, 1] (tokens kept per block), got {ratio!r}")
+        if not is_int(depth) or depth < 1:
+            raise UserError(f"PiToMe's depth must be the model's number of blocks (an integer >= 1), got {depth!r}")
         if ratio == 1:
             return cls((), name="pitome-1", prop_attn=False)
         bipartite = math.ceil(depth * 0.5)
