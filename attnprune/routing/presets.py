@@ -120,34 +120,56 @@ class RoutingPresets:
         """DiffRate: in block ``l``, prune to ``prune_kept[l]`` tokens by class-token attention, then merge down to
         ``merge_kept[l]``, each further token into its most similar kept token (``absorb``).
 
-        The counts are those of DiffRate's ``compression_rate.json`` (``prune_kept_num``, ``merge_kept_num``):
-        one per block, each *including the class token*, the first the model's tokens (DiffRate never reduces
-        block 0). As in its code, a count above the tokens left keeps them all (a later count that rises reduces
-        nothing), and proportional attention is on.
+        The counts are those of DiffRate's ``compression_rate.json`` (``prune_kept_num``, ``merge_kept_num``): one
+        per block, each *including the class token*, read as DiffRate's code reads them:
+
+        - the first prune count is the tokens the schedule was made for (its published schedules reduce nothing in
+          block 0): block 0's rule keeps that many, which removes nothing on the model the schedule is for, prunes a
+          model with more tokens down to them as the code does, and is refused on a model with fewer;
+        - a count above the tokens left keeps them all, so a count that rises reduces nothing, and a merge count at
+          or above the tokens after pruning merges nothing;
+        - a block that reduces nothing has no rule (block 0 aside) and a rule gives ``prune`` only where pruning
+          removes tokens; proportional attention is on.
+
+        Args:
+            prune_kept: tokens left after pruning in each block, class token included (``prune_kept_num``).
+            merge_kept: tokens left after merging in each block, class token included (``merge_kept_num``).
 
         Raises:
-            UserError: lists of different lengths or empty, or a count that is not an integer >= 1.
+            UserError: lists of different lengths or empty, or a count that is not an integer >= 2 (the class token
+                and at least one patch token).
+
+        Example:
+            >>> from attnprune import Routing
+            >>> for rule in Routing.diffrate([65, 50, 60, 30], [65, 40, 35, 45]).rules:
+            ...     print(rule)
+            Rule(layer=0, score='cls_attention', keep=64, reduce='drop')
+            Rule(layer=1, score='cls_attention', keep=39, reduce='absorb', prune=49)
+            Rule(layer=2, score='cls_attention', keep=34, reduce='absorb')
+            Rule(layer=3, score='cls_attention', keep=29, reduce='drop')
         """
         prune_kept, merge_kept = list(prune_kept), list(merge_kept)
         if not prune_kept or len(prune_kept) != len(merge_kept):
             raise UserError(
-                f"DiffRate's kept counts need one value per block in both lists, got {len(prune_kept)} prune and "
-                f"{len(merge_kept)} merge counts"
+                f"DiffRate's prune_kept and merge_kept need one count per block each, got {len(prune_kept)} and "
+                f"{len(merge_kept)} counts"
             )
         for name, counts in (("prune_kept", prune_kept), ("merge_kept", merge_kept)):
-            bad = [c for c in counts if not is_int(c) or c < 1]
+            bad = [(i, c) for i, c in enumerate(counts) if not is_int(c) or c < 2]
             if bad:
-                raise UserError(f"DiffRate's {name} counts include the class token: integers >= 1, got {bad[0]!r}")
+                raise UserError(
+                    f"DiffRate's {name}[{bad[0][0]}] must be an integer >= 2 (tokens kept, the class token and at "
+                    f"least one patch token), got {bad[0][1]!r}"
+                )
         rules, tokens = [], prune_kept[0] - 1  # patch tokens: the class token is not a rule's to count
         for layer, (p, m) in enumerate(zip(prune_kept, merge_kept, strict=True)):
             pruned, merged = min(tokens, p - 1), m - 1
+            prune = pruned if pruned < tokens or layer == 0 else None  # block 0 says the tokens the schedule is for
             if merged < pruned:
-                prune = pruned if pruned < tokens else None
                 rules.append(Rule(layer=layer, score="cls_attention", keep=merged, prune=prune, reduce="absorb"))
-                tokens = merged
-            elif pruned < tokens:
+            elif prune is not None:
                 rules.append(Rule(layer=layer, score="cls_attention", keep=pruned, reduce="drop"))
-                tokens = pruned
+            tokens = min(pruned, merged)
         return cls(tuple(rules), name="diffrate", prop_attn=True)
 
     @classmethod
@@ -155,30 +177,52 @@ class RoutingPresets:
         """:meth:`diffrate` with a schedule of DiffRate's ``compression_rate.json``.
 
         Args:
-            path: the JSON file (``{model_key: {gflops: {"prune_kept_num": "[...]", "merge_kept_num": "[...]"}}}``).
+            path: the JSON file, ``{model_key: {gflops: {"prune_kept_num": "[...]", "merge_kept_num": "[...]"}}}``
+                (the counts as strings, as DiffRate writes them, or as lists).
             model_key: its model, for example ``ViT-S-DeiT`` or ``ViT-B-MAE``.
-            gflops: the schedule's FLOPs budget as the file writes it, for example ``2.9``.
+            gflops: the schedule's FLOPs budget as the file writes it, for example ``2.9`` (``"2.9"`` and ``2.90``
+                name the same budget).
 
         Raises:
             FileNotFoundError: no such file.
-            UserError: the model or the budget is not in the file (the message lists those that are).
+            UserError: the file is not such JSON, the model or the budget is not in it (the message lists those that
+                are), or the schedule's counts are not a ViT's (DiffRate's CAFormer schedules have no pruning).
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"DiffRate schedule file {path} does not exist")
         try:
             schedules = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{path} is not JSON: {err}") from err
+        if not isinstance(schedules, dict) or not all(isinstance(budgets, dict) for budgets in schedules.values()):
+            raise UserError(f"{path} is not a DiffRate schedule file ({{model: {{gflops: {{prune_kept_num, ...}}}}}})")
         if model_key not in schedules:
             raise UserError(f"{path} has no model {model_key!r} (it has: {', '.join(schedules)})")
-        budgets = {float(key): value for key, value in schedules[model_key].items()}
-        if float(gflops) not in budgets:
+        try:
+            budget = float(gflops)
+            budgets = {float(key): key for key in schedules[model_key]}
+        except (TypeError, ValueError) as err:
+            raise UserError(f"DiffRate's budgets are numbers (GFLOPs): gflops={gflops!r} or a key of {path}") from err
+        if budget not in budgets:
             known = ", ".join(f"{b:g}" for b in sorted(budgets))
             raise UserError(f"{path} has no {model_key} schedule at {gflops} GFLOPs (it has: {known})")
-        entry = budgets[float(gflops)]
-        routing = cls.diffrate(json.loads(entry["prune_kept_num"]), json.loads(entry["merge_kept_num"]))
-        return cls(routing.rules, name=f"diffrate-{model_key}-{float(gflops):g}", prop_attn=True)
+        where, entry = f"{path}: {model_key} at {budgets[budget]} GFLOPs", schedules[model_key][budgets[budget]]
+        counts = {}
+        for field in ("prune_kept_num", "merge_kept_num"):
+            raw = entry.get(field) if isinstance(entry, dict) else None
+            try:
+                counts[field] = json.loads(raw) if isinstance(raw, str) else raw
+            except json.JSONDecodeError:
+                counts[field] = None
+            if not isinstance(counts[field], list):
+                hint = " (a schedule without pruning, as for CAFormer, is not a ViT's)" if raw == "None" else ""
+                raise UserError(f"{where}: {field} must be a list of kept counts per block, got {raw!r}{hint}")
+        try:
+            routing = cls.diffrate(counts["prune_kept_num"], counts["merge_kept_num"])
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from err
+        return cls(routing.rules, name=f"diffrate-{model_key}-{budgets[budget]}", prop_attn=True)
 
     @classmethod
     def pitome(cls: type[R], ratio: float, depth: int) -> R:
