@@ -8,7 +8,7 @@
 The lean CUDA versions of the reducers live in :mod:`attnprune.fused`, behind one dispatch point.
 """
 
-from attnprune.reduction import diffrate, pitome, pruning, tome  # noqa: F401  (they register)
+from attnprune.reduction import diffrate, pitome, ppt, pruning, tome  # noqa: F401  (they register)
 from attnprune.reduction.pruning import drop, fuse
 from attnprune.reduction.registry import REDUCERS, Reducer, gather_tokens, register_reducer
 from attnprune.reduction.tome import bipartite_match, bipartite_merge_plan, merge, prefix_split

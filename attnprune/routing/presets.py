@@ -96,22 +96,51 @@ class RoutingPresets:
         return cls(tuple(rules), name=f"layerwise-{keep:g}")
 
     @classmethod
-    def ppt(cls: type[R], r: int, layers: Sequence[int], threshold: float) -> R:
+    def ppt(cls: type[R], r: int, layers: Sequence[int], threshold: float, num_tokens: int | None = None) -> R:
         """PPT: at each of ``layers``, remove ``r`` tokens per image by pruning where the variance of its scores is
         high and by ToMe's merging where it is low.
 
         The scores are PPT's (``cls_value``): the class token's attention summed over heads times each token's
         value norm, normalised to sum to one over the patch tokens; an image whose scores have an unbiased variance
         of at least ``threshold`` keeps its ``n - r`` highest-scoring tokens, the others merge ``r`` tokens by
-        bipartite soft matching on the keys. Proportional attention is on, as in PPT's off-the-shelf evaluation.
+        bipartite soft matching on the keys (``adaptive``). Proportional attention is on, as in PPT's off-the-shelf
+        evaluation.
 
         Args:
             r: tokens removed at each of ``layers`` (PPT's ``--r_tokens``).
             layers: the 0-based blocks that reduce (PPT's ``--pp_loc_list``), for example ``(3, 6, 9)``.
             threshold: the variance from which an image is pruned (PPT's ``--threshold``, 7e-5 for DeiT-S).
+            num_tokens: the model's non-prefix tokens; when given, each layer's r is capped at half the tokens
+                left there, as PPT's code caps it (DeiT-S with ``r=50`` at blocks 3, 6, 9 removes 48 at block 9),
+                and the rules say the capped values. Without it an r too large for the tokens left fails when the
+                routing is applied.
+
+        Raises:
+            UserError: ``r`` or ``num_tokens`` is not an integer >= 0 (>= 1); a bad threshold or layer names its
+                rule and field.
+
+        Example:
+            >>> from attnprune import Routing
+            >>> routing = Routing.ppt(8, (1, 2), threshold=7e-5)
+            >>> routing.rules[0]
+            Rule(layer=1, score='cls_value', r=8, reduce='adaptive', threshold=7e-05)
+            >>> [rule.r for rule in Routing.ppt(20, (1, 2, 3), 7e-5, num_tokens=64).rules]  # 64 -> 44 -> 24 -> 12
+            [20, 20, 12]
         """
+        if not is_int(r) or r < 0:
+            raise UserError(f"PPT's r must be an integer >= 0 (tokens removed per layer), got r={r!r}")
+        layers = list(layers)
+        schedule = {layer: r for layer in layers}
+        if num_tokens is not None:
+            if not is_int(num_tokens) or num_tokens < 1:
+                raise UserError(f"PPT's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
+            n = num_tokens
+            for layer in sorted(layer for layer in schedule if is_int(layer)):  # rules name a bad layer
+                schedule[layer] = min(r, max_merge(n))
+                n -= schedule[layer]
         rules = tuple(
-            Rule(layer=layer, score="cls_value", r=r, reduce="adaptive", threshold=threshold) for layer in layers
+            Rule(layer=layer, score="cls_value", r=schedule[layer], reduce="adaptive", threshold=threshold)
+            for layer in layers
         )
         return cls(rules, name=f"ppt-r{r}", prop_attn=True)
 
