@@ -109,7 +109,7 @@ PANEL_AXES = {
     "stability of the CLS-attention ranking": "rank correlation (Spearman, -1 to 1)",
 }
 LAYER_AXIS = "layer (0-based block index)"
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<", ">", "p", "d", "H", "8")
 # Okabe-Ito's colour-blind-safe palette, then tab10's; with the markers, every scorer gets its own pair.
 COLOURS = (
     "#0072B2",
@@ -124,6 +124,9 @@ COLOURS = (
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    "#F0E442",
+    "#8B0000",
+    "#2F4F4F",
 )
 
 

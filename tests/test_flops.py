@@ -60,7 +60,7 @@ def test_matched_baselines_are_within_one_percent():
     model = timm.create_model("deit_small_patch16_224")
     target = 0.6 * count_flops(model)
     routings = matched_baselines(model, target)
-    assert set(routings) == {"tome", "evit", "topk_attention", "random"}
+    assert set(routings) == {"tome", "evit", "topk_attention", "pitome", "random"}
     for name, routing in routings.items():
         assert count_flops(model, routing) == pytest.approx(target, rel=0.01), name
     assert [rule.layer for rule in routings["evit"].rules] == [3, 6, 9]
@@ -134,7 +134,7 @@ def test_matched_baselines_hit_a_reachable_target_exactly():
         assert count_flops(model, topk) == target and [rule.layer for rule in topk.rules] == [1, 2, 3]
         assert abs(topk.rules[0].keep * 200 - round(topk.rules[0].keep * 200)) < 1e-9  # steps of 0.005
     below = matched_baselines(model, target - 1, within=True)
-    assert set(below) == {"tome", "evit", "topk_attention", "random"}
+    assert set(below) == {"tome", "evit", "topk_attention", "pitome", "random"}
     assert all(count_flops(model, routing) <= target - 1 for routing in below.values())
     grid = [k / 1000 for k in range(200, 1001, 5)]  # the documented keep grid, searched here by brute force
     fitting = [count_flops(model, Routing.topk_attention(k, (1, 2, 3))) for k in grid]
@@ -160,7 +160,7 @@ def test_matched_baselines_closest_schedules_and_models_without_class_token():
     assert count_flops(model, closest["topk_attention"]) == target and closest["random"].seed == 0
     # EViT and attention top-k read the class token: a model without one gets ToMe and random only
     pooled = tiny_vit(class_token=False, global_pool="avg")
-    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled))) == {"tome", "random"}
+    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled))) == {"tome", "pitome", "random"}
     # match_flops: of the routings make(knob), the one closest to the ratio of the unpruned FLOPs
     ratio = count_flops(model, Routing.tome(3, 4)) / unpruned
     assert match_flops(model, lambda r: Routing.tome(int(r), 4), range(8), ratio).rules == Routing.tome(3, 4).rules

@@ -21,7 +21,7 @@ def _inputs(prefix: int, tokens: int = 20, dtype=torch.float32, seed: int = 0):
     return x, size, scores, metric
 
 
-@pytest.mark.parametrize("name", sorted(REDUCERS))
+@pytest.mark.parametrize("name", sorted(fused.FUSED_REDUCERS))
 @pytest.mark.parametrize("prefix", [0, 1, 2, 5, 7])
 @pytest.mark.parametrize("with_size", [False, True])
 def test_lean_reducer_equals_reference(name, prefix, with_size):
@@ -39,7 +39,7 @@ def test_lean_reducer_equals_reference(name, prefix, with_size):
 
 def test_lean_reducers_keep_float64():
     x, size, scores, metric = _inputs(1, dtype=torch.float64)
-    for name in REDUCERS:
+    for name in fused.FUSED_REDUCERS:
         expected = REDUCERS[name](x, size, 12, 1, scores=scores, metric=metric)
         got = fused.FUSED_REDUCERS[name](x, size, 12, 1, scores=scores, metric=metric)
         assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
@@ -92,6 +92,7 @@ def test_dispatch():
     assert fused.get_impl() == "auto"
     assert fused.reducer_for("merge", torch.device("cpu")) is REDUCERS["merge"]
     assert fused.reducer_for("merge", torch.device("cuda")) is fused.merge
+    assert fused.reducer_for("absorb", torch.device("cuda")) is REDUCERS["absorb"]  # no lean version: the reference
     assert not fused.lean_attention(torch.empty(1))
     with fused.use_impl("fused"):
         assert fused.reducer_for("drop", torch.device("cpu")) is fused.drop

@@ -17,8 +17,8 @@ EXAMPLE = {
     ],
 }
 SCORER_NAMES = (
-    "cls_attention, cls_similarity, distinctiveness, kurtosis, l1_norm, l2_norm, max_abs, mean_attention, random, "
-    "redundancy, std"
+    "cls_attention, cls_similarity, cls_value, distinctiveness, kurtosis, l1_norm, l2_norm, max_abs, mean_attention, "
+    "random, redundancy, std"
 )
 
 

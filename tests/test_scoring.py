@@ -7,7 +7,7 @@ from attnprune import SCORERS
 from attnprune.scoring import ScoreContext
 
 DESIGN_SCORERS = {
-    "attention": {"cls_attention", "mean_attention"},
+    "attention": {"cls_attention", "mean_attention", "cls_value"},
     "statistics": {"l2_norm", "l1_norm", "std", "max_abs", "kurtosis"},
     "similarity": {"cls_similarity", "distinctiveness", "redundancy"},
     "control": {"random"},
@@ -17,8 +17,9 @@ DESIGN_SCORERS = {
 def _context(batch=2, tokens=7, heads=2, dim=4, prefix=1, with_attention=False):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(batch, heads, tokens, dim, generator=g), torch.randn(batch, heads, tokens, dim, generator=g)
+    v = torch.randn(batch, heads, tokens, dim, generator=g)
     probs = ((q * dim**-0.5) @ k.transpose(-2, -1)).softmax(-1) if with_attention else None
-    return ScoreContext(q, k, dim**-0.5, prefix, attention=probs, layer=3, seed=5), probs
+    return ScoreContext(q, k, dim**-0.5, prefix, attention=probs, layer=3, seed=5, v=v), probs
 
 
 def test_registry_has_the_design_scorers():
@@ -115,6 +116,7 @@ def test_scorer_flops_and_requirements_by_hand():
     flops = {name: scorer.flops(65, 48, 3) for name, scorer in SCORERS.items()}
     assert flops == {
         "cls_attention": 3120 + 3 * 65,  # the class query against every key, then the head average
+        "cls_value": 2 * 3120 + 3 * 65 + 65,  # cls_attention's, the value norms, their product
         "mean_attention": 3 * 65 * 65,  # the column means of every head's attention matrix
         "l2_norm": 3120,
         "l1_norm": 3120,
@@ -127,7 +129,8 @@ def test_scorer_flops_and_requirements_by_hand():
         "random": 0,
     }
     assert {name for name, s in SCORERS.items() if s.needs_attention} == {"mean_attention"}
-    assert {name for name, s in SCORERS.items() if s.needs_class_token} == {"cls_attention", "cls_similarity"}
+    class_token = {name for name, s in SCORERS.items() if s.needs_class_token}
+    assert class_token == {"cls_attention", "cls_similarity", "cls_value"}
 
 
 def test_a_scorer_name_is_registered_once():
@@ -180,6 +183,6 @@ def test_key_metric_is_the_keys_averaged_over_heads():
 def test_every_scorer_keeps_the_tokens_device(name):
     """On the shape-only meta device, as a stand-in for CUDA: a tensor a scorer makes on the CPU would not mix."""
     q, k = torch.empty(2, 2, 7, 4, device="meta"), torch.empty(2, 2, 7, 4, device="meta")
-    ctx = ScoreContext(q, k, 0.5, 2, attention=torch.empty(2, 2, 7, 7, device="meta"), layer=3, seed=5)
+    ctx = ScoreContext(q, k, 0.5, 2, attention=torch.empty(2, 2, 7, 7, device="meta"), layer=3, seed=5, v=k)
     scores = SCORERS[name](torch.empty(2, 7, 4, device="meta"), ctx)
     assert scores.device.type == "meta" and scores.shape == (2, 5)

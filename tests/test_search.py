@@ -608,8 +608,8 @@ def test_model_without_class_token_is_checked_against_tome_only(data):
     result = search_routing(
         pooled, data, 0.7, space=SearchSpace(scorers=("l2_norm",), layers=(0, 1, 2)), progress=False
     )
-    assert set(result.report["check"]["holdout"]) == {"searched", "tome"}
-    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled, Routing()))) == {"tome", "random"}
+    assert set(result.report["check"]["holdout"]) == {"searched", "tome", "pitome"}
+    assert set(matched_baselines(pooled, 0.7 * count_flops(pooled, Routing()))) == {"tome", "pitome", "random"}
 
 
 def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_worse(model, tmp_path):
@@ -629,10 +629,10 @@ def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_wors
     # the search's own work (saved in its state), then the check: a reference pass and one pass per contender over
     # 12 images, counted in passes over the 28 searched images, and the returned baseline measured on those 28
     state, depth = json.loads(path.read_text()), len(model.blocks)
-    assert report["candidates_evaluated"] == state["candidates"] + 4 + 1
-    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 5 * 12 / 28 + depth)
+    assert report["candidates_evaluated"] == state["candidates"] + 5 + 1
+    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 6 * 12 / 28 + depth)
     assert report["full_forward_equivalents"] == pytest.approx(report["block_passes"] / depth)
-    assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention"}
+    assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention", "pitome"}
     losses = {method: metrics["loss"] for method, metrics in check["holdout"].items()}
     best = min(losses, key=losses.get)
     assert best != "searched" and check["returned"] == best and f"the baseline {best}" in check["note"]
@@ -657,7 +657,8 @@ def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better
     held_out = Evaluator(model, data, "kl")
     images = [x for x, _ in data]
     kls = {
-        method: kl_by_hand(model, baselines[method], images).double() for method in ("tome", "evit", "topk_attention")
+        method: kl_by_hand(model, baselines[method], images).double()
+        for method in ("tome", "evit", "topk_attention", "pitome")
     }
     best = min(kls, key=lambda m: kls[m].mean().item())
     decisions = {}

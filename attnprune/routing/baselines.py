@@ -62,6 +62,7 @@ def matched_baselines(model: VisionTransformer, target: float, within: bool = Fa
         "tome": _tome_schedules(depth, num_patch_tokens(model)),
         "evit": [Routing.evit(k, layers) for k in keeps],
         "topk_attention": [Routing.topk_attention(k, layers) for k in keeps],
+        "pitome": [Routing.pitome(k, depth) for k in keeps if k >= 0.5],
         "random": [Routing.random(k, layers, seed=0) for k in keeps],
     }
     if not model.has_class_token:

@@ -136,7 +136,7 @@ def check_rule(position: int, raw: Any) -> Rule:
         raise fail(position, "score", f"is required for reduce {reduce!r} (known: {', '.join(sorted(SCORERS))})")
     elif score not in SCORERS:
         raise fail(position, "score", f"names unknown scorer {score!r} (known: {', '.join(sorted(SCORERS))})")
-    _check_options(position, raw, reducer)
+    options = _check_options(position, raw, reducer)
     keep, r = raw.get("keep"), raw.get("r")
     if (keep is None) == (r is None):
         raise fail(position, "keep", f"or 'r' must be given, exactly one of them (got keep={keep!r}, r={r!r})")
@@ -144,15 +144,20 @@ def check_rule(position: int, raw: Any) -> Rule:
         _check_count(position, "keep", keep)
     if r is not None and (not is_int(r) or r < 0):
         raise fail(position, "r", f"must be an integer >= 0, got {r!r}")
-    return Rule(
-        layer=layer, score=score, keep=keep, r=r, reduce=reduce, **{k: raw[k] for k in OPTION_FIELDS if k in raw}
-    )
+    return Rule(layer=layer, score=score, keep=keep, r=r, reduce=reduce, **options)
 
 
-def _check_options(position: int, raw: dict[str, Any], reducer: Any) -> None:
-    """The options the reducer reads are given where it requires them, valid, and no other option is given."""
+def _check_options(position: int, raw: dict[str, Any], reducer: Any) -> dict[str, Any]:
+    """The options the reducer reads, given where it requires them and valid, no other option given; returned with
+    numbers written as text read as numbers (YAML reads ``7e-5``, without a dot, as a string)."""
+    options = {}
     for name in OPTION_FIELDS:
         value = raw.get(name)
+        if isinstance(value, str) and name != "prune":
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if value is None:
             if name in reducer.required:
                 raise fail(position, name, f"is required for reduce {reducer.name!r}")
@@ -168,6 +173,8 @@ def _check_options(position: int, raw: dict[str, Any], reducer: Any) -> None:
             raise fail(position, name, f"must be >= 0 (a variance), got {value!r}")
         elif name == "margin" and not -1.0 <= value <= 1.0:
             raise fail(position, name, f"must be in [-1, 1] (a cosine similarity), got {value!r}")
+        options[name] = value
+    return options
 
 
 def _check_count(position: int, name: str, value: Any) -> None:

@@ -69,8 +69,8 @@ def layer_states(model: VisionTransformer, images: Tensor) -> tuple[list[LayerSt
     x = embed(model, images)
     states = []
     for i, block in enumerate(model.blocks):
-        x, q, k, _, probs = attend(block, x, need_probs=True)
-        states.append(LayerState(x, ScoreContext(q, k, block.attn.scale, model.num_prefix_tokens, None, probs, i)))
+        x, q, k, v, probs = attend(block, x, need_probs=True)
+        states.append(LayerState(x, ScoreContext(q, k, block.attn.scale, model.num_prefix_tokens, None, probs, i, v=v)))
         x = feed_forward(block, x)
     return states, model.forward_head(model.norm(x))
 
