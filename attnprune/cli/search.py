@@ -27,6 +27,7 @@ from attnprune.cli import run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
 from attnprune.search import SearchResult, search_routing
+from attnprune.search.strategy import RateOptions
 
 
 def search(
@@ -42,6 +43,7 @@ def search(
     objective: str = "fidelity",
     holdout: float = 0.3,
     confidence: float = 0.95,
+    rates: RateOptions | None = None,
 ) -> SearchResult:
     """Run the search.
 
@@ -49,7 +51,7 @@ def search(
         model: timm hub name, weights file or Lightning checkpoint (``attnprune.load_model``).
         data: the data module; the first ``val_images`` of its validation split are searched on.
         budget: FLOPs budget as a fraction of the unpruned model.
-        strategy: ``beam``, ``transition`` or ``label_free``.
+        strategy: ``beam``, ``transition``, ``label_free`` or ``diffrate`` (DiffRate's differentiable rate search).
         val_images: validation images used.
         state_path: resumable search state.
         output: routing YAML written (the report goes to the same name with ``.json``).
@@ -60,6 +62,8 @@ def search(
             baselines within budget; 0 checks nothing.
         confidence: the routing found is kept only if it beats every baseline on the held-out images with this
             confidence (one-sided paired test); otherwise the best baseline there is returned.
+        rates: settings of ``--strategy diffrate`` (``--rates.steps 300 --rates.batch_size 128 ...``, see
+            :class:`~attnprune.search.strategy.RateOptions`).
     """
     if val_images < 1:
         raise UserError(f"--val_images must be at least 1, got {val_images}")
@@ -77,6 +81,7 @@ def search(
         beam_width=beam_width,
         holdout=holdout,
         confidence=confidence,
+        rates=rates,
     )
     report = {**result.report, "model": model, "routing": result.routing.to_dict()}
     write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))

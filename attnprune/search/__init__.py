@@ -12,8 +12,10 @@ The package, stage by stage:
   far, the beam, the work done; JSON on disk, tied to the settings, every weight and the searched images);
 - :mod:`~attnprune.search.strategy`: the one signature of a strategy, ``strategy(context, state)``, and what the
   :class:`~attnprune.search.strategy.SearchContext` holds;
-- :mod:`~attnprune.search.beam`, :mod:`~attnprune.search.transition`, :mod:`~attnprune.search.label_free`: the
-  strategies, registered by name in :data:`~attnprune.search.core.STRATEGIES`;
+- :mod:`~attnprune.search.beam`, :mod:`~attnprune.search.transition`, :mod:`~attnprune.search.label_free`,
+  :mod:`~attnprune.search.diffrate`: the strategies, registered by name in :data:`~attnprune.search.core.STRATEGIES`
+  (``diffrate`` is DiffRate's differentiable rate search, its relaxed block forward in
+  :mod:`~attnprune.search.relaxation`);
 - :mod:`~attnprune.search.check`: the held-out check of the routing found against the baselines within budget;
 - :mod:`~attnprune.search.core`: :func:`search_routing` (validate, run, check, report), which by default keeps 30%
   of the images out of the search and returns the best, on those, of the routing found and the baselines.
@@ -24,11 +26,13 @@ from attnprune.search.core import SearchResult, search_routing
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.objective import OBJECTIVES, cosine_distance, kl_divergence
 from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
+from attnprune.search.strategy import RateOptions
 
 __all__ = [
     "OBJECTIVES",
     "Evaluator",
     "InfeasibleBudget",
+    "RateOptions",
     "SearchResult",
     "SearchSpace",
     "check_against_baselines",

@@ -20,18 +20,24 @@ from attnprune.flops import count_flops
 from attnprune.routing import Routing
 from attnprune.search.beam import beam
 from attnprune.search.check import check_confidence, check_held_out, split_holdout
+from attnprune.search.diffrate import check_rate_search, diffrate
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.label_free import label_free
 from attnprune.search.objective import resolve_objective
 from attnprune.search.space import InfeasibleBudget, SearchSpace, cheapest_flops
 from attnprune.search.state import SearchState, fingerprint
-from attnprune.search.strategy import BeamOptions, SearchContext, Strategy
+from attnprune.search.strategy import BeamOptions, RateOptions, SearchContext, Strategy
 from attnprune.search.transition import transition
 from attnprune.vit import check_prunable
 
 __all__ = ["STRATEGIES", "SearchResult", "SearchSettings", "search_routing", "validate_search", "run_search"]
 
-STRATEGIES: dict[str, Strategy] = {"beam": beam, "transition": transition, "label_free": label_free}
+STRATEGIES: dict[str, Strategy] = {
+    "beam": beam,
+    "transition": transition,
+    "label_free": label_free,
+    "diffrate": diffrate,
+}
 
 
 @dataclass
@@ -53,6 +59,7 @@ class SearchSettings:
         confidence: of the held-out check's paired test.
         options: the beam's settings.
         unpruned: the unpruned model's FLOPs.
+        rates: the rate search's settings (``diffrate``).
     """
 
     budget: float
@@ -61,6 +68,7 @@ class SearchSettings:
     confidence: float
     options: BeamOptions
     unpruned: int
+    rates: RateOptions = RateOptions()
 
     @property
     def target(self) -> float:
@@ -69,7 +77,7 @@ class SearchSettings:
 
     def identity(self, objective: str) -> dict[str, Any]:
         """What a saved state must have been searched with to be resumed (with the model and the images)."""
-        return {
+        identity = {
             "budget": self.budget,
             "space": asdict(self.space),
             "strategy": self.strategy,
@@ -78,6 +86,7 @@ class SearchSettings:
             "screen_images": self.options.screen_images,
             "finalists": self.options.finalists,
         }
+        return {**identity, "rates": asdict(self.rates)} if self.strategy == "diffrate" else identity
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -93,12 +102,15 @@ def validate_search(
     strategy: str,
     confidence: float,
     options: BeamOptions,
+    rates: RateOptions | None = None,
 ) -> SearchSettings:
     """Check every setting of a search before any work.
 
     Raises:
-        UserError: a setting out of range, or a model the routings cannot prune.
-        InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
+        UserError: a setting out of range, or a model the routings cannot prune (``diffrate``: one without a class
+            token).
+        InfeasibleBudget: no routing of the space (``diffrate``: no DiffRate schedule) meets the budget (the message
+            gives the cheapest reachable).
     """
     if strategy not in STRATEGIES:
         raise UserError(f"unknown search strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
@@ -108,8 +120,9 @@ def validate_search(
     for name in ("beam_width", "screen_images", "finalists"):
         _positive_int(name, getattr(options, name))
     check_prunable(model, Routing())
-    settings = SearchSettings(budget, space, strategy, confidence, options, count_flops(model, Routing()))
-    cheapest = cheapest_flops(model, space)
+    rates = rates or RateOptions()
+    settings = SearchSettings(budget, space, strategy, confidence, options, count_flops(model, Routing()), rates)
+    cheapest = check_rate_search(model, rates) if strategy == "diffrate" else cheapest_flops(model, space)
     if cheapest > settings.target:
         raise InfeasibleBudget(
             f"budget {budget:g} ({settings.target / 1e9:.4g} GFLOPs) is below the cheapest routing the search space "
@@ -162,7 +175,9 @@ def run_search(
     key = fingerprint(model, settings.identity(name), evaluator)
     state = SearchState.load(path, key) or SearchState(key)
     previous_seconds = state.seconds
-    context = SearchContext(model, evaluator, settings.space, settings.target, path, progress, settings.options)
+    context = SearchContext(
+        model, evaluator, settings.space, settings.target, path, progress, settings.options, settings.rates
+    )
     STRATEGIES[settings.strategy](context, state)
     return state, evaluator, previous_seconds
 
@@ -192,6 +207,8 @@ def search_report(
         "block_passes": block_passes,
         "full_forward_equivalents": block_passes / len(model.blocks),
         "images": evaluator.images,
+        "images_seen": block_passes / len(model.blocks) * evaluator.images,
+        "forward_backward_passes": state.forward_backward_passes,
         "wall_time_s": seconds,
     }
     if state.before_fill is not None:
@@ -201,6 +218,7 @@ def search_report(
         }
     if state.transition_depth is not None:
         report["transition_depth"] = state.transition_depth
+    report.update((state.extra or {}).get("report", {}))
     if check is not None:
         report["check"] = check
     return report
@@ -222,6 +240,7 @@ def search_routing(
     screen_images: int = 256,
     finalists: int = 4,
     progress: bool = True,
+    rates: RateOptions | None = None,
 ) -> SearchResult:
     """Find the static routing within a FLOPs budget that best preserves what the model computes.
 
@@ -231,7 +250,8 @@ def search_routing(
             test split). Labels are needed only by ``objective="top1"``; when present, top-1 is reported too.
         budget: FLOPs budget as a fraction in (0, 1] of the unpruned model's.
         space: candidate rules (default :class:`SearchSpace`).
-        strategy: ``beam``, ``transition`` or ``label_free`` (:data:`STRATEGIES`).
+        strategy: ``beam``, ``transition``, ``label_free`` or ``diffrate`` (DiffRate's differentiable rate search,
+            :mod:`~attnprune.search.diffrate`) (:data:`STRATEGIES`).
         objective: what ranks candidates (lower is better): ``fidelity`` (default: ``kl``, the KL divergence of the
             class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
             for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
@@ -249,12 +269,16 @@ def search_routing(
         finalists: then confirms the ``finalists`` best of them (at least ``beam_width``) on all searched images;
             only those confirmations rank the beam and the result.
         progress: show a progress bar.
+        rates: the settings of ``diffrate`` (default :class:`~attnprune.search.strategy.RateOptions`: DiffRate's
+            published learning rates, granularity and FLOPs weight).
 
     Returns:
         The routing and a report: ``objective``, ``val_loss`` and the fidelity metric (``val_kl`` or ``val_cosine``)
         and, with labels, ``val_top1`` on the searched images; FLOPs and their ratio; candidates evaluated; block
-        passes; images; wall time; and with ``holdout`` the ``check``: every contender's metrics on the held-out
-        images, which was ``returned`` and the routing the search found (``searched_routing``), returned or not.
+        passes; images; images seen (image forward passes, counting repeats) and batches run forward and backward
+        (``diffrate``'s steps, with its learned schedule); wall time; and with ``holdout`` the ``check``: every
+        contender's metrics on the held-out images, which was ``returned`` and the routing the search found
+        (``searched_routing``), returned or not.
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
@@ -262,7 +286,10 @@ def search_routing(
     """
     options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
     space = space or SearchSpace()
-    settings = validate_search(model, budget, space=space, strategy=strategy, confidence=confidence, options=options)
+    rates = rates or RateOptions()
+    settings = validate_search(
+        model, budget, space=space, strategy=strategy, confidence=confidence, options=options, rates=rates
+    )
     start = time.perf_counter()
     searched, held_out = split_holdout(_batches(dataloader, model), holdout)
     state, evaluator, previous_seconds = run_search(model, searched, settings, objective, state_path, progress)

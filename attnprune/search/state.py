@@ -61,6 +61,9 @@ class SearchState:
         seconds: time spent in the steps done.
         before_fill: set by the beam's budget fill, saved together with the filled routing.
         transition_depth: set by the ``label_free`` strategy.
+        forward_backward_passes: batches run forward and backward in the steps done (the ``diffrate`` strategy's).
+        extra: JSON-ready data a strategy carries from step to step beyond the fields above (``diffrate``: the rate
+            logits, the optimizer's and the scheduler's state; fields under ``report`` go into the search report).
     """
 
     fingerprint: str
@@ -72,6 +75,8 @@ class SearchState:
     seconds: float = 0.0
     before_fill: BeforeFill | None = None
     transition_depth: int | None = None
+    forward_backward_passes: int = 0
+    extra: dict[str, Any] | None = None
 
     def consider(self, routing: Routing, metrics: dict[str, float]) -> None:
         """Make ``routing`` the best so far if its loss is strictly lower (the earlier candidate wins ties)."""
@@ -103,6 +108,10 @@ class SearchState:
             data["before_fill"] = {"metrics": self.before_fill.metrics, "flops": self.before_fill.flops}
         if self.transition_depth is not None:
             data["transition_depth"] = self.transition_depth
+        if self.forward_backward_passes:
+            data["forward_backward_passes"] = self.forward_backward_passes
+        if self.extra is not None:
+            data["extra"] = self.extra
         return data
 
     @classmethod
@@ -119,6 +128,8 @@ class SearchState:
             seconds=data["seconds"],
             before_fill=None if before_fill is None else BeforeFill(before_fill["metrics"], before_fill["flops"]),
             transition_depth=data.get("transition_depth"),
+            forward_backward_passes=data.get("forward_backward_passes", 0),
+            extra=data.get("extra"),
         )
 
     def save(self, path: Path | None) -> None:

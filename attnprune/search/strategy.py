@@ -12,7 +12,7 @@ from attnprune.search.evaluator import Evaluator
 from attnprune.search.space import SearchSpace
 from attnprune.search.state import SearchState
 
-__all__ = ["BeamOptions", "SearchContext", "Strategy"]
+__all__ = ["BeamOptions", "RateOptions", "SearchContext", "Strategy"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,33 @@ class BeamOptions:
 
 
 @dataclass(frozen=True)
+class RateOptions:
+    """The settings of the ``diffrate`` strategy, DiffRate's differentiable rate search (see
+    :mod:`attnprune.search.diffrate`); the defaults of the learning rates, the granularity and the FLOPs weight are
+    those of the official code (``main.py``, ``engine.py``).
+
+    Attributes:
+        steps: optimizer steps, each a forward and a backward pass over one batch of the searched images.
+        batch_size: images per step (all searched images when fewer).
+        granularity: gap between the candidate kept counts of a block (DiffRate's ``--granularity``).
+        lr: learning rate of the rate logits at the first step (``--arch-lr``),
+        min_lr: cosine-annealed to this at the last (``--arch-min-lr``).
+        flops_weight: weight of the squared FLOPs penalty (``engine.py``'s ``lamb``).
+        warmup_steps: steps without the FLOPs penalty at the start (``--warmup_compression_rate``: one epoch).
+        seed: the order in which batches are drawn from the searched images.
+    """
+
+    steps: int = 300
+    batch_size: int = 128
+    granularity: int = 4
+    lr: float = 0.01
+    min_lr: float = 0.001
+    flops_weight: float = 5.0
+    warmup_steps: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class SearchContext:
     """What a strategy searches with; the :class:`SearchState` it changes comes beside it.
 
@@ -44,6 +71,7 @@ class SearchContext:
         path: where the state is saved after every step (None: not saved).
         progress: show a progress bar.
         options: the beam's settings (the other strategies ignore them).
+        rates: the rate search's settings (``diffrate``; the other strategies ignore them).
     """
 
     model: VisionTransformer
@@ -53,6 +81,7 @@ class SearchContext:
     path: Path | None = None
     progress: bool = False
     options: BeamOptions = BeamOptions()
+    rates: RateOptions = RateOptions()
 
 
 class Strategy(Protocol):
