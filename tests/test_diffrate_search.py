@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from attnprune.search.relaxation import (
 from attnprune.search.state import SearchState
 from attnprune.vit import embed
 from tests.conftest import tiny_vit
+from tests.diffrate_search_reference import FIXTURE, IMAGES, flops_units, seeded_data, seeded_vit
 
 SMALL = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=4)  # 16 patch tokens
 FEW = RateOptions(steps=6, batch_size=8)
@@ -193,6 +195,34 @@ def test_resume_gives_the_identical_schedule(model, data, tmp_path, monkeypatch)
     assert resumed.report["forward_backward_passes"] == 6 and resumed.report["val_kl"] == full.report["val_kl"]
     with pytest.raises(UserError, match="another search"):  # other rate settings: another search
         search_routing(model, data, 0.7, strategy="diffrate", holdout=0, rates=RateOptions(steps=7), state_path=path)
+
+
+@pytest.mark.parametrize("case", ["kl-g4", "top1-g8", "literal"])
+def test_the_official_search_learns_the_same_rates(case, tmp_path):
+    """Same model, images, settings and loss as the official search (``tests/diffrate_search_reference.py``): the
+    same rate logits and kept counts."""
+    official = json.loads(FIXTURE.read_text())["cases"][case]
+    model = seeded_vit(case)
+    images, labels, _ = seeded_data(model)
+    rates = RateOptions(steps=official["steps"], batch_size=IMAGES, granularity=official["granularity"])
+    if case == "literal":  # the official penalty in GFLOPs as it is
+        rates = replace(rates, flops_weight=flops_units(model, count_flops(model))[1])
+    path = tmp_path / "state.json"
+    result = search_routing(
+        model,
+        [(images, labels)],
+        official["budget"],
+        strategy="diffrate",
+        objective=official["objective"],
+        holdout=0,
+        rates=rates,
+        state_path=path,
+        progress=False,
+    )
+    logits = torch.tensor(json.loads(path.read_text())["extra"]["logits"])
+    assert torch.allclose(logits, torch.tensor(official["logits"]), atol=1e-5)
+    schedule = {"prune_kept": official["prune_kept"], "merge_kept": official["merge_kept"]}
+    assert result.report["rate_schedule"] == schedule
 
 
 @pytest.mark.parametrize(
