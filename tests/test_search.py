@@ -412,7 +412,7 @@ def test_strategies_are_registered_by_name_and_called_with_one_context(model, da
     """Every strategy takes the same two arguments: the context (model, evaluator, space, target FLOPs, state path,
     progress and the beam's options) and the state it leaves the best routing in. A strategy added to the registry
     is run by name like the built-in ones."""
-    assert list(STRATEGIES) == ["beam", "transition", "label_free"]
+    assert list(STRATEGIES) == ["beam", "transition", "label_free", "diffrate"]
     seen = {}
 
     def unpruned_only(context: SearchContext, state: SearchState) -> None:
@@ -780,7 +780,10 @@ def test_split_holdout_cuts_by_images():
         ({"finalists": True}, "^search finalists must be a positive integer, got True$"),
         ({"confidence": "0.9"}, "^search confidence must be in \\[0.5, 1\\), got '0.9'$"),
         ({"holdout": 1.0}, "holdout must be a fraction of the validation images in \\[0, 1\\), got 1.0"),
-        ({"strategy": "greedy"}, "^unknown search strategy 'greedy' \\(known: beam, transition, label_free\\)$"),
+        (
+            {"strategy": "greedy"},
+            "^unknown search strategy 'greedy' \\(known: beam, transition, label_free, diffrate\\)$",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(model, data, kwargs, message):

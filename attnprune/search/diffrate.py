@@ -206,7 +206,6 @@ def diffrate(context: SearchContext, state: SearchState) -> None:
     optimizer, scheduler = _optimizer(logits, rates, saved)
     batches = _Batches(evaluator.images, rates.batch_size, rates.seed)
     bar = tqdm(total=rates.steps, initial=state.step, desc="routing search (diffrate)", disable=not context.progress)
-    flops = None
     for step in range(state.step, rates.steps):
         started = time.perf_counter()
         index = batches(step)

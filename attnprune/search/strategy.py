@@ -49,8 +49,8 @@ class RateOptions:
         seed: the order in which batches are drawn from the searched images.
     """
 
-    steps: int = 300
-    batch_size: int = 128
+    steps: int = 1000
+    batch_size: int = 64
     granularity: int = 4
     lr: float = 0.01
     min_lr: float = 0.001
