@@ -16,10 +16,10 @@ from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS
 from attnprune.vit import check_prunable, num_patch_tokens, routing_of
 
-__all__ = ["count_flops", "reducer_flops"]
+__all__ = ["count_flops", "linear_macs", "reducer_flops"]
 
 
-def _linear_macs(module: nn.Module | None) -> int:
+def linear_macs(module: nn.Module | None) -> int:
     """Multiply-accumulates per token of every ``nn.Linear`` inside ``module``."""
     if module is None:
         return 0
@@ -67,12 +67,12 @@ def count_flops(
         attn = block.attn
         t_in = counts[i] + prefix
         t_out = counts[i + 1] + prefix
-        total += t_in * _linear_macs(attn) + 2 * t_in * t_in * attn.attn_dim
+        total += t_in * linear_macs(attn) + 2 * t_in * t_in * attn.attn_dim
         plan = plans.get(i)
         if plan is not None and plan.n_out != plan.n_in:
             if plan.rule.score is not None:
                 total += SCORERS[plan.rule.score].flops(t_in, model.embed_dim, attn.num_heads)
             total += reducer_flops(plan, t_in, model.embed_dim, attn.head_dim)
-        total += t_out * _linear_macs(block.mlp)
-    total += _linear_macs(model.head) + _linear_macs(getattr(model, "head_dist", None))
+        total += t_out * linear_macs(block.mlp)
+    total += linear_macs(model.head) + linear_macs(getattr(model, "head_dist", None))
     return int(total)

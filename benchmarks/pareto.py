@@ -31,12 +31,15 @@ from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 
 SEARCHED_ROUTINGS = Path(__file__).parent / "results" / "routings"
-METHODS = ("searched", "tome", "evit", "topk_attention", "random")
+METHODS = ("searched", "tome", "evit", "topk_attention", "pitome", "ppt", "diffrate", "random")
 LABELS = {
     "searched": "searched",
     "tome": "ToMe",
     "evit": "EViT",
     "topk_attention": "attention top-k",
+    "pitome": "PiToMe",
+    "ppt": "PPT",
+    "diffrate": "DiffRate",
     "random": "random",
 }
 
@@ -62,6 +65,7 @@ def main() -> None:
     )
     parser.add_argument("--test_images", type=int, default=10000)
     parser.add_argument("--strategy", default="beam")
+    parser.add_argument("--diffrate", action="store_true", help="also run DiffRate's rate search at every budget")
     parser.add_argument("--state_dir", type=Path, default=Path("runs/search"))
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument(
@@ -109,7 +113,18 @@ def main() -> None:
             holdout=args.holdout,
             state_path=args.state_dir / f"{name}-{args.strategy}-{budget:g}.json",
         )
-        routings = {"searched": found.routing, **matched_baselines(model, count_flops(model, found.routing))}
+        calibration = torch.cat([x for x, _ in val])[:256]  # PPT's variance threshold
+        matched = matched_baselines(model, count_flops(model, found.routing), calibration=calibration)
+        routings = {"searched": found.routing, **matched}
+        if args.diffrate:  # DiffRate's own rate search at the same budget on the same images
+            routings["diffrate"] = search_routing(
+                model,
+                val,
+                budget,
+                strategy="diffrate",
+                holdout=args.holdout,
+                state_path=args.state_dir / f"{name}-diffrate-{budget:g}.json",
+            ).routing
         for method, routing in routings.items():
             flops = count_flops(model, routing)
             row = {
@@ -162,7 +177,18 @@ def unchecked(row: dict) -> str:
 
 def beats_all(rows: dict[str, dict]) -> bool:
     """Whether the searched routing's test top-1 is at least every baseline's."""
-    return all(rows["searched"]["top1"] >= rows[m]["top1"] for m in METHODS[1:])
+    return all(rows["searched"]["top1"] >= row["top1"] for method, row in rows.items() if method != "searched")
+
+
+def present(results: list[dict]) -> list[str]:
+    """The methods the results hold, in :data:`METHODS` order (older results lack the peers; a model without a class
+    token has no EViT, attention top-k or PPT)."""
+    found = {row["method"] for result in results for row in result["results"]}
+    return [m for m in METHODS if m in found]
+
+
+def _cell(rows: dict[str, dict], method: str, text: str) -> str:
+    return text.format(**rows[method]) if method in rows else "-"
 
 
 def print_table(result: dict) -> None:
@@ -173,11 +199,12 @@ def print_table(result: dict) -> None:
         f"top-1 {result['unpruned']['top1']:.2%}"
     )
     columns = "   searched >= all baselines   returned         found (not returned)"
-    print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in METHODS) + columns)
+    methods = present([result])
+    print(f"{'budget':>7}" + "".join(f"{m:>16}" for m in methods) + columns)
     for budget, rows in by_budget(result):
         print(
             f"{budget:>7.0%}"
-            + "".join(f"{rows[m]['top1']:>9.2%} {rows[m]['flops_ratio']:>5.0%}" for m in METHODS)
+            + "".join(f"{_cell(rows, m, '{top1:>9.2%} {flops_ratio:>5.0%}'):>16}" for m in methods)
             + f"   {'yes' if beats_all(rows) else 'NO':<26}"
             + f"   {returned(rows['searched']):<14}   {unchecked(rows['searched'])}"
         )
@@ -186,17 +213,19 @@ def print_table(result: dict) -> None:
 def markdown_table(results: list[dict]) -> str:
     """All models in one Markdown table (the README's), the best top-1 of each row in bold; a searched cell names the
     baseline the search returned when that baseline won the held-out check."""
+    methods = present(results)
     lines = [
         "| model (unpruned top-1) | budget | FLOPs used | "
-        + " | ".join(LABELS[m] for m in METHODS)
+        + " | ".join(LABELS[m] for m in methods)
         + " | searched >= all | found by the search, not returned |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in METHODS) + " | --- | --- |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in methods) + " | --- | --- |",
     ]
     for result in results:
         for budget, rows in by_budget(result):
             best = max(r["top1"] for r in rows.values())
             cells = [
-                f"**{rows[m]['top1']:.2%}**" if rows[m]["top1"] == best else f"{rows[m]['top1']:.2%}" for m in METHODS
+                _cell(rows, m, "**{top1:.2%}**" if rows.get(m, {}).get("top1") == best else "{top1:.2%}")
+                for m in methods
             ]
             if returned(rows["searched"]) != "searched":
                 cells[0] += f" (= {LABELS[returned(rows['searched'])]})"
@@ -211,7 +240,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def plot(result: dict, ax: plt.Axes) -> None:
     """Test top-1 against GFLOPs, one line per method, the unpruned model as a dotted line."""
-    for method in METHODS:
+    for method in present([result]):
         rows = sorted((r for r in result["results"] if r["method"] == method), key=lambda r: r["gflops"])
         ax.plot(
             [r["gflops"] for r in rows],

@@ -43,7 +43,7 @@ from attnprune.search.check import standard_error  # noqa: E402
 from attnprune.search.evaluator import Evaluator  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-BASELINES = ("tome", "evit", "topk_attention", "random")
+BASELINES = ("tome", "evit", "topk_attention", "pitome", "ppt", "diffrate", "random")
 METHODS = ("searched", *BASELINES)
 DRAW_SEED = 20261128  # the permutation of the validation split that the draws cut, fixed once
 
@@ -69,9 +69,11 @@ def key(routing: Routing) -> str:
 def run(args: argparse.Namespace) -> None:
     out = args.out_dir / "search_generalization.json"
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
-    # a cell is done once its searched row has the paired standard errors; older rows are redone (the search resumes
-    # from its finished state in seconds)
-    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if "found_paired_se" in r}
+    # a cell is done once its searched row has the paired standard errors against every baseline run now (the peers
+    # PiToMe and PPT always, DiffRate's rate search with --diffrate); older rows are redone (the search resumes from
+    # its finished state in seconds)
+    wanted = {"pitome", "ppt"} | ({"diffrate"} if args.diffrate else set())
+    done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if _complete(r, wanted)}
     result["rows"] = [r for r in result["rows"] if (r["model"], r["budget"], r["split_seed"]) in done]
     loaded = {}
     for budget in args.budgets:
@@ -102,7 +104,19 @@ def run(args: argparse.Namespace) -> None:
                 )
                 seconds = found.report["wall_time_s"]  # with the time saved in the state before a resumption
                 before_check = Routing.from_dict(found.report["check"]["searched_routing"])
-                within = matched_baselines(model, budget * unpruned, within=True)  # the most FLOPs within budget
+                calibration = torch.cat([x for x, _ in validation_draws[seed]])[:256]  # PPT's threshold
+                # the most FLOPs within budget
+                within = matched_baselines(model, budget * unpruned, within=True, calibration=calibration)
+                if args.diffrate:  # DiffRate's own rate search on the same draw, its returned routing
+                    rates = search_routing(
+                        model,
+                        validation_draws[seed],
+                        budget,
+                        strategy="diffrate",
+                        state_path=args.state_dir / f"{name}-{budget:g}-{seed}-diffrate.json",
+                        progress=False,
+                    )
+                    within["diffrate"] = rates.routing
                 contenders = {"searched": found.routing, **within}
                 for routing in (before_check, *contenders.values()):
                     if key(routing) not in scored:
@@ -142,6 +156,13 @@ def run(args: argparse.Namespace) -> None:
                 tmp = out.with_suffix(".tmp")
                 tmp.write_text(json.dumps(result, indent=1))
                 tmp.replace(out)
+
+
+def _complete(row: dict, wanted: set[str]) -> bool:
+    """Whether a searched row has paired errors against every ``wanted`` baseline the model can have (PPT ranks by
+    class-token attention, as EViT does: a model without EViT has no PPT)."""
+    against = set(row.get("found_paired_se", {}))
+    return bool(against) and wanted - ({"ppt"} if "evit" not in against else set()) <= against
 
 
 def merge(out: Path, others: list[Path]) -> None:
@@ -307,6 +328,7 @@ def main() -> None:
     parser.add_argument("--state_dir", type=Path, default=Path("runs/search_generalization"))
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
+    parser.add_argument("--diffrate", action="store_true", help="also run DiffRate's rate search on every draw")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="fold these results files' rows in first")
     args = parser.parse_args()
     torch.set_grad_enabled(False)

@@ -195,3 +195,28 @@ def test_match_flops_keeps_the_first_of_equally_close_knobs_and_names_the_last_e
         match_flops(model, lambda r: Routing.tome(int(r), 4), [40, 50], 0.5)
     assert str(error.value).startswith("match_flops: none of the knobs [40, 50] gives a routing that fits the model")
     assert "(last: " in str(error.value) and "50" in str(error.value).split("(last: ")[1]
+
+
+def test_ppt_is_a_baseline_with_its_threshold_calibrated_on_images():
+    from attnprune.routing.baselines import matched_baselines, ppt_threshold
+    from attnprune.vit import forward_tokens
+
+    model = tiny_vit()
+    images = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    target = 0.7 * count_flops(model)
+    assert "ppt" not in matched_baselines(model, target)  # no images, no threshold
+    threshold = ppt_threshold(model, images, 1)
+    # by hand: cls_value's variance per image at block 1, from the materialised attention and the values
+    block, outputs = model.blocks[1], {}
+    forward_tokens(model, images, outputs)
+    x = outputs[0]
+    h = block.norm1(x)
+    qkv = block.attn.qkv(h).reshape(9, 65, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    cls = ((q[:, :, :1] * block.attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0].sum(1)
+    scores = cls[:, 1:] * v.transpose(1, 2).reshape(9, 65, 48).norm(dim=-1)[:, 1:]
+    variance = (scores / scores.sum(1, keepdim=True)).var(dim=1)
+    assert threshold == pytest.approx(variance.median().item(), rel=1e-4)
+    ppt = matched_baselines(model, target, within=True, calibration=images)["ppt"]
+    assert [rule.layer for rule in ppt.rules] == [1, 2, 3] and {rule.threshold for rule in ppt.rules} == {threshold}
+    assert count_flops(model, ppt) <= target

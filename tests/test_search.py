@@ -629,21 +629,22 @@ def test_default_holdout_check_returns_a_baseline_when_the_routing_found_is_wors
     # the search's own work (saved in its state), then the check: a reference pass and one pass per contender over
     # 12 images, counted in passes over the 28 searched images, and the returned baseline measured on those 28
     state, depth = json.loads(path.read_text()), len(model.blocks)
-    assert report["candidates_evaluated"] == state["candidates"] + 5 + 1
-    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 6 * 12 / 28 + depth)
+    assert report["candidates_evaluated"] == state["candidates"] + 6 + 1
+    assert report["block_passes"] == pytest.approx(state["block_passes"] + depth * 7 * 12 / 28 + depth)
     assert report["full_forward_equivalents"] == pytest.approx(report["block_passes"] / depth)
-    assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention", "pitome"}
+    assert set(check["holdout"]) == {"searched", "tome", "evit", "topk_attention", "pitome", "ppt"}
     losses = {method: metrics["loss"] for method, metrics in check["holdout"].items()}
     best = min(losses, key=losses.get)
     assert best != "searched" and check["returned"] == best and f"the baseline {best}" in check["note"]
-    baselines = matched_baselines(model, budget * count_flops(model, Routing()), within=True)
+    held_out = [data[2][0][8:], data[3][0]]  # the last 12 of 40 images, on which PPT's threshold is calibrated
+    calibration = torch.cat(held_out)
+    baselines = matched_baselines(model, budget * count_flops(model, Routing()), within=True, calibration=calibration)
     assert result.routing == baselines[best]
     searched = [data[0][0], data[1][0], data[2][0][:8]]  # the first 28 images
     by_hand = kl_by_hand(model, baselines[best], searched).mean().item()
     assert report["val_kl"] == report["val_loss"] == pytest.approx(by_hand)
     found = Routing.from_dict(check["searched_routing"])  # the routing the check replaced, scored independently
     assert found.rules[0].score == "random" and found.rules[0].layer == 0
-    held_out = [data[2][0][8:], data[3][0]]  # the last 12 of 40 images
     assert losses["searched"] == pytest.approx(kl_by_hand(model, found, held_out).mean().item(), rel=1e-5)
 
 
@@ -653,12 +654,12 @@ def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better
     is kept; at 1 - 1e-12 (z = 7.03) it is not, and the baseline with the lowest held-out loss is returned. A routing
     equal to a baseline never wins (its difference is 0 on every image)."""
     target = 0.6 * count_flops(model, Routing())
-    baselines = matched_baselines(model, target, within=True)
-    held_out = Evaluator(model, data, "kl")
     images = [x for x, _ in data]
+    baselines = matched_baselines(model, target, within=True, calibration=torch.cat(images))
+    held_out = Evaluator(model, data, "kl")
     kls = {
         method: kl_by_hand(model, baselines[method], images).double()
-        for method in ("tome", "evit", "topk_attention", "pitome")
+        for method in ("tome", "evit", "topk_attention", "pitome", "ppt")
     }
     best = min(kls, key=lambda m: kls[m].mean().item())
     decisions = {}
@@ -809,3 +810,22 @@ def test_bad_data_is_refused_with_what_is_wrong(model, data):
         search_routing(model, [data[0][0].numpy()], 0.7, space=SMALL, progress=False)
     with pytest.raises(TypeError, match=r"got a tensor of shape \[3, 32, 32\]"):
         search_routing(model, [torch.zeros(3, 32, 32)], 0.7, space=SMALL, progress=False)
+
+
+def test_the_peers_reducers_are_moves_of_the_search(model, data):
+    """DiffRate's absorb and PiToMe's energy merge are candidates at every layer when the space names them (the
+    energy margin PiToMe's code would give the block); every candidate is a valid routing within budget."""
+    space = SearchSpace(
+        scorers=("cls_attention",), reducers=("absorb", "energy_merge"), keeps=(0.7,), merge_keeps=(0.8,), shortlist=0
+    )
+    candidates = space.candidates(2, True, depth=4)
+    assert candidates[1:] == [
+        Rule(2, score="cls_attention", keep=0.7, reduce="absorb"),
+        Rule(2, keep=0.8, reduce="energy_merge", margin=0.75 - 0.75 * 2 / 4),
+    ]
+    result = search_routing(model, data, 0.7, space=space, holdout=0, progress=False)
+    assert count_flops(model, result.routing) <= 0.7 * count_flops(model, Routing())
+    with pytest.raises(ValueError, match="search candidates of reduce 'energy_merge' need the model's depth"):
+        space.candidates(2, True)
+    with pytest.raises(ValueError, match="cannot try reduce 'adaptive': it needs threshold, which has no default"):
+        SearchSpace(reducers=("adaptive",)).candidates(1, True, depth=4)

@@ -8,6 +8,7 @@ import numbers
 import statistics
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -76,8 +77,8 @@ def check_held_out(
 def check_against_baselines(
     model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float, confidence: float = 0.95
 ) -> tuple[Routing, dict[str, Any]]:
-    """The routing found against the baselines within budget (ToMe, and EViT and attention top-k where the model has
-    a class token), measured on the held-out images by the search's objective.
+    """The routing found against the baselines within budget (ToMe and PiToMe, and EViT, attention top-k and PPT where
+    the model has a class token), measured on the held-out images by the search's objective.
 
     The routing found is returned only when it beats every baseline with ``confidence`` by a one-sided paired test of
     the per-image losses (the upper confidence bound of its mean loss minus the baseline's is below 0); otherwise
@@ -85,7 +86,8 @@ def check_against_baselines(
     images it was picked on than it is, and a difference within the noise of a few hundred images is no lead.
     """
     check_confidence(confidence)
-    contenders = {"searched": routing, **matched_baselines(model, target, within=True)}
+    calibration = torch.cat(held_out.raw)[:256]  # PPT's variance threshold
+    contenders = {"searched": routing, **matched_baselines(model, target, within=True, calibration=calibration)}
     contenders.pop("random", None)  # a control, not a contender (and absent when even it cannot meet the target)
     values = {method: held_out.per_image(held_out.initial(), r, 0) for method, r in contenders.items()}
     results = {method: {name: v.mean().item() for name, v in metrics.items()} for method, metrics in values.items()}

@@ -34,7 +34,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
-from attnprune.flops import _linear_macs, count_flops
+from attnprune.flops import count_flops, linear_macs
 from attnprune.routing import Routing
 from attnprune.vit import feed_forward, head, num_patch_tokens
 
@@ -186,7 +186,7 @@ def relaxed_flops(model: VisionTransformer, rates: list[BlockRates]) -> Tensor:
     """FLOPs of the kept counts ``rates`` of blocks 1 to L - 1, straight-through (see the module docstring): equal to
     :func:`~attnprune.flops.count_flops` of the schedule's routing less the scorer's and reducer's own work."""
     tokens = float(num_patch_tokens(model) + model.num_prefix_tokens)
-    costs = [(_linear_macs(b.attn), 2 * b.attn.attn_dim, _linear_macs(b.mlp)) for b in model.blocks]
+    costs = [(linear_macs(b.attn), 2 * b.attn.attn_dim, linear_macs(b.mlp)) for b in model.blocks]
     unpruned = sum(tokens * (attn + mix * tokens + mlp) for attn, mix, mlp in costs)
     total = torch.tensor(float(count_flops(model, Routing())) - unpruned, dtype=torch.float64)
     n = torch.tensor(tokens, dtype=torch.float64)
