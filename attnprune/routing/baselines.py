@@ -1,6 +1,6 @@
-"""The baselines tuned to a FLOPs budget, for comparisons at equal FLOPs: ToMe's r schedule, EViT's and attention
-top-k's keep fractions (and the random control's) chosen so that each routing's FLOPs match a target."""
-
+"""The baselines tuned to a FLOPs budget, for comparisons at equal FLOPs: ToMe's r schedule, EViT's, attention
+top-k's and the random control's keep fractions, PiToMe's ratio and PPT's r (with its variance threshold calibrated on
+images), chosen so that each routing's FLOPs match a target."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -23,20 +23,18 @@ def match_flops(
 ) -> Routing:
     """Of the routings ``make(knob)``, the one whose FLOPs are closest to ``ratio`` times the unpruned model's.
 
-        Used to compare methods at equal FLOPs: ``match_flops(model, lambda r: Routing.tome(int(r), 12), range(1, 25),
-        0.65)`` tunes ToMe's r to 65% of the FLOPs. Knobs whose routing does not fit the model (for example an r
-        larger than bipartite matching can merge in the last blocks) are not candidates.
+    Used to compare methods at equal FLOPs: ``match_flops(model, lambda r: Routing.tome(int(r), 12), range(1, 25),
+    0.65)`` tunes ToMe's r to 65% of the FLOPs. Knobs whose routing does not fit the model (for example an r
+    larger than bipartite matching can merge in the last blocks) are not candidates.
 
-        Raises:
-            UserError: no knob gives a routing that fits the model (the message names the knobs and the last error).
+    Raises:
+        UserError: no knob gives a routing that fits the model (the message names the knobs and the last error).
 
-        Example:
-            >>> import torch
-    from timm.models.vision_transformer import VisionTransformer
-    from torch import Tensor
-            >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
-            >>> match_flops(model, lambda r: Routing.tome(int(r), 4), range(1, 16), 0.7).name
-            'tome-r9'
+    Example:
+        >>> from timm.models.vision_transformer import VisionTransformer
+        >>> model = VisionTransformer(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+        >>> match_flops(model, lambda r: Routing.tome(int(r), 4), range(1, 16), 0.7).name
+        'tome-r9'
     """
     target = ratio * count_flops(model, Routing())
     candidates, error, knobs = [], None, list(knobs)
