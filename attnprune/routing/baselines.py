@@ -1,6 +1,7 @@
 """The baselines tuned to a FLOPs budget, for comparisons at equal FLOPs: ToMe's r schedule, EViT's, attention
 top-k's and the random control's keep fractions, PiToMe's ratio and PPT's r (with its variance threshold calibrated on
 images), chosen so that each routing's FLOPs match a target."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
