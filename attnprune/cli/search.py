@@ -1,8 +1,8 @@
 """Search the best static routing under a FLOPs budget on validation data (never the test split).
 
 By default candidates are ranked by fidelity to the unpruned model (KL divergence of the class distributions, no
-labels needed), and 30% of the images are held out to check the routing found against ToMe, EViT and attention top-k
-within the same budget: a baseline that does better there is returned, and the report says so.
+labels needed), and 30% of the images are held out to check the routing found against ToMe, EViT, attention
+top-k, PiToMe and PPT within the same budget: a baseline that does better there is returned, and the report says so.
 
 Writes the routing YAML to ``--output`` and the report (objective, validation KL and top-1, FLOPs, candidates
 evaluated, block passes, wall time, held-out check) next to it as JSON. With ``--state_path``, rerunning the same

@@ -256,9 +256,9 @@ def search_routing(
             class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
             for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
         holdout: fraction of the validation images (the last ones) kept out of the search. The routing found is
-            compared there with the baselines within budget (ToMe, EViT, attention top-k) by the same objective:
-            searching hundreds of candidates on the same images rewards lucky ones. 0 searches on every image and
-            checks nothing.
+            compared there with the baselines within budget (ToMe, EViT, attention top-k, PiToMe, PPT) by the same
+            objective: searching hundreds of candidates on the same images rewards lucky ones. 0 searches on every
+            image and checks nothing.
         confidence: the routing found is returned only if a one-sided paired test of the per-image held-out losses
             says it beats every baseline with this confidence; otherwise the best baseline there is returned.
         state_path: JSON file saving the search as it goes; rerunning with it continues where it stopped.
