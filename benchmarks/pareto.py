@@ -116,15 +116,17 @@ def main() -> None:
         calibration = torch.cat([x for x, _ in val])[:256]  # PPT's variance threshold
         matched = matched_baselines(model, count_flops(model, found.routing), calibration=calibration)
         routings = {"searched": found.routing, **matched}
-        if args.diffrate:  # DiffRate's own rate search at the same budget on the same images
-            routings["diffrate"] = search_routing(
+        if args.diffrate:  # DiffRate's own rate search at the same budget on the same images: the schedule it found,
+            # before the held-out check (which would return a baseline in its place)
+            rates = search_routing(
                 model,
                 val,
                 budget,
                 strategy="diffrate",
                 holdout=args.holdout,
                 state_path=args.state_dir / f"{name}-diffrate-{budget:g}.json",
-            ).routing
+            )
+            routings["diffrate"] = Routing.from_dict(rates.report["check"]["searched_routing"])
         for method, routing in routings.items():
             flops = count_flops(model, routing)
             row = {

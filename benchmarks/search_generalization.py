@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> None:
                         state_path=args.state_dir / f"{name}-{budget:g}-{seed}-diffrate.json",
                         progress=False,
                     )
-                    within["diffrate"] = rates.routing
+                    # the schedule DiffRate found, before the held-out check
+                    within["diffrate"] = Routing.from_dict(rates.report["check"]["searched_routing"])
                 contenders = {"searched": found.routing, **within}
                 for routing in (before_check, *contenders.values()):
                     if key(routing) not in scored:
