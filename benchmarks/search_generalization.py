@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
                 calibration = torch.cat([x for x, _ in validation_draws[seed]])[:256]  # PPT's threshold
                 # the most FLOPs within budget
                 within = matched_baselines(model, budget * unpruned, within=True, calibration=calibration)
-                if args.diffrate:  # DiffRate's own rate search on the same draw, its returned routing
+                if args.diffrate and model.has_class_token:  # DiffRate's own rate search on the same draw
                     rates = search_routing(
                         model,
                         validation_draws[seed],
@@ -160,10 +160,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _complete(row: dict, wanted: set[str]) -> bool:
-    """Whether a searched row has paired errors against every ``wanted`` baseline the model can have (PPT ranks by
-    class-token attention, as EViT does: a model without EViT has no PPT)."""
+    """Whether a searched row has paired errors against every ``wanted`` baseline the model can have (PPT and DiffRate
+    rank by class-token attention, as EViT does: a model without EViT has neither)."""
     against = set(row.get("found_paired_se", {}))
-    return bool(against) and wanted - ({"ppt"} if "evit" not in against else set()) <= against
+    return bool(against) and wanted - ({"ppt", "diffrate"} if "evit" not in against else set()) <= against
 
 
 def merge(out: Path, others: list[Path]) -> None:
