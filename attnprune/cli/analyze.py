@@ -46,7 +46,8 @@ def analyze(
 
     Args:
         model: a timm hub name, local weights file or Lightning checkpoint (see ``attnprune.load_model``).
-        data: the data module; its ``validation`` split is analysed (never the test split).
+        data: the data module; its ``validation`` split is analysed (never the test split; on val-only ImageNet,
+            ``search_split`` carves it out of the held-out split).
         output_dir: where the tables and plots go.
         num_images: validation images analysed.
         oracle: measure scorer reliability against the leave-one-out oracle (the costly part).
@@ -69,6 +70,7 @@ def analyze(
         except (ValueError, FileNotFoundError, TypeError) as err:
             raise type(err)(f"--routings entry {spec!r}: {err}") from err
     data.for_model(network).setup("validate")
+    print(f"analysing the first {num_images:,} images of {data.describe_split('validation')}")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start = time.perf_counter()
     seen, first = _analyse(analyzer, network, data, num_images, model)

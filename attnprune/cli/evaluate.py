@@ -6,7 +6,8 @@ A LightningCLI entry point configured by YAML under configs/ (model, data, train
 a timm hub name, a local weights file or a Lightning checkpoint; ``--ckpt_path`` restores a whole module saved by
 train.py (a linear probe with its head, say). A routing is ``unpruned``, a preset by name (``tome:r=13``,
 ``evit:keep=0.7``, ``topk_attention:keep=0.7``, ``random:keep=0.7``; see :meth:`attnprune.Routing.parse`)
-or a routing YAML file. Every routing is checked against the model before any pass runs. Prints the table and writes
+or a routing YAML file. Every routing is checked against the model before any pass runs, and a routing whose search
+(search.py's report beside its YAML) read any of the test images is refused. Prints the table and writes
 ``results.json`` and ``results.csv`` (and a plot of top-1 against GFLOPs) to ``--output_dir``; with W&B, each
 routing's metrics are logged under ``evaluate/<routing>/...``, with one table and the plot.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +99,37 @@ def check_routings(specs: list[str], backbone: nn.Module) -> dict[str, Routing]:
     return routings
 
 
+def check_unseen(specs: list[str], datamodule: Any) -> None:
+    """Refuse a routing whose search read any image of the test split: the search's report (the routing YAML's
+    ``.json`` that search.py writes beside it) records the source images it searched on. A report of another source
+    cannot be compared: that is a warning on stderr, with the count of images the search read.
+
+    Raises:
+        UserError: naming the routing, how many test images its search saw and the split settings to use.
+    """
+    for spec in specs:
+        report = Path(spec).with_suffix(".json")
+        if Path(spec).suffix not in (".yaml", ".yml") or not report.is_file():
+            continue
+        record = json.loads(report.read_text()).get("searched_on")
+        if not isinstance(record, dict) or not hasattr(datamodule, "searched_overlap"):
+            continue
+        seen, total = datamodule.searched_overlap(record), len(datamodule.origins["test"][1])
+        searched = f"{len(record.get('positions', [])):,} images of {record.get('source')}"
+        if seen is None:
+            print(
+                f"WARNING: routing {spec} was searched on {searched} ({report}), another source than "
+                f"{datamodule.describe_source()}: none of its images can be checked against the test split",
+                file=sys.stderr,
+            )
+        elif seen:
+            settings = ", ".join(f"{k}={record.get(k)}" for k in ("search_split", "seed", "val_size"))
+            raise UserError(
+                f"routing {spec} was searched on {seen:,} of the {total:,} test images ({report}); evaluate.py reports "
+                f"only on images the search did not see: give the data module the search's split ({settings})"
+            )
+
+
 class ImageCounter(Callback):
     """Counts the test images of one ``trainer.test`` over all processes."""
 
@@ -163,8 +196,12 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
         module = type(module).load_from_checkpoint(config.ckpt_path, map_location="cpu")
     check_finite(module.state_dict(), config.ckpt_path or f"--model checkpoint {module.backbone_config.checkpoint}")
     routings = check_routings(config.routings, module.backbone)
-    if hasattr(datamodule, "prepare_splits") and not datamodule.splits:
-        datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
+    if hasattr(datamodule, "prepare_splits"):
+        if not datamodule.splits:
+            datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
+        check_unseen(config.routings, datamodule)
+        if trainer.is_global_zero:
+            print(f"evaluating on {datamodule.describe_split('test')}")
     counter = ImageCounter()
     trainer.callbacks.append(counter)
     spec = module.hparams.get("model_spec") or {}

@@ -5,8 +5,10 @@ labels needed), and 30% of the images are held out to check the routing found ag
 top-k, PiToMe and PPT within the same budget: a baseline that does better there is returned, and the report says so.
 
 Writes the routing YAML to ``--output`` and the report (objective, validation KL and top-1, FLOPs, candidates
-evaluated, block passes, wall time, held-out check) next to it as JSON. With ``--state_path``, rerunning the same
-command continues an interrupted search.
+evaluated, block passes, wall time, held-out check, and under ``searched_on`` which source images were searched on)
+next to it as JSON; evaluate.py refuses to report that routing on any of those images. On a source with only
+ImageNet's validation images, ``--data.init_args.search_split`` carves the search split out of them. With
+``--state_path``, rerunning the same command continues an interrupted search.
 
     python search.py --model checkpoints/fmnist_supervised.safetensors \\
         --data.class_path attnprune.lit.data.FashionMNISTDataModule --budget 0.6 \\
@@ -49,7 +51,8 @@ def search(
 
     Args:
         model: timm hub name, weights file or Lightning checkpoint (``attnprune.load_model``).
-        data: the data module; the first ``val_images`` of its validation split are searched on.
+        data: the data module; the first ``val_images`` of its validation split are searched on (with
+            ``search_split``, a seeded part of the source's held-out split; see :class:`ImageDataModule`).
         budget: FLOPs budget as a fraction of the unpruned model.
         strategy: ``beam``, ``transition``, ``label_free`` or ``diffrate`` (DiffRate's differentiable rate search).
         val_images: validation images used.
@@ -69,6 +72,8 @@ def search(
         raise UserError(f"--val_images must be at least 1, got {val_images}")
     network = load_model(model)
     batches = data.for_model(network).take("validation", val_images)
+    read = sum(len(labels) for _, labels in batches)
+    print(f"searching on the first {read:,} images of {data.describe_split('validation')}")
     if batches:  # before the search: NaN logits would make every candidate tie, not fail
         check_finite_outputs(network(batches[0][0]), f"--model {model}")
     result = search_routing(
@@ -83,7 +88,8 @@ def search(
         confidence=confidence,
         rates=rates,
     )
-    report = {**result.report, "model": model, "routing": result.routing.to_dict()}
+    searched_on = data.split_record("validation", read)
+    report = {**result.report, "model": model, "routing": result.routing.to_dict(), "searched_on": searched_on}
     write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))
     write_text_atomic(output, result.routing.to_yaml())
     print(result.routing.to_yaml())

@@ -2,6 +2,8 @@
 
 - :mod:`~attnprune.lit.data.base`: :class:`ImageDataModule`, what every source shares (splits, timm transforms,
   loaders) and the batch collation.
+- :mod:`~attnprune.lit.data.splits`: the split protocol: carve-outs (``val_size``, ``search_split``) and the record
+  of which source images a search read.
 - :mod:`~attnprune.lit.data.folders`: :class:`ImageFolderDataModule`, any folder of class subfolders.
 - :mod:`~attnprune.lit.data.imagenet`: :class:`ImageNetDataModule`, ImageNet-1k in every layout users have it.
 - :mod:`~attnprune.lit.data.fashion_mnist`: :class:`FashionMNISTDataModule`, IDX files or the hub.

@@ -1,14 +1,17 @@
 """The DataModule every source shares: splits, transforms from the model's timm data config, loaders.
 
-Every module yields ``(images, labels)`` batches and has three splits with one rule: ``validation`` is carved
-deterministically from the source's training data (routing search and model selection use it), ``test`` is the
-source's held-out split (final numbers only). Transforms come from timm's data config of the model being trained
-(``resolve_model_data_config`` + ``create_transform``), so preprocessing travels with the weights.
+Every module yields ``(images, labels)`` batches and has three splits, ``validation`` and ``test`` never sharing an
+image: ``validation`` is what routing search, analysis and model selection read, ``test`` what final numbers are
+reported on. By default ``validation`` is carved (seeded) out of the source's training split and ``test`` is the
+source's held-out split; with ``search_split`` (a source with only ImageNet's validation images, say), both are carved
+out of the held-out split: a seeded search split, and the rest to report on (:mod:`~attnprune.lit.data.splits`).
+Transforms come from timm's data config of the model being trained (``resolve_model_data_config`` +
+``create_transform``), so preprocessing travels with the weights.
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,9 +32,15 @@ from timm.data import (
 from torch.utils.data import DataLoader
 
 from attnprune.errors import UserError
+from attnprune.lit.data.splits import Origin, carve, searched_overlap, split_count, split_record
 
 __all__ = ["ImageDataModule", "check_input_size", "collate_images"]
 
+NO_VALIDATION = (
+    "{source} has no training split to carve the validation split out of (what search.py, analyze.py and `validate` "
+    "read); give search_split (--data.init_args.search_split 10000, or a fraction) to carve a seeded search split out "
+    "of its held-out split, whose other images stay the test split that evaluate.py reports on"
+)
 IMAGENET_DATA_CONFIG = {
     "input_size": (3, 224, 224),
     "interpolation": "bicubic",
@@ -94,7 +103,12 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         val_size: images (int) or fraction (float) of the source's training split held out as ``validation``; at
             least one image must stay on each side.
-        seed: seed of the validation carve-out and the training shuffle.
+        seed: seed of the carve-outs (``val_size``, ``search_split``) and of the training shuffle.
+        search_split: images (int) or fraction (float) of the source's held-out split (ImageNet's 50,000 validation
+            images) carved out, seeded by ``seed``, as the ``validation`` split that search.py and analyze.py read;
+            the rest is the ``test`` split that evaluate.py reports on, so the two share no image. For sources without
+            training images (val-only ImageNet); the training split, if any, is then kept whole. None: ``validation``
+            is carved out of the training split (``val_size``).
         data_config: timm data config (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``); default
             the trained module's ``data_config``, else timm's ImageNet defaults.
         train_scale: RandomResizedCrop scale range of the training transform.
@@ -113,11 +127,13 @@ class ImageDataModule(L.LightningDataModule):
         train_scale: tuple[float, float] = (0.08, 1.0),
         hflip: float = 0.5,
         train_transform: Callable | None = None,
+        search_split: int | float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform"])
         self.train_transform = train_transform
         self.splits: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
+        self.origins: dict[str, Origin] = {}  # validation and test: the source split and positions of their images
 
     # -------------------------------------------------------------------------------------------- sources
     def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
@@ -140,53 +156,75 @@ class ImageDataModule(L.LightningDataModule):
     def validation_count(self, train_images: int | None) -> int:
         """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
         val_size = self.hparams.val_size
-        default = getattr(self, "DEFAULT_VAL_IMAGES", None)
-        if train_images is None:  # streaming: the length is unknown
-            count = default if val_size is None else val_size
-            if not isinstance(count, int) or isinstance(count, bool):
-                raise UserError(f"val_size must be an image count with streaming data, got {val_size!r}")
-            return count
         if val_size is None:
-            count = min(default or train_images, max(1, round(0.1 * train_images)))
-        elif isinstance(val_size, float):
-            if not 0.0 < val_size < 1.0:
-                raise UserError(f"val_size as a fraction must be in (0, 1), got {val_size}")
-            count = math.ceil(val_size * train_images)
-        else:
-            count = val_size
-        if not 1 <= count < train_images:
-            raise UserError(
-                f"val_size={val_size!r} holds out {count} of the {train_images} training images of "
-                f"{self.describe_source()}; at least one image must stay on each side. Give a smaller count or a "
-                "fraction (val_size=0.1)"
-            )
-        return count
+            default = getattr(self, "DEFAULT_VAL_IMAGES", None)
+            val_size = default if train_images is None else min(default or train_images, round(0.1 * train_images) or 1)
+        return split_count(val_size, train_images, "val_size", f"training images of {self.describe_source()}")
 
     def prepare_splits(self) -> None:
-        """Load the source and carve ``validation`` out of its training split (deterministic in ``seed``).
+        """Load the source and carve ``validation`` out of its training split, or with ``search_split`` out of its
+        held-out split (deterministic in ``seed``; see :mod:`~attnprune.lit.data.splits`).
 
-        A source without training images gives only the ``test`` split (evaluation); ``fit`` then fails in
-        :meth:`setup`.
+        A source without training images and without ``search_split`` gives only the ``test`` split (evaluation);
+        ``fit``, ``validate`` and the search then fail in :meth:`setup`.
         """
         source = self.load_source()
-        self.splits = {}
-        train = source.get("train")
-        if isinstance(train, datasets.IterableDataset):
-            count = self.validation_count(None)
-            self.splits = {"train": train.skip(count), "validation": train.take(count)}
+        self.splits, self.origins = {}, {}
+        held = next((name for name in self.HELD_OUT if name in source and _labelled(source[name])), None)
+        if held is not None:
+            size = _length(source[held])
+            self.splits["test"], self.origins["test"] = (
+                source[held],
+                (held, range(sys.maxsize if size is None else size)),
+            )
+        train, seed = source.get("train"), self.hparams.seed
+        if self.hparams.search_split is not None:
+            if held is None:
+                raise UserError(
+                    f"search_split carves the search split out of the held-out split, but {self.describe_source()} "
+                    f"has none with labels (found: {', '.join(source) or 'none'})"
+                )
+            what = f"images of the {held} split of {self.describe_source()}"
+            count = split_count(self.hparams.search_split, _length(source[held]), "search_split", what)
+            self.splits["validation"], self.splits["test"], self.origins["validation"], self.origins["test"] = carve(
+                source[held], count, seed, held
+            )
+            if train is not None:
+                self.splits["train"] = train
         elif train is not None:
-            count = self.validation_count(len(train))
-            parts = train.train_test_split(test_size=count, seed=self.hparams.seed, shuffle=True)
-            self.splits = {"train": parts["train"], "validation": parts["test"]}
-        for name in self.HELD_OUT:
-            if name in source and _labelled(source[name]):
-                self.splits["test"] = source[name]
-                break
+            count = self.validation_count(_length(train))
+            parts = carve(train, count, seed, "train")
+            self.splits["validation"], self.splits["train"], self.origins["validation"] = parts[:3]
         if not self.splits:
             raise FileNotFoundError(
                 f"{self.describe_source()} has no labelled split (found: {', '.join(source) or 'none'}). "
                 f"{self.layouts_hint()}".strip()
             )
+
+    def describe_split(self, split: str) -> str:
+        """Where ``split``'s images come from, as a phrase (what search.py, analyze.py and evaluate.py print):
+        ``the validation split (10,000 images of the validation split of ..., by search_split 10000 with seed 0;
+        none of them in the test split)``."""
+        held, positions = self.origins[split]
+        size = f"{len(positions):,} images" if len(positions) < sys.maxsize // 2 else "a stream of images"
+        where = f"the {held} split of {self.describe_source()}"
+        if held == "train":
+            return f"the {split} split ({size} of {where}, by val_size with seed {self.hparams.seed})"
+        if self.hparams.search_split is None:
+            return f"the {split} split (the {size} of {where})"
+        other = "test" if split == "validation" else "validation"
+        how = f"search_split {self.hparams.search_split} with seed {self.hparams.seed}"
+        return f"the {split} split ({size} of {where}, by {how}; none of them in the {other} split)"
+
+    def split_record(self, split: str, images: int) -> dict[str, Any]:
+        """Which source images the first ``images`` of ``split`` are, with the settings that carve it: what a
+        search's report keeps, for :meth:`searched_overlap`."""
+        settings = {key: self.hparams.get(key) for key in ("seed", "val_size", "search_split")}
+        return split_record(self.describe_source(), self.origins[split], images, settings)
+
+    def searched_overlap(self, record: dict[str, Any], split: str = "test") -> int | None:
+        """Images of ``split`` that a search recorded by :meth:`split_record` read (None: another source)."""
+        return searched_overlap(record, self.describe_source(), self.origins[split])
 
     # ----------------------------------------------------------------------------------------- transforms
     def resolved_data_config(self) -> dict[str, Any]:
@@ -230,17 +268,20 @@ class ImageDataModule(L.LightningDataModule):
             check_input_size(getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data")
         if not self.splits:
             self.prepare_splits()
-        if stage in ("fit", "validate") and "train" not in self.splits:
+        if stage == "fit" and "train" not in self.splits:
             raise UserError(
-                f"{self.describe_source()} has no training split, which `{stage}` needs (the validation split is "
-                f"carved out of it); it has only the held-out split, which `test` (evaluate.py) reads. "
-                f"{self.layouts_hint()}".strip()
+                f"{self.describe_source()} has no training split, which `fit` needs; it has only the held-out split, "
+                f"which `test` (evaluate.py) reads. {self.layouts_hint()}".strip()
             )
+        if stage == "validate" and "validation" not in self.splits:
+            raise UserError(NO_VALIDATION.format(source=self.describe_source()))
         self._transforms = {split: self.make_transform(split == "train") for split in ("train", "validation", "test")}
         self._transforms["bank"] = self._transforms["test"]
 
     def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
         needed = "train" if split == "bank" else split
+        if split == "validation" and split not in self.splits:
+            raise UserError(NO_VALIDATION.format(source=self.describe_source()))
         if needed not in self.splits:
             what = "held-out split (add a test/ or val/ folder)" if split == "test" else "training split"
             raise UserError(
@@ -322,6 +363,10 @@ class ImageDataModule(L.LightningDataModule):
     def bank_dataloader(self) -> DataLoader:
         """The training split with evaluation transforms, in order (k-NN memory banks, feature statistics)."""
         return self._loader("bank", shuffle=False)
+
+
+def _length(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
+    return None if isinstance(data, datasets.IterableDataset) else len(data)
 
 
 def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:

@@ -1,0 +1,155 @@
+"""The val-only ImageNet workflow: a seeded search split and a report split carved out of ImageNet's validation
+images, disjoint; search.py and analyze.py read the first, evaluate.py reports on the second and refuses a routing
+whose search saw any of its images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import timm
+import yaml
+
+from attnprune import Routing, save_model
+from attnprune.cli.analyze import main as analyze_main
+from attnprune.cli.evaluate import main as evaluate_main
+from attnprune.cli.search import main as search_main
+from attnprune.lit.data import ImageNetDataModule
+from tests.fake_imagenet import make_fake_imagenet
+
+ARCH = "vit_tiny_patch16_224"
+KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 5}
+CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A fake ImageNet (5 real wnids, 15 validation images) and a tiny random model of its classes."""
+    root = tmp_path_factory.mktemp("val-only")
+    make_fake_imagenet(root / "imagenet")
+    model = timm.create_model(ARCH, pretrained_cfg_overlay=CFG, **KWARGS).eval()
+    save_model(model, root / "model.safetensors", ARCH, model_kwargs=KWARGS)
+    return root
+
+
+def data(workdir: Path, **kwargs) -> ImageNetDataModule:
+    source = str(workdir / "imagenet" / "val_only")
+    return ImageNetDataModule(source=source, batch_size=4, cache_dir=str(workdir / "hf"), **kwargs)
+
+
+def file_names(split: datasets.Dataset) -> list[str]:
+    return [Path(item["path"]).name for item in split.cast_column("image", datasets.Image(decode=False))["image"]]
+
+
+def test_search_split_is_a_seeded_disjoint_carve_out_of_the_validation_images(workdir):
+    dm = data(workdir, search_split=6, seed=0)
+    dm.prepare_splits()
+    assert {name: len(split) for name, split in dm.splits.items()} == {"validation": 6, "test": 9}
+    order = np.random.default_rng(0).permutation(15).tolist()  # the documented carve-out: this permutation's first 6
+    assert dm.origins["validation"] == ("validation", order[:6]) and dm.origins["test"] == ("validation", order[6:])
+    searched, reported = file_names(dm.splits["validation"]), file_names(dm.splits["test"])
+    assert not set(searched) & set(reported) and len(set(searched) | set(reported)) == 15  # disjoint, all of val
+    whole = data(workdir)
+    whole.prepare_splits()
+    assert searched == [file_names(whole.splits["test"])[i] for i in order[:6]]
+    again = data(workdir, search_split=0.4, seed=0)  # a fraction: ceil(0.4 * 15) = 6, the same images
+    again.prepare_splits()
+    assert file_names(again.splits["validation"]) == searched
+    other = data(workdir, search_split=6, seed=1)
+    other.prepare_splits()
+    assert file_names(other.splits["validation"]) != searched
+    assert dm.describe_split("validation") == (
+        f"the validation split (6 images of the validation split of ImageNet source {workdir}/imagenet/val_only, by "
+        "search_split 6 with seed 0; none of them in the test split)"
+    )
+
+
+def test_search_split_errors_and_what_each_stage_needs(workdir):
+    with pytest.raises(ValueError, match=r"search_split=15 holds out 15 of the 15 images of the validation split of"):
+        data(workdir, search_split=15).prepare_splits()
+    with pytest.raises(ValueError, match=r"search_split as a fraction must be in \(0, 1\), got 1.5"):
+        data(workdir, search_split=1.5).prepare_splits()
+    without = data(workdir)
+    with pytest.raises(ValueError, match=r"no training split to carve the validation split out of.*give search_split"):
+        without.setup("validate")
+    with pytest.raises(ValueError, match=r"no training split to carve the validation split out of"):
+        without.take("validation", 4)
+    dm = data(workdir, search_split=6, data_config=CFG)
+    dm.setup("validate")  # no training split needed
+    assert sum(len(labels) for _, labels in dm.val_dataloader()) == 6
+    with pytest.raises(ValueError, match=r"has no training split, which `fit` needs"):
+        dm.setup("fit")
+
+
+def evaluate_config(workdir: Path, **data_args) -> Path:
+    path = workdir / f"evaluate-{len(list(workdir.glob('evaluate-*.yaml')))}.yaml"
+    config = {
+        "trainer": {
+            "accelerator": "cpu",
+            "logger": False,
+            "enable_progress_bar": False,
+            "default_root_dir": str(workdir / "runs"),
+        },
+        "model": {
+            "class_path": "attnprune.lit.modules.PrunedClassifier",
+            "init_args": {"backbone": {"model": "auto", "checkpoint": str(workdir / "model.safetensors")}},
+        },
+        "data": {
+            "class_path": "attnprune.lit.data.ImageNetDataModule",
+            "init_args": {
+                "source": str(workdir / "imagenet" / "val_only"),
+                "batch_size": 4,
+                "cache_dir": str(workdir / "hf"),
+                **data_args,
+            },
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, capsys):
+    split = ["--data.class_path", "attnprune.lit.data.ImageNetDataModule", "--data.init_args.source"]
+    split += [str(workdir / "imagenet" / "val_only"), "--data.init_args.cache_dir", str(workdir / "hf")]
+    split += ["--data.init_args.batch_size", "4", "--data.init_args.search_split", "6"]
+    out = workdir / "search" / "routing.yaml"
+    model = str(workdir / "model.safetensors")
+    search_main(["--model", model, *split, "--budget", "0.8", "--val_images", "6", "--output", str(out)])
+    assert "searching on the first 6 images of the validation split (6 images of the validation split" in (
+        capsys.readouterr().out
+    )
+    record = json.loads(out.with_suffix(".json").read_text())["searched_on"]
+    order = np.random.default_rng(0).permutation(15).tolist()
+    assert record == {
+        "source": f"ImageNet source {workdir}/imagenet/val_only",
+        "split": "validation",
+        "seed": 0,
+        "val_size": None,
+        "search_split": 6,
+        "positions": order[:6],
+    }
+    Routing.from_yaml(out)
+
+    analysis = ["--num_images", "5", "--oracle", "false", "--output_dir", str(workdir / "analysis")]
+    analyze_main(["--model", model, *split, *analysis])
+    assert "analysing the first 5 images of the validation split (6 images" in capsys.readouterr().out
+
+    results = workdir / "results"
+    rows = evaluate_main(
+        ["--config", str(evaluate_config(workdir, search_split=6)), "--routings", f"[unpruned, {out}]"]
+        + ["--output_dir", str(results), "--throughput_repeats", "0"]
+    )
+    assert [row["images"] for row in rows] == [9, 9]  # the report split only
+    assert "evaluating on the test split (9 images of the validation split" in capsys.readouterr().out
+
+    # the whole validation split, or another seed's report split, holds images the search saw: refused, with the count
+    for data_args, seen, total in (({}, 6, 15), ({"search_split": 6, "seed": 1}, None, 9)):
+        other = data(workdir, **data_args)
+        other.prepare_splits()
+        seen = len(set(order[:6]) & set(other.origins["test"][1])) if seen is None else seen
+        assert seen > 0
+        with pytest.raises(ValueError, match=rf"routing {out} was searched on {seen} of the {total} test images"):
+            evaluate_main(["--config", str(evaluate_config(workdir, **data_args)), "--routings", f"[{out}]"])
