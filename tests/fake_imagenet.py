@@ -1,6 +1,7 @@
 """A tiny fake ImageNet in every layout users have it: class folders, val/ only, the official flat validation folder
 with Kaggle's LOC_val_solution.csv, a datasets save_to_disk folder, the hub's parquet layout and a hub id in a local
-Hugging Face cache. Five real wnids; RGB, grayscale and CMYK JPEGs of several sizes whose colour depends on the class.
+Hugging Face cache, and a 2-class subset of other wnids. Five real wnids (ImageNet-1k's first five); RGB, grayscale and
+CMYK JPEGs of several sizes whose colour depends on the class.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from PIL import Image
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
 NAMES = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark", "tiger shark", "hammerhead"]
 MODES = ("RGB", "L", "CMYK")
+SUBSET = {"n01514668": 7, "n01687978": 42}  # two real wnids and their ImageNet-1k indices (timm's class order)
 HUB_ID = "ILSVRC/imagenet-1k"
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -59,6 +61,10 @@ def make_fake_imagenet(root: Path, train_per_class: int = 4, val_per_class: int 
 
     layouts["val_only"] = root / "val_only"
     shutil.copytree(folders / "val", root / "val_only" / "val")
+    # a 2-class subset: the images of the first two classes under the wnids of ImageNet classes 7 and 42
+    layouts["subset"] = root / "subset"
+    for wnid, source in zip(SUBSET, WNIDS[:2], strict=True):
+        shutil.copytree(folders / "val" / source, root / "subset" / "val" / wnid)
 
     # official flat folder, solution file in the parent folder, training class folders beside it
     flat = root / "flat"

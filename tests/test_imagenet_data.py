@@ -13,8 +13,9 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 from torchvision.datasets import ImageFolder
 
-from attnprune.lit.data import ImageNetDataModule
-from tests.fake_imagenet import HUB_ID, WNIDS, make_fake_imagenet, val_id
+from attnprune.lit.data import ImageFolderDataModule, ImageNetDataModule
+from tests.conftest import make_image_folder
+from tests.fake_imagenet import HUB_ID, SUBSET, WNIDS, make_fake_imagenet, val_id
 
 LAYOUTS = ("folders", "val_only", "flat", "flat_beside", "disk", "parquet", "hub_cache")
 WITH_TRAIN = {"folders", "flat", "disk", "parquet", "hub_cache"}
@@ -74,7 +75,8 @@ def reference(fake, model) -> tuple[list, float]:
 def test_every_layout_matches_imagefolder_with_timms_transform(fake, model, reference, layout, tmp_path):
     dm = datamodule(fake, layout, tmp_path).for_model(model)
     dm.setup("test")
-    assert dm.num_classes == 5
+    # class folders and the flat folder are indexed in ImageNet-1k's 1,000 classes; the datasets keep their 5 names
+    assert dm.num_classes == (5 if layout in {"disk", "parquet", "hub_cache"} else 1000)
     expected_splits = {"train": 18, "validation": 2, "test": 15} if layout in WITH_TRAIN else {"test": 15}
     assert {split: len(data) for split, data in dm.splits.items()} == expected_splits
     assert Counter(dm.splits["test"]["label"]) == {label: 3 for label in range(5)}
@@ -94,7 +96,7 @@ def test_flat_folder_labels_come_from_the_solution_file(fake, tmp_path):
     label_of = {val_id(label, i): label for label in range(5) for i in range(3)}
     assert names == sorted(label_of)  # the flat folder's own order (ids interleave the classes)
     assert test["label"] == [label_of[name] for name in names]
-    assert test.features["label"].names == WNIDS
+    assert test.features["label"].names[:5] == WNIDS and len(test.features["label"].names) == 1000
 
 
 def test_hub_test_split_without_labels_is_not_the_test_split(fake, tmp_path):
@@ -174,3 +176,71 @@ def test_plain_parquet_labels_take_their_names_from_the_dataset_card(fake, tmp_p
     dm = datamodule({"plain": root}, "plain", tmp_path / "other-cache")
     dm.prepare_splits()
     assert dm.num_classes == 1000  # no names anywhere: ImageNet-1k's class indices
+
+
+def test_a_class_folder_subset_keeps_its_imagenet_labels_and_says_so(fake, tmp_path, caplog):
+    dm = datamodule(fake, "subset", tmp_path)
+    dm.prepare_splits()
+    assert caplog.messages == ["2 of 1,000 classes; labels kept as ImageNet indices"]
+    assert Counter(dm.splits["test"]["label"]) == {7: 3, 42: 3}  # not re-indexed 0, 1
+    names = dm.splits["test"].features["label"].names
+    assert len(names) == 1000 and [names[i] for i in SUBSET.values()] == list(SUBSET)
+    whole = datamodule(fake, "folders", tmp_path)
+    whole.prepare_splits()
+    assert caplog.messages[1:] == ["5 of 1,000 classes; labels kept as ImageNet indices"]
+    # a folder that is not an ImageNet wnid: torchvision's order (sorted names), as before
+    other = tmp_path / "other"
+    for name in ("zebra", "n01514668"):
+        (other / "val" / name).mkdir(parents=True)
+        for file in sorted((fake["subset"] / "val" / "n01514668").iterdir())[:2]:
+            (other / "val" / name / file.name).write_bytes(file.read_bytes())
+    dm = datamodule({"other": other}, "other", tmp_path)
+    dm.prepare_splits()
+    assert dm.splits["test"].features["label"].names == ["n01514668", "zebra"]
+    assert len(caplog.messages) == 2
+
+
+def test_class_map_as_text_or_json_sets_the_labels(fake, tmp_path):
+    text = tmp_path / "classes.txt"
+    text.write_text("\n".join(reversed(WNIDS)) + "\n\n")  # timm's format: one class per line, its index the line's
+    dm = datamodule(fake, "val_only", tmp_path, class_map=str(text))
+    dm.prepare_splits()
+    assert Counter(dm.splits["test"]["label"]) == {label: 3 for label in range(5)}
+    assert dm.splits["test"].features["label"].names == list(reversed(WNIDS))
+    by_name = {
+        Path(item["path"]).parent.name: label
+        for item, label in zip(
+            dm.splits["test"].cast_column("image", datasets.Image(decode=False))["image"],
+            dm.splits["test"]["label"],
+            strict=True,
+        )
+    }
+    assert by_name == {wnid: 4 - i for i, wnid in enumerate(WNIDS)}
+    mapping = tmp_path / "classes.json"
+    mapping.write_text('{"n01514668": 3, "n01687978": 900}')
+    dm = datamodule(fake, "subset", tmp_path, class_map=str(mapping))
+    dm.prepare_splits()
+    assert Counter(dm.splits["test"]["label"]) == {3: 3, 900: 3} and dm.num_classes == 901
+    folder = make_image_folder(tmp_path / "plain", train_per_class=2, test_per_class=2)
+    (tmp_path / "plain.txt").write_text("class_2\nclass_0\nclass_1\n")
+    plain = ImageFolderDataModule(root=str(folder), val_size=2, class_map=str(tmp_path / "plain.txt"))
+    plain.prepare_splits()
+    assert Counter(plain.splits["test"]["label"]) == {0: 2, 1: 2, 2: 2}
+    assert plain.splits["test"].features["label"].names == ["class_2", "class_0", "class_1"]
+
+
+def test_class_map_errors_name_the_file_and_the_problem(fake, tmp_path):
+    def fails(content: str, suffix: str, match: str, layout: str = "val_only") -> None:
+        path = tmp_path / f"map{len(list(tmp_path.iterdir()))}{suffix}"
+        path.write_text(content)
+        with pytest.raises(ValueError, match=match):
+            datamodule(fake, layout, tmp_path, class_map=str(path)).prepare_splits()
+
+    fails("\n".join(WNIDS[:4]), ".txt", r"1 classes of ImageNet source .* are not in class_map .* n01494475")
+    fails("\n".join([*WNIDS, WNIDS[0]]), ".txt", r"names n01440764 on more than one line")
+    fails('{"n01440764": "0"}', ".json", r"maps classes to integers >= 0; got n01440764: '0'")
+    fails("[1, 2]", ".json", r"must be a JSON object of class name -> index")
+    fails("n01440764", ".csv", r"must be a .txt \(one class per line\) or .json")
+    fails("\n".join(WNIDS), ".txt", r"class_map relabels class folders.*is a datasets folder", layout="parquet")
+    with pytest.raises(FileNotFoundError, match=r"class_map .*missing.txt does not exist"):
+        datamodule(fake, "val_only", tmp_path, class_map=str(tmp_path / "missing.txt")).prepare_splits()

@@ -5,6 +5,7 @@ whose search saw any of its images."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import datasets
@@ -18,16 +19,16 @@ from attnprune.cli.analyze import main as analyze_main
 from attnprune.cli.evaluate import main as evaluate_main
 from attnprune.cli.search import main as search_main
 from attnprune.lit.data import ImageNetDataModule
-from tests.fake_imagenet import make_fake_imagenet
+from tests.fake_imagenet import SUBSET, make_fake_imagenet
 
 ARCH = "vit_tiny_patch16_224"
-KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 5}
+KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 1000}
 CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A fake ImageNet (5 real wnids, 15 validation images) and a tiny random model of its classes."""
+    """A fake ImageNet (5 real wnids, 15 validation images) and a tiny random model of ImageNet's 1,000 classes."""
     root = tmp_path_factory.mktemp("val-only")
     make_fake_imagenet(root / "imagenet")
     model = timm.create_model(ARCH, pretrained_cfg_overlay=CFG, **KWARGS).eval()
@@ -35,8 +36,8 @@ def workdir(tmp_path_factory) -> Path:
     return root
 
 
-def data(workdir: Path, **kwargs) -> ImageNetDataModule:
-    source = str(workdir / "imagenet" / "val_only")
+def data(workdir: Path, layout: str = "val_only", **kwargs) -> ImageNetDataModule:
+    source = str(workdir / "imagenet" / layout)
     return ImageNetDataModule(source=source, batch_size=4, cache_dir=str(workdir / "hf"), **kwargs)
 
 
@@ -84,7 +85,7 @@ def test_search_split_errors_and_what_each_stage_needs(workdir):
         dm.setup("fit")
 
 
-def evaluate_config(workdir: Path, **data_args) -> Path:
+def evaluate_config(workdir: Path, source: Path, **data_args) -> Path:
     path = workdir / f"evaluate-{len(list(workdir.glob('evaluate-*.yaml')))}.yaml"
     config = {
         "trainer": {
@@ -99,57 +100,66 @@ def evaluate_config(workdir: Path, **data_args) -> Path:
         },
         "data": {
             "class_path": "attnprune.lit.data.ImageNetDataModule",
-            "init_args": {
-                "source": str(workdir / "imagenet" / "val_only"),
-                "batch_size": 4,
-                "cache_dir": str(workdir / "hf"),
-                **data_args,
-            },
+            "init_args": {"source": str(source), "batch_size": 4, "cache_dir": str(workdir / "hf"), **data_args},
         },
     }
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, capsys):
-    split = ["--data.class_path", "attnprune.lit.data.ImageNetDataModule", "--data.init_args.source"]
-    split += [str(workdir / "imagenet" / "val_only"), "--data.init_args.cache_dir", str(workdir / "hf")]
-    split += ["--data.init_args.batch_size", "4", "--data.init_args.search_split", "6"]
-    out = workdir / "search" / "routing.yaml"
+@pytest.mark.parametrize(("layout", "images"), [("val_only", 15), ("subset", 6)])
+def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, layout, images, capsys):
+    """A val-only class-folder tree and a 2-class subset of other wnids, whose labels must stay ImageNet's (7, 42)."""
+    source = workdir / "imagenet" / layout
+    searched = math.ceil(0.4 * images)
+    split = ["--data.class_path", "attnprune.lit.data.ImageNetDataModule", "--data.init_args.source", str(source)]
+    split += ["--data.init_args.cache_dir", str(workdir / "hf"), "--data.init_args.batch_size", "4"]
+    split += ["--data.init_args.search_split", "0.4"]
+    out = workdir / layout / "routing.yaml"
     model = str(workdir / "model.safetensors")
-    search_main(["--model", model, *split, "--budget", "0.8", "--val_images", "6", "--output", str(out)])
-    assert "searching on the first 6 images of the validation split (6 images of the validation split" in (
+    search_main(["--model", model, *split, "--budget", "0.8", "--val_images", "100", "--output", str(out)])
+    assert f"searching on the first {searched} images of the validation split ({searched} images of the validation" in (
         capsys.readouterr().out
     )
-    record = json.loads(out.with_suffix(".json").read_text())["searched_on"]
-    order = np.random.default_rng(0).permutation(15).tolist()
-    assert record == {
-        "source": f"ImageNet source {workdir}/imagenet/val_only",
+    report = json.loads(out.with_suffix(".json").read_text())
+    order = np.random.default_rng(0).permutation(images).tolist()
+    assert report["searched_on"] == {
+        "source": f"ImageNet source {source}",
         "split": "validation",
         "seed": 0,
         "val_size": None,
-        "search_split": 6,
-        "positions": order[:6],
+        "search_split": 0.4,
+        "positions": order[:searched],
     }
+    assert report["images"] + report["check"]["holdout_images"] == searched
     Routing.from_yaml(out)
 
-    analysis = ["--num_images", "5", "--oracle", "false", "--output_dir", str(workdir / "analysis")]
+    analysis = ["--num_images", "5", "--oracle", "false", "--output_dir", str(workdir / layout / "analysis")]
     analyze_main(["--model", model, *split, *analysis])
-    assert "analysing the first 5 images of the validation split (6 images" in capsys.readouterr().out
+    analysed = min(5, searched)
+    assert f"analysing the first 5 images of the validation split ({searched} images" in capsys.readouterr().out
+    assert json.loads((workdir / layout / "analysis" / "selectivity.json").read_text())["meta"]["images"] == analysed
 
-    results = workdir / "results"
+    results = workdir / layout / "results"
     rows = evaluate_main(
-        ["--config", str(evaluate_config(workdir, search_split=6)), "--routings", f"[unpruned, {out}]"]
+        ["--config", str(evaluate_config(workdir, source, search_split=0.4)), "--routings", f"[unpruned, {out}]"]
         + ["--output_dir", str(results), "--throughput_repeats", "0"]
     )
-    assert [row["images"] for row in rows] == [9, 9]  # the report split only
-    assert "evaluating on the test split (9 images of the validation split" in capsys.readouterr().out
+    assert [row["images"] for row in rows] == [images - searched] * 2  # the report split only
+    assert f"evaluating on the test split ({images - searched} images of the validation split" in (
+        capsys.readouterr().out
+    )
+    dm = data(workdir, layout, search_split=0.4)
+    dm.prepare_splits()
+    assert set(dm.splits["validation"]["label"]) | set(dm.splits["test"]["label"]) == (
+        set(SUBSET.values()) if layout == "subset" else set(range(5))
+    )
 
     # the whole validation split, or another seed's report split, holds images the search saw: refused, with the count
-    for data_args, seen, total in (({}, 6, 15), ({"search_split": 6, "seed": 1}, None, 9)):
-        other = data(workdir, **data_args)
+    for data_args, seen, total in (({}, searched, images), ({"search_split": 0.4, "seed": 1}, None, images - searched)):
+        other = data(workdir, layout, **data_args)
         other.prepare_splits()
-        seen = len(set(order[:6]) & set(other.origins["test"][1])) if seen is None else seen
+        seen = len(set(order[:searched]) & set(other.origins["test"][1])) if seen is None else seen
         assert seen > 0
         with pytest.raises(ValueError, match=rf"routing {out} was searched on {seen} of the {total} test images"):
-            evaluate_main(["--config", str(evaluate_config(workdir, **data_args)), "--routings", f"[{out}]"])
+            evaluate_main(["--config", str(evaluate_config(workdir, source, **data_args)), "--routings", f"[{out}]"])

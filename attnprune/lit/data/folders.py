@@ -3,6 +3,7 @@ class folders (also used by the ImageNet layouts)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ __all__ = [
     "class_folder_files",
     "class_folders",
     "image_dataset",
+    "class_names",
     "is_image",
+    "read_class_map",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -36,10 +39,11 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
-def class_folder_files(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    """Image paths and labels of ``folder/<class>/**``, walked in torchvision's ``ImageFolder`` order."""
+def class_folder_files(folder: Path, index: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Image paths and labels (``index[class]``) of ``folder/<class>/**``, walked in torchvision's ``ImageFolder``
+    order (classes sorted by name)."""
     paths, labels = [], []
-    for label, name in enumerate(classes):
+    for name in sorted(index):
         class_dir = folder / name
         if not class_dir.is_dir():
             continue
@@ -47,8 +51,48 @@ def class_folder_files(folder: Path, classes: list[str]) -> tuple[list[str], lis
             for file in sorted(files):
                 if is_image(Path(root) / file):
                     paths.append(str(Path(root) / file))
-                    labels.append(label)
+                    labels.append(index[name])
     return paths, labels
+
+
+def read_class_map(path: str | Path) -> dict[str, int]:
+    """timm's class map (``--class-map``): a text file of one class name per line, its index the line's, or a JSON
+    object of class name -> index.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UserError: another extension, a name given twice, or an index that is not an integer >= 0.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class_map {path} does not exist; expected a .txt (one class per line) or .json file")
+    if path.suffix.lower() == ".txt":
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        while names and not names[-1]:
+            names.pop()
+        mapping = {name: i for i, name in enumerate(names)}
+        if len(mapping) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise UserError(f"class_map {path} names {', '.join(twice[:3])} on more than one line")
+    elif path.suffix.lower() == ".json":
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(mapping, dict):
+            raise UserError(f"class_map {path} must be a JSON object of class name -> index")
+    else:
+        raise UserError(f"class_map {path} must be a .txt (one class per line) or .json (class -> index) file")
+    bad = [f"{name}: {index!r}" for name, index in mapping.items() if type(index) is not int or index < 0]
+    if bad or not mapping:
+        raise UserError(f"class_map {path} maps classes to integers >= 0; got {', '.join(bad[:3]) or 'no class'}")
+    return mapping
+
+
+def class_names(index: dict[str, int]) -> list[str]:
+    """The ``ClassLabel`` names of a class index: the class name at its index (the first one, where several share
+    it), and the index's own number where no class has it."""
+    names = [str(i) for i in range(max(index.values()) + 1)]
+    for name, i in sorted(index.items(), key=lambda item: item[1], reverse=True):
+        names[i] = name
+    return names
 
 
 def image_dataset(paths: list[str], labels: list[int], classes: list[str]) -> datasets.Dataset:
@@ -67,12 +111,15 @@ class ImageFolderDataModule(ImageDataModule):
     Args:
         root: the folder.
         cache_dir: ``datasets`` cache (default: Hugging Face's) of the sources ``datasets`` prepares (parquet, hub).
+        class_map: timm's class map (``--class-map``): a text file of one class folder name per line (the label is
+            the line's index) or a JSON object of folder name -> label; every class folder must be in it. None: the
+            sorted folder names are labels 0, 1, ...
         **kwargs: see :class:`ImageDataModule`.
     """
 
-    def __init__(self, root: str, cache_dir: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, root: str, cache_dir: str | None = None, class_map: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.root, self.cache_dir = Path(root), cache_dir
+        self.root, self.cache_dir, self.class_map = Path(root), cache_dir, class_map
 
     def describe_source(self) -> str:
         return f"image folder {self.root}"
@@ -104,15 +151,32 @@ class ImageFolderDataModule(ImageDataModule):
                     break
         return found
 
-    @staticmethod
-    def _class_folder_splits(folders: dict[str, Path], classes: list[str] | None = None) -> dict[str, datasets.Dataset]:
-        """One dataset per split folder; the classes are the union of every split's class folders, sorted."""
-        if classes is None:
-            classes = sorted(set().union(*(class_folders(folder) for folder in folders.values())))
+    def class_index(self, found: set[str]) -> dict[str, int]:
+        """The label of each class found (folder names): ``class_map``'s, else the sorted names' positions.
+
+        Raises:
+            UserError: a class the class map does not have.
+        """
+        if self.class_map is None:
+            return {name: i for i, name in enumerate(sorted(found))}
+        index = read_class_map(self.class_map)
+        unknown = sorted(found - set(index))
+        if unknown:
+            raise UserError(
+                f"{len(unknown)} classes of {self.describe_source()} are not in class_map {self.class_map} (for "
+                f"example {', '.join(unknown[:3])}); every class folder needs a line (or key) in it"
+            )
+        return index
+
+    def _class_folder_splits(self, folders: dict[str, Path], index: dict[str, int] | None = None) -> dict[str, Any]:
+        """One dataset per split folder, labelled by ``index`` (default :meth:`class_index` of the union of every
+        split's class folders)."""
+        if index is None:
+            index = self.class_index(set().union(*(class_folders(folder) for folder in folders.values())))
         splits = {}
         for split, folder in folders.items():
-            paths, labels = class_folder_files(folder, classes)
+            paths, labels = class_folder_files(folder, index)
             if not paths:
                 raise FileNotFoundError(f"{folder} holds no images in class subfolders ({folder}/<class>/*.jpg)")
-            splits[split] = image_dataset(paths, labels, classes)
+            splits[split] = image_dataset(paths, labels, class_names(index))
         return splits

@@ -5,6 +5,7 @@ when offline)."""
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import re
 from pathlib import Path
@@ -14,12 +15,15 @@ import datasets
 import huggingface_hub
 import pyarrow.compute as pc
 import yaml
+from lightning.pytorch.utilities import rank_zero_info
+from timm.data import ImageNetInfo
 
 from attnprune.errors import UserError
 from attnprune.lit.data.folders import (
     SPLIT_FOLDERS,
     ImageFolderDataModule,
     class_folders,
+    class_names,
     image_dataset,
     is_image,
 )
@@ -54,7 +58,8 @@ def read_val_solution(path: Path) -> dict[str, str]:
 
 
 class ImageNetDataModule(ImageFolderDataModule):
-    """ImageNet-1k in any layout users have it, with labels in timm's class order (sorted wnids).
+    """ImageNet-1k in any layout users have it, with labels in timm's class order (sorted wnids): class folders that
+    are all ImageNet-1k wnids keep their ImageNet index, a subset of them included (said in one line).
 
     Layouts (``source``):
 
@@ -74,7 +79,8 @@ class ImageNetDataModule(ImageFolderDataModule):
         val_size: training images held out for validation; default 10,000 or a tenth of the training split,
             whichever is smaller.
         hub_cache_dir: Hugging Face hub cache searched for a hub id's files (default: ``HF_HUB_CACHE``).
-        **kwargs: see :class:`ImageDataModule`.
+        **kwargs: see :class:`ImageFolderDataModule` (``cache_dir``, ``class_map``) and :class:`ImageDataModule`
+            (``search_split`` carves a search split out of the validation images, for val-only ImageNet).
     """
 
     HELD_OUT = ("validation", "test")  # the hub's ImageNet test split has no labels
@@ -93,6 +99,23 @@ class ImageNetDataModule(ImageFolderDataModule):
 
     def describe_source(self) -> str:
         return f"ImageNet source {self.source}"
+
+    def class_index(self, found: set[str]) -> dict[str, int]:
+        """ImageNet-1k's index (timm's class order) when every class found is one of its wnids, so a subset keeps
+        the labels the model was trained with (said in one line); else ``class_map``'s, else the sorted names'."""
+        wnids = imagenet_index()
+        if self.class_map is not None or not found or not found <= set(wnids):
+            return super().class_index(found)
+        if len(found) < len(wnids):
+            rank_zero_info(f"{len(found):,} of {len(wnids):,} classes; labels kept as ImageNet indices")
+        return wnids
+
+    def _refuse_class_map(self, layout: str) -> None:
+        if self.class_map is not None:
+            raise UserError(
+                f"class_map relabels class folders and the flat validation folder; {self.describe_source()} is "
+                f"{layout}, whose labels are in the data: leave class_map out"
+            )
 
     def layouts_hint(self) -> str:
         return "Supported layouts: " + "; ".join(f"({i}) {text}" for i, text in enumerate(IMAGENET_LAYOUTS, 1))
@@ -129,10 +152,10 @@ class ImageNetDataModule(ImageFolderDataModule):
         wnids = set().union(*(class_folders(folder) for folder in class_splits.values()))
         for solution in solutions.values():
             wnids |= set(read_val_solution(solution).values())
-        classes = sorted(wnids)
-        splits = self._class_folder_splits(class_splits, classes) if class_splits else {}
+        index = self.class_index(wnids)
+        splits = self._class_folder_splits(class_splits, index) if class_splits else {}
         for split, folder in flat.items():
-            splits[split] = self._flat_val(folder, classes=classes, solution=solutions[split])
+            splits[split] = self._flat_val(folder, index=index, solution=solutions[split])
         return splits
 
     def _find_val_solution(self, folder: Path, extra_dirs: list[Path]) -> Path:
@@ -149,22 +172,23 @@ class ImageNetDataModule(ImageFolderDataModule):
     def _flat_val(
         self,
         folder: Path,
-        classes: list[str] | None = None,
+        index: dict[str, int] | None = None,
         solution: Path | None = None,
         extra_dirs: list[Path] = (),
     ) -> datasets.Dataset:
-        """The flat validation folder, labelled by ``LOC_val_solution.csv``."""
+        """The flat validation folder, labelled by ``LOC_val_solution.csv`` (wnid -> label by ``index``, default
+        :meth:`class_index` of the file's wnids)."""
         solution = solution or self._find_val_solution(folder, list(extra_dirs))
         wnid_of = read_val_solution(solution)
-        classes = classes or sorted(set(wnid_of.values()))
-        index = {wnid: i for i, wnid in enumerate(classes)}
+        index = index or self.class_index(set(wnid_of.values()))
         files = sorted(entry for entry in folder.iterdir() if is_image(entry) and FLAT_VAL.match(entry.name))
         missing = [file.name for file in files if file.stem not in wnid_of]
         if missing:
             raise UserError(
                 f"{len(missing)} images of {folder} have no row in {solution} (for example {', '.join(missing[:3])})"
             )
-        return image_dataset([str(file) for file in files], [index[wnid_of[file.stem]] for file in files], classes)
+        labels = [index[wnid_of[file.stem]] for file in files]
+        return image_dataset([str(file) for file in files], labels, class_names(index))
 
     @staticmethod
     def _parquet_files(root: Path) -> dict[str, list[str]]:
@@ -190,6 +214,7 @@ class ImageNetDataModule(ImageFolderDataModule):
     def _with_labels(self, splits: dict[str, Any], readme: Path | None = None) -> dict[str, Any]:
         """Check every split has ``image`` and ``label`` columns; a plain integer label becomes a ``ClassLabel`` (with
         the class names of the hub card's ``dataset_info`` when there is one)."""
+        self._refuse_class_map("a datasets folder (save_to_disk or parquet)")
         for split, data in splits.items():
             columns = set(data.features or {})
             if not {"image", "label"} <= columns:
@@ -207,6 +232,7 @@ class ImageNetDataModule(ImageFolderDataModule):
 
     # ------------------------------------------------------------------------------------------------- hub
     def _load_hub(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
+        self._refuse_class_map("a hub dataset")
         offline = datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         if offline:
             snapshot = self._hub_snapshot()
@@ -236,6 +262,12 @@ class ImageNetDataModule(ImageFolderDataModule):
             return None
         path = Path(path)
         return path if self._parquet_files(path) or (path / "dataset_dict.json").is_file() else None
+
+
+@functools.cache
+def imagenet_index() -> dict[str, int]:
+    """ImageNet-1k's wnids -> class index, in timm's order (the sorted wnids)."""
+    return {wnid: i for i, wnid in enumerate(ImageNetInfo("imagenet-1k").label_names())}
 
 
 def _card_class_names(readme: Path) -> list[str] | None:
