@@ -1,7 +1,7 @@
 """A tiny fake ImageNet in every layout users have it: class folders, val/ only, the official flat validation folder
 with Kaggle's LOC_val_solution.csv, a datasets save_to_disk folder, the hub's parquet layout and a hub id in a local
-Hugging Face cache, and a 2-class subset of other wnids. Five real wnids (ImageNet-1k's first five); RGB, grayscale and
-CMYK JPEGs of several sizes whose colour depends on the class.
+Hugging Face cache, Kaggle's tree, the official archives with the devkit, and a 2-class subset of other wnids. Five
+real wnids (ImageNet-1k's first five); RGB, grayscale and CMYK JPEGs of several sizes whose colour depends on the class.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import scipy.io
 from PIL import Image
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475"]
@@ -38,6 +39,37 @@ def _hub_dataset(files: list[tuple[Path, int]]) -> datasets.Dataset:
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
     images = [{"bytes": path.read_bytes(), "path": path.name} for path, _ in files]
     return datasets.Dataset.from_dict({"image": images, "label": [label for _, label in files]}, features=features)
+
+
+def _kaggle_and_devkit(root: Path, folders: Path, flat: Path, val_files: list, layouts: dict[str, Path]) -> None:
+    """Kaggle's tree (LOC_val_solution.csv at its root; ILSVRC/Data/CLS-LOC/{train/<wnid>, val flat, test flat and
+    unlabelled}) and the official flat folder with the extracted ILSVRC2012 devkit beside it, whose ILSVRC2012_IDs are
+    not in wnid order and whose meta.mat has a synset with children (not a class)."""
+    kaggle = root / "kaggle"
+    cls_loc = kaggle / "ILSVRC" / "Data" / "CLS-LOC"
+    shutil.copytree(folders / "train", cls_loc / "train")
+    shutil.copytree(flat / "val", cls_loc / "val")
+    (cls_loc / "test").mkdir()
+    for i, (path, _) in enumerate(val_files[:2]):
+        shutil.copy(path, cls_loc / "test" / f"ILSVRC2012_test_{i + 1:08d}.JPEG")
+    shutil.copy(flat / "LOC_val_solution.csv", kaggle / "LOC_val_solution.csv")
+    layouts.update(kaggle=kaggle, kaggle_cls_loc=cls_loc, kaggle_val=cls_loc / "val")
+
+    devkit = root / "devkit"
+    shutil.copytree(flat / "val", devkit / "ILSVRC2012_img_val")
+    data = devkit / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    ids = {wnid: 3 * (len(WNIDS) - i) for i, wnid in enumerate(WNIDS)}  # 15, 12, 9, 6, 3
+    fields = ["ILSVRC2012_ID", "WNID", "words", "num_children"]
+    synsets = np.zeros(len(WNIDS) + 1, dtype=[(field, "O") for field in fields])
+    for i, wnid in enumerate(WNIDS):
+        synsets[i] = (ids[wnid], wnid, NAMES[i], 0)
+    synsets[-1] = (1001, "n00000001", "fish", 2)  # an inner synset: ignored
+    scipy.io.savemat(str(data / "meta.mat"), {"synsets": synsets})
+    count = len(val_files)  # val ids 1..15 interleave the classes: image n is of class (n - 1) % 5
+    truth = [str(ids[WNIDS[(n - 1) % len(WNIDS)]]) for n in range(1, count + 1)]
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(truth) + "\n")
+    layouts.update(devkit=devkit, devkit_val=devkit / "ILSVRC2012_img_val")
 
 
 def make_fake_imagenet(root: Path, train_per_class: int = 4, val_per_class: int = 3) -> dict[str, Path]:
@@ -86,6 +118,8 @@ def make_fake_imagenet(root: Path, train_per_class: int = 4, val_per_class: int 
     shutil.copytree(flat / "val", beside)
     shutil.copy(flat / "LOC_val_solution.csv", beside / "LOC_val_solution.csv")
     layouts["flat_beside"] = beside
+
+    _kaggle_and_devkit(root, folders, flat, val_files, layouts)
 
     hub = datasets.DatasetDict({"train": _hub_dataset(train_files), "validation": _hub_dataset(val_files)})
     hub.save_to_disk(str(root / "disk"))

@@ -3,6 +3,7 @@ timm's transform: the same labels (sorted wnids), the same tensors, the same top
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,12 +14,25 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 from torchvision.datasets import ImageFolder
 
-from attnprune.lit.data import ImageFolderDataModule, ImageNetDataModule
+from attnprune.lit.data import ImageFolderDataModule, ImageNetDataModule, read_devkit_labels
 from tests.conftest import make_image_folder
 from tests.fake_imagenet import HUB_ID, SUBSET, WNIDS, make_fake_imagenet, val_id
 
-LAYOUTS = ("folders", "val_only", "flat", "flat_beside", "disk", "parquet", "hub_cache")
-WITH_TRAIN = {"folders", "flat", "disk", "parquet", "hub_cache"}
+LAYOUTS = (
+    "folders",
+    "val_only",
+    "flat",
+    "flat_beside",
+    "kaggle",
+    "kaggle_cls_loc",
+    "kaggle_val",
+    "devkit",
+    "devkit_val",
+    "disk",
+    "parquet",
+    "hub_cache",
+)
+WITH_TRAIN = {"folders", "flat", "kaggle", "kaggle_cls_loc", "disk", "parquet", "hub_cache"}
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +152,34 @@ def test_unknown_layouts_name_the_supported_ones(fake, tmp_path):
     no_csv.mkdir()
     for file in sorted(fake["flat_beside"].glob("*.JPEG"))[:2]:
         (no_csv / file.name).write_bytes(file.read_bytes())
-    with pytest.raises(
-        FileNotFoundError, match=r"flat validation folder.*LOC_val_solution.csv.*Put it beside the images"
-    ):
+    with pytest.raises(FileNotFoundError) as error:
         datamodule({"x": no_csv}, "x", tmp_path).prepare_splits()
-    with pytest.raises(FileNotFoundError, match=r"ImageNet folder ./nowhere does not exist. Supported layouts"):
+    message = str(error.value)
+    assert "LOC_val_solution.csv or the extracted devkit (ILSVRC2012_devkit_t12/" in message
+    assert message.split("neither is in ")[1].startswith(f"{no_csv}, {tmp_path}. Put one beside the images")
+    with pytest.raises(FileNotFoundError, match=r"ImageNet folder ./nowhere does not exist \(/.*/nowhere\)\. Supp"):
         ImageNetDataModule(source="./nowhere").prepare_splits()
-    with pytest.raises(FileNotFoundError, match=r"local Hugging Face cache has no copy.*Supported layouts"):
+    with pytest.raises(FileNotFoundError, match=r"no local folder .*not-cached does not exist.*has no copy.*Supp"):
         ImageNetDataModule(source="someone/not-cached", hub_cache_dir=str(tmp_path)).prepare_splits()
+
+
+@pytest.mark.parametrize("source", ["imagenett", "data/imagenet/vall", "~/imagenett", "data/imagenett"])
+def test_a_mistyped_path_fails_at_once_naming_it(source, tmp_path):
+    """A relative path that does not exist is no hub lookup: one line at once. Only org/name can be a hub id, and
+    offline (as here) it fails at once too, naming both readings."""
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=rf"ImageNet (folder |source '){source}'? .*does not exist"):
+        ImageNetDataModule(source=source, hub_cache_dir=str(tmp_path)).prepare_splits()
+    assert time.perf_counter() - start < 5.0
+
+
+def test_kaggle_test_folder_and_devkit_ids_are_read_as_documented(fake, tmp_path):
+    dm = datamodule(fake, "kaggle_cls_loc", tmp_path)
+    dm.prepare_splits()  # ILSVRC/Data/CLS-LOC/test (unlabelled ILSVRC2012_test_*) is not a split
+    assert dm.origins["test"][0] == "validation" and len(dm.splits["test"]) == 15
+    # the devkit's IDs (15, 12, 9, 6, 3 for the five wnids) map to wnids through meta.mat, not by their order
+    labels = read_devkit_labels(fake["devkit"] / "ILSVRC2012_devkit_t12")
+    assert labels == {val_id(label, i): WNIDS[label] for label in range(5) for i in range(3)}
 
 
 def test_parquet_layout_streams(fake, tmp_path):

@@ -23,6 +23,7 @@ from tests.fake_imagenet import SUBSET, make_fake_imagenet
 
 ARCH = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 3, "num_heads": 2, "num_classes": 1000}
+FOLDERS = {"kaggle_cls_loc": "kaggle/ILSVRC/Data/CLS-LOC"}  # make_fake_imagenet's layouts not named by their folder
 CFG = {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"}
 
 
@@ -37,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def data(workdir: Path, layout: str = "val_only", **kwargs) -> ImageNetDataModule:
-    source = str(workdir / "imagenet" / layout)
+    source = str(workdir / "imagenet" / FOLDERS.get(layout, layout))
     return ImageNetDataModule(source=source, batch_size=4, cache_dir=str(workdir / "hf"), **kwargs)
 
 
@@ -107,10 +108,11 @@ def evaluate_config(workdir: Path, source: Path, **data_args) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("layout", "images"), [("val_only", 15), ("subset", 6)])
+@pytest.mark.parametrize(("layout", "images"), [("val_only", 15), ("subset", 6), ("kaggle_cls_loc", 15)])
 def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, layout, images, capsys):
-    """A val-only class-folder tree and a 2-class subset of other wnids, whose labels must stay ImageNet's (7, 42)."""
-    source = workdir / "imagenet" / layout
+    """A val-only class-folder tree, a 2-class subset of other wnids, whose labels must stay ImageNet's (7, 42), and
+    Kaggle's tree given at ILSVRC/Data/CLS-LOC (its training images kept whole, the search split carved from val)."""
+    source = workdir / "imagenet" / FOLDERS.get(layout, layout)
     searched = math.ceil(0.4 * images)
     split = ["--data.class_path", "attnprune.lit.data.ImageNetDataModule", "--data.init_args.source", str(source)]
     split += ["--data.init_args.cache_dir", str(workdir / "hf"), "--data.init_args.batch_size", "4"]

@@ -141,10 +141,11 @@ class ImageFolderDataModule(ImageDataModule):
             )
         return splits
 
-    @staticmethod
-    def _split_folders(root: Path) -> dict[str, Path]:
+    SPLIT_NAMES = SPLIT_FOLDERS  # the folder names of each split, first found first
+
+    def _split_folders(self, root: Path) -> dict[str, Path]:
         found = {}
-        for split, names in SPLIT_FOLDERS.items():
+        for split, names in self.SPLIT_NAMES.items():
             for name in names:
                 if (root / name).is_dir():
                     found[split] = root / name

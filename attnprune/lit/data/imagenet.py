@@ -1,10 +1,9 @@
 """ImageNet-1k in every layout users have it: class folders, the official flat validation folder with Kaggle's
-``LOC_val_solution.csv``, ``save_to_disk`` folders, the hub's parquet layout, or a hub id (read from the local cache
-when offline)."""
+``LOC_val_solution.csv`` or the devkit (Kaggle's tree from any of its roots), ``save_to_disk`` folders, the hub's
+parquet layout, or a hub id (read from the local cache when offline)."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import os
 import re
@@ -19,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.data import ImageNetInfo
 
 from attnprune.errors import UserError
+from attnprune.io import hub_reachable
 from attnprune.lit.data.folders import (
     SPLIT_FOLDERS,
     ImageFolderDataModule,
@@ -27,34 +27,28 @@ from attnprune.lit.data.folders import (
     image_dataset,
     is_image,
 )
+from attnprune.lit.data.imagenet_labels import DEVKIT, VAL_SOLUTION, find_val_labels
 
-__all__ = ["IMAGENET_LAYOUTS", "ImageNetDataModule", "read_val_solution"]
+__all__ = ["IMAGENET_LAYOUTS", "ImageNetDataModule", "imagenet_index"]
 
 WNID = re.compile(r"n\d{8}")
 FLAT_VAL = re.compile(r"ILSVRC2012_val_\d+", re.IGNORECASE)
-VAL_SOLUTION = "LOC_val_solution.csv"
+FLAT_TEST = re.compile(r"ILSVRC2012_test_\d+", re.IGNORECASE)  # the official test images: no labels
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 IMAGENET_LAYOUTS = (
     "class folders: <root>/train/<wnid>/*.JPEG and/or <root>/val/<wnid>/*.JPEG (or test/), or <root>/<wnid>/*.JPEG "
     "alone for evaluation",
-    f"the official flat validation folder: ILSVRC2012_val_*.JPEG with Kaggle's {VAL_SOLUTION} beside the images "
-    "or in their parent folder (Kaggle's ILSVRC/Data/CLS-LOC tree included)",
+    f"the official flat validation folder: ILSVRC2012_val_*.JPEG (in <root>, <root>/val or <root>/ILSVRC2012_img_val) "
+    f"labelled by Kaggle's {VAL_SOLUTION} or the extracted devkit ({DEVKIT}/) beside the images or in their parent "
+    "folder; Kaggle's tree from its root, its ILSVRC/Data/CLS-LOC folder or the validation folder",
     "a datasets save_to_disk folder (dataset_dict.json or state.json)",
     "a folder of parquet files in the hub's layout: <root>/data/{train,validation,test}-*.parquet",
-    "a hub dataset id such as ILSVRC/imagenet-1k (read from the local Hugging Face cache when offline)",
+    "a hub dataset id org/name such as ILSVRC/imagenet-1k (read from the local Hugging Face cache when offline)",
 )
 
 
-def _is_flat_val(folder: Path) -> bool:
-    return folder.is_dir() and any(FLAT_VAL.match(entry.name) for entry in folder.iterdir() if is_image(entry))
-
-
-def read_val_solution(path: Path) -> dict[str, str]:
-    """Kaggle's ``LOC_val_solution.csv``: image id (``ILSVRC2012_val_00000001``) -> wnid (the first box's class)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
-            raise UserError(f"{path} is not Kaggle's {VAL_SOLUTION}: expected the columns ImageId,PredictionString")
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in reader}
+def _is_flat(folder: Path, pattern: re.Pattern) -> bool:
+    return folder.is_dir() and any(pattern.match(entry.name) for entry in folder.iterdir() if is_image(entry))
 
 
 class ImageNetDataModule(ImageFolderDataModule):
@@ -64,8 +58,9 @@ class ImageNetDataModule(ImageFolderDataModule):
     Layouts (``source``):
 
     - class folders: ``train/<wnid>/`` and/or ``val/<wnid>/`` (or ``test/``), or the ``<wnid>/`` folders alone;
-    - the official flat validation folder (``ILSVRC2012_val_*.JPEG``) with Kaggle's ``LOC_val_solution.csv`` beside
-      the images or in their parent folder, with or without ``train/<wnid>/`` beside it;
+    - the official flat validation folder (``ILSVRC2012_val_*.JPEG``) labelled by Kaggle's ``LOC_val_solution.csv``
+      or the extracted devkit beside the images or in their parent folder (Kaggle's tree from its root, its
+      ``ILSVRC/Data/CLS-LOC`` or its ``val``), with or without ``train/<wnid>/`` beside it;
     - a ``datasets`` ``save_to_disk`` folder;
     - a folder of parquet files in the hub's layout (``data/validation-*.parquet``, ...);
     - a hub dataset id (gated: ``huggingface-cli login``), read from the local Hugging Face cache when offline.
@@ -84,6 +79,12 @@ class ImageNetDataModule(ImageFolderDataModule):
     """
 
     HELD_OUT = ("validation", "test")  # the hub's ImageNet test split has no labels
+    # the official archives extract to ILSVRC2012_img_train/ and ILSVRC2012_img_val/
+    SPLIT_NAMES = {
+        "train": (*SPLIT_FOLDERS["train"], "ILSVRC2012_img_train"),
+        "validation": (*SPLIT_FOLDERS["validation"], "ILSVRC2012_img_val"),
+        "test": SPLIT_FOLDERS["test"],
+    }
     DEFAULT_VAL_IMAGES = 10_000
 
     def __init__(
@@ -124,8 +125,12 @@ class ImageNetDataModule(ImageFolderDataModule):
         path = Path(self.source).expanduser()
         if path.is_dir():
             return self._load_local(path)
-        if self.source.startswith((".", "/", "~")) or path.exists():
-            raise FileNotFoundError(f"ImageNet folder {self.source} does not exist. {self.layouts_hint()}")
+        if path.exists():
+            raise NotADirectoryError(f"ImageNet source {self.source} is a file; expected a folder or a hub dataset id")
+        if not HUB_ID.fullmatch(self.source):  # a mistyped path, not a hub id: no hub lookup
+            raise FileNotFoundError(
+                f"ImageNet folder {self.source} does not exist ({path.absolute()}). {self.layouts_hint()}"
+            )
         return self._load_hub()
 
     # ----------------------------------------------------------------------------------------------- local
@@ -139,56 +144,43 @@ class ImageNetDataModule(ImageFolderDataModule):
             return self._load_parquet(root, parquet)
         kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
         data_root = kaggle if kaggle.is_dir() else root
-        folders = self._split_folders(data_root)
+        folders = {split: f for split, f in self._split_folders(data_root).items() if not _is_flat(f, FLAT_TEST)}
         if not folders:
-            if _is_flat_val(data_root):
+            if _is_flat(data_root, FLAT_VAL):
                 return {"validation": self._flat_val(data_root, extra_dirs=[root])}
             if any(WNID.fullmatch(name) for name in class_folders(data_root)):
                 return self._class_folder_splits({"validation": data_root})
             raise FileNotFoundError(f"{root} is in no ImageNet layout this module reads. {self.layouts_hint()}")
-        flat = {split: folder for split, folder in folders.items() if split != "train" and _is_flat_val(folder)}
+        flat = {split: folder for split, folder in folders.items() if split != "train" and _is_flat(folder, FLAT_VAL)}
         class_splits = {split: folder for split, folder in folders.items() if split not in flat}
-        solutions = {split: self._find_val_solution(folder, [root]) for split, folder in flat.items()}
+        labels = {split: find_val_labels(folder, [root]) for split, folder in flat.items()}
         wnids = set().union(*(class_folders(folder) for folder in class_splits.values()))
-        for solution in solutions.values():
-            wnids |= set(read_val_solution(solution).values())
+        for wnid_of, _ in labels.values():
+            wnids |= set(wnid_of.values())
         index = self.class_index(wnids)
         splits = self._class_folder_splits(class_splits, index) if class_splits else {}
         for split, folder in flat.items():
-            splits[split] = self._flat_val(folder, index=index, solution=solutions[split])
+            splits[split] = self._flat_val(folder, index=index, labels=labels[split])
         return splits
-
-    def _find_val_solution(self, folder: Path, extra_dirs: list[Path]) -> Path:
-        candidates = [folder / VAL_SOLUTION, folder.parent / VAL_SOLUTION] + [d / VAL_SOLUTION for d in extra_dirs]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(
-            f"{folder} is ImageNet's flat validation folder (ILSVRC2012_val_*.JPEG), whose labels are in Kaggle's "
-            f"{VAL_SOLUTION}; it is in none of {', '.join(str(c.parent) for c in candidates)}. Put it beside the "
-            f"images or in their parent folder, or sort the images into val/<wnid>/ folders. {self.layouts_hint()}"
-        )
 
     def _flat_val(
         self,
         folder: Path,
         index: dict[str, int] | None = None,
-        solution: Path | None = None,
+        labels: tuple[dict[str, str], Path] | None = None,
         extra_dirs: list[Path] = (),
     ) -> datasets.Dataset:
-        """The flat validation folder, labelled by ``LOC_val_solution.csv`` (wnid -> label by ``index``, default
-        :meth:`class_index` of the file's wnids)."""
-        solution = solution or self._find_val_solution(folder, list(extra_dirs))
-        wnid_of = read_val_solution(solution)
+        """The flat validation folder, labelled by ``labels`` (image id -> wnid, and the file it was read from;
+        default :func:`find_val_labels`), each wnid's label by ``index`` (default :meth:`class_index`)."""
+        wnid_of, source = labels or find_val_labels(folder, list(extra_dirs))
         index = index or self.class_index(set(wnid_of.values()))
         files = sorted(entry for entry in folder.iterdir() if is_image(entry) and FLAT_VAL.match(entry.name))
         missing = [file.name for file in files if file.stem not in wnid_of]
         if missing:
             raise UserError(
-                f"{len(missing)} images of {folder} have no row in {solution} (for example {', '.join(missing[:3])})"
+                f"{len(missing)} images of {folder} have no label in {source} (for example {', '.join(missing[:3])})"
             )
-        labels = [index[wnid_of[file.stem]] for file in files]
-        return image_dataset([str(file) for file in files], labels, class_names(index))
+        return image_dataset([str(file) for file in files], [index[wnid_of[f.stem]] for f in files], class_names(index))
 
     @staticmethod
     def _parquet_files(root: Path) -> dict[str, list[str]]:
@@ -234,23 +226,26 @@ class ImageNetDataModule(ImageFolderDataModule):
     def _load_hub(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
         self._refuse_class_map("a hub dataset")
         offline = datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-        if offline:
-            snapshot = self._hub_snapshot()
-            if snapshot is not None:
-                return self._load_local(snapshot)
+        snapshot = self._hub_snapshot()
+        if snapshot is not None and (offline or not hub_reachable()):
+            return self._load_local(snapshot)
+        if not offline and not hub_reachable():  # the hub client would retry for about a minute
+            raise FileNotFoundError(self._not_found("the hub cannot be reached"))
         try:
             source = datasets.load_dataset(self.source, streaming=self.streaming, cache_dir=self.cache_dir)
         except Exception as err:  # offline, gated, unknown id: all end the same way for the user
-            snapshot = None if offline else self._hub_snapshot()
             if snapshot is not None:
                 return self._load_local(snapshot)
-            raise FileNotFoundError(
-                f"could not load ImageNet from the hub id {self.source!r} ({type(err).__name__}: {err}), and the local "
-                "Hugging Face cache has no copy of it. Provide it as a local folder with train/<wnid>/*.JPEG and "
-                "val/<wnid>/*.JPEG (source=/path/to/imagenet), or log in to the Hugging Face hub "
-                f"(huggingface-cli login) with access to ILSVRC/imagenet-1k. {self.layouts_hint()}"
-            ) from err
+            raise FileNotFoundError(self._not_found(f"{type(err).__name__}: {err}")) from err
         return {split: source[split] for split in source}
+
+    def _not_found(self, reason: str) -> str:
+        return (
+            f"ImageNet source {self.source!r} is no local folder ({Path(self.source).absolute()} does not exist), "
+            f"and as a hub dataset id it could not be loaded ({reason}) and the local Hugging Face cache has no copy "
+            "of it. Give a local folder (source=/path/to/imagenet), or log in to the Hugging Face hub "
+            f"(huggingface-cli login) with access to ILSVRC/imagenet-1k. {self.layouts_hint()}"
+        )
 
     def _hub_snapshot(self) -> Path | None:
         """The hub id's files in the local Hugging Face cache, if any were downloaded."""
