@@ -105,7 +105,9 @@ def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[
     elif architecture is None:
         raise UserError(
             f"{path} carries no architecture (no '{METADATA_KEY}' metadata, no {path.with_suffix('.json').name}): "
-            "pass it, e.g. load_model(path, architecture='deit_small_patch16_224')"
+            "give its timm architecture: --architecture deit_small_patch16_224 (search.py, analyze.py), "
+            "backbone.model (train.py, evaluate.py), teacher_architecture (a teacher), or "
+            "load_model(path, architecture=...) in Python"
         )
     spec = dict(meta or {"architecture": architecture})
     spec["model_kwargs"] = {**spec.get("model_kwargs", {}), **model_kwargs}

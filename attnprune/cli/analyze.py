@@ -41,6 +41,7 @@ def analyze(
     keep: float = 0.5,
     routings: list[str] | None = None,
     token_map_images: int = 4,
+    architecture: str | None = None,
 ) -> dict:
     """Run the analysis (see the module docstring).
 
@@ -54,6 +55,7 @@ def analyze(
         keep: fraction of tokens of the top-k overlap.
         routings: routings whose token maps are drawn: presets such as ``tome:r=4`` or routing YAML files.
         token_map_images: images per token map.
+        architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).
     """
     if num_images < 1:
         raise UserError(f"--num_images must be at least 1, got {num_images}")
@@ -61,7 +63,7 @@ def analyze(
         raise UserError(f"--keep must be a fraction in (0, 1] (of the tokens in the top-k overlap), got {keep}")
     if token_map_images < 1:
         raise UserError(f"--token_map_images must be at least 1, got {token_map_images}")
-    network = load_model(model)
+    network = load_model(model, architecture)
     checked = {}
     for spec in routings or []:  # every routing is loaded and fitted to the model before any image is analysed
         try:

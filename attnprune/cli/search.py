@@ -46,6 +46,7 @@ def search(
     holdout: float = 0.3,
     confidence: float = 0.95,
     rates: RateOptions | None = None,
+    architecture: str | None = None,
 ) -> SearchResult:
     """Run the search.
 
@@ -67,10 +68,11 @@ def search(
             confidence (one-sided paired test); otherwise the best baseline there is returned.
         rates: settings of ``--strategy diffrate`` (``--rates.steps 300 --rates.batch_size 128 ...``, see
             :class:`~attnprune.search.strategy.RateOptions`).
+        architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).
     """
     if val_images < 1:
         raise UserError(f"--val_images must be at least 1, got {val_images}")
-    network = load_model(model)
+    network = load_model(model, architecture)
     batches = data.for_model(network).take("validation", val_images)
     read = sum(len(labels) for _, labels in batches)
     print(f"searching on the first {read:,} images of {data.describe_split('validation')}")

@@ -188,12 +188,15 @@ class DistillationClassifier(PrunedClassifier):
 
     Args:
         teacher: any timm hub name, weights file or Lightning checkpoint (frozen, fed the same images).
+        teacher_architecture: the teacher's timm architecture, for a weights file that does not name its own.
         backbone: the student: a distilled timm architecture (``deit_*_distilled_*``); default a distilled DeiT-T
             with paradigm ``distilled``.
         **kwargs: see :class:`PrunedClassifier`.
     """
 
-    def __init__(self, teacher: str, backbone: Backbone = DISTILLED, **kwargs: Any) -> None:
+    def __init__(
+        self, teacher: str, backbone: Backbone = DISTILLED, teacher_architecture: str | None = None, **kwargs: Any
+    ) -> None:
         # `backbone` is a named argument so that LightningCLI's default is the distilled one, not PrunedClassifier's;
         # PrunedClassifier's save_hyperparameters already records `teacher` (Lightning collects the arguments of every
         # __init__ on the stack), and a second call here would erase `model_spec`.
@@ -202,7 +205,7 @@ class DistillationClassifier(PrunedClassifier):
             raise UserError(f"{type(self.model).__name__} has no distillation token: use a deit_*_distilled_* model")
         if self.mixup is not None:
             raise UserError("hard-label distillation is implemented without mixup/cutmix")
-        self.teacher = load_model(teacher).eval().requires_grad_(False)
+        self.teacher = load_model(teacher, teacher_architecture).eval().requires_grad_(False)
 
     def on_train_start(self) -> None:
         # Lightning keeps every submodule's mode at fit start (models load in eval mode) and, after validation, only
