@@ -70,14 +70,15 @@ def save_figure(fig: plt.Figure, path: Path, dpi: int = 150) -> Path:
 
 
 def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Top-1 (%) against GFLOPs, one labelled point per routing (evaluate.py's rows); PNG and PDF."""
+    """Top-1 against GFLOPs, one labelled point per routing (evaluate.py's rows, top-1 as a fraction; plotted in
+    percent); PNG and PDF."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     markers = "os^Dv<>pP*Xh"
     colours = plt.get_cmap("tab10").colors
     for i, row in enumerate(rows):
         ax.scatter(
             row["gflops"],
-            row["top1"],
+            100.0 * row["top1"],
             marker=markers[i % len(markers)],
             color=colours[i % 10],
             s=50,

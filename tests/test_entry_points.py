@@ -17,20 +17,7 @@ from attnprune import Routing, count_flops
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
 from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
-from tests.wandb_records import _settled_records, logged_keys
-
-
-def logged_history(run_dir: Path) -> dict[str, list[float]]:
-    """Every numeric value of each metric key in the run's history records, in logging order."""
-    history: dict[str, list[float]] = {}
-    for record in _settled_records(run_dir):
-        if record.WhichOneof("record_type") == "history":
-            for item in record.history.item:
-                value = json.loads(item.value_json)
-                if isinstance(value, (int, float)):
-                    history.setdefault(item.key or "/".join(item.nested_key), []).append(value)
-    return history
-
+from tests.wandb_records import logged_history, logged_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTING = {
@@ -143,16 +130,18 @@ def test_evaluate_prints_table_and_writes_files(workdir):
     )
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("routing"))
-    assert lines[header].split() == ["routing", "GFLOPs", "top-1", "top-5", "images/s"]
+    assert lines[header].split() == ["routing", "GFLOPs", "top-1", "%", "top-5", "%", "images/s"]
     assert lines[header + 1].split()[0] == "unpruned" and lines[header + 2].split()[0] == "l2-then-merge"
     rows = json.loads((out / "results.json").read_text())
     assert [row["routing"] for row in rows] == ["unpruned", "l2-then-merge"]
-    assert rows[1]["gflops"] < rows[0]["gflops"] and all(0 <= row["top1"] <= 100 for row in rows)  # percent
+    assert rows[1]["gflops"] < rows[0]["gflops"] and all(0 <= row["top1"] <= 1 for row in rows)  # fractions
+    for row, line in zip(rows, lines[header + 1 : header + 3], strict=True):  # printed in percent
+        assert float(line.split()[2]) == pytest.approx(100 * row["top1"], abs=0.006)
     assert all(row["images_per_s"] > 0 for row in rows)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["model", "checkpoint", "routing"] and header[-6:-4] == ["gflops", "top1"]
     (new_run,) = set(run_dirs(workdir)) - before
-    assert {"test/top1", "test/gflops"} <= logged_keys(new_run)
+    assert {"test/unpruned/top1", "test/l2-then-merge/top1", "test/unpruned/gflops"} <= logged_keys(new_run)
 
 
 def test_evaluate_with_two_ddp_processes_matches_one(workdir):

@@ -146,7 +146,7 @@ def test_micro_averaged_accuracy_by_hand():
     # 4 of class 0, all right; 1 of class 1, wrong: micro 4/5 = 0.8 (macro would be (1 + 0) / 2 = 0.5)
     logits = torch.tensor([[5.0, 0, 0]] * 4 + [[5.0, 0, 0]])
     module.val_metrics.update(logits, torch.tensor([0, 0, 0, 0, 1]))
-    assert module.val_metrics.compute()["val/top1"].item() == pytest.approx(0.8)
+    assert module.val_metrics.compute()["top1"].item() == pytest.approx(0.8)
 
 
 def _predictions(module, loader) -> tuple[torch.Tensor, torch.Tensor]:

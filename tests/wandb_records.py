@@ -76,3 +76,17 @@ def run_config(run_dir: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 config[key] = json.loads(item.value_json)
     return config
+
+
+def logged_history(run_dir: Path) -> dict[str, list[float]]:
+    """Every numeric value of each metric key in the run's history records, in logging order."""
+    import json
+
+    history: dict[str, list[float]] = {}
+    for record in _settled_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                value = json.loads(item.value_json)
+                if isinstance(value, (int, float)):
+                    history.setdefault(item.key or "/".join(item.nested_key), []).append(value)
+    return history

@@ -1,6 +1,7 @@
 """Evaluate a model under one or more routings, with timm's conventions (``validate.py``): one row per routing with
 the model, checkpoint, parameter count, preprocessing, image count, batch size, precision and device, GFLOPs,
-top-1/top-5 and their errors in percent, and images/s.
+top-1/top-5 and their errors, and images/s. Accuracy is a fraction in every file and metric key; the printed table
+alone shows percent, and says so.
 
 A LightningCLI entry point configured by YAML under configs/ (model, data, trainer). The model's ``checkpoint`` is
 a timm hub name, a local weights file or a Lightning checkpoint; ``--ckpt_path`` restores a whole module saved by
@@ -8,8 +9,9 @@ train.py (a linear probe with its head, say). A routing is ``unpruned``, a prese
 ``evit:keep=0.7``, ``topk_attention:keep=0.7``, ``random:keep=0.7``; see :meth:`attnprune.Routing.parse`)
 or a routing YAML file. Every routing is checked against the model before any pass runs, and a routing whose search
 (search.py's report beside its YAML) read any of the test images is refused. Prints the table and writes
-``results.json`` and ``results.csv`` (and a plot of top-1 against GFLOPs) to ``--output_dir``; with W&B, each
-routing's metrics are logged under ``evaluate/<routing>/...``, with one table and the plot.
+``results.json`` and ``results.csv`` (and a plot of top-1 against GFLOPs) to ``--output_dir``; every logger gets each
+routing's metrics under ``test/<routing>/...`` (``top1``, ``top5``, ``loss``, ``gflops``; ``images_per_s`` with W&B,
+with one table and the plot).
 
     python evaluate.py --config configs/fashion_mnist/evaluate.yaml \
         --routings '[unpruned, "tome:r=2", "evit:keep=0.7", configs/routing/layerwise_example.yaml]'
@@ -209,10 +211,11 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
     rows = []
     for (name, routing), routing_spec in zip(routings.items(), config.routings, strict=True):
         module.set_routing(routing)
+        module.test_key = f"test/{name}"  # each routing's metrics under its own keys in every logger
         metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         data_config = datamodule.resolved_data_config()
-        top1 = round(100.0 * metrics["test/top1"], 4)  # percent, as timm's validate.py writes it
-        top5 = round(100.0 * metrics["test/top5"], 4) if "test/top5" in metrics else None
+        top1 = metrics[f"test/{name}/top1"]  # fractions, as every metric key holds them
+        top5 = metrics.get(f"test/{name}/top5")
         rows.append(
             {
                 "model": spec.get("architecture", type(module.backbone).__name__),
@@ -230,8 +233,8 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
                 "gflops": module.gflops(),
                 "top1": top1,
                 "top5": top5,
-                "top1_err": round(100.0 - top1, 4),
-                "top5_err": None if top5 is None else round(100.0 - top5, 4),
+                "top1_err": 1.0 - top1,
+                "top5_err": None if top5 is None else 1.0 - top5,
                 "images_per_s": None,
             }
         )
@@ -257,39 +260,42 @@ def report(rows: list[dict[str, Any]], output_dir: Path, logger: Any) -> None:
             writer.writeheader()
             writer.writerows(rows)
         plot = output_dir / plot_accuracy_vs_flops(rows, stage / "top1_vs_gflops.png").relative_to(stage)
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-    print(f"\n{'routing':32}{'GFLOPs':>9}{'top-1':>8}{'top-5':>8}{'images/s':>10}")
+    print(f"\n{'routing':32}{'GFLOPs':>9}{'top-1 %':>9}{'top-5 %':>9}{'images/s':>10}")
     for row in rows:
         print(
-            f"{row['routing']:32}{row['gflops']:>9.3f}{fmt(row['top1'], '>8.2f')}{fmt(row['top5'], '>8.2f')}"
-            f"{fmt(row['images_per_s'], '>10.1f')}"
+            f"{row['routing']:32}{row['gflops']:>9.3f}{_cell(row['top1'], 9, 100)}{_cell(row['top5'], 9, 100)}"
+            f"{_cell(row['images_per_s'], 10, 1, '.1f')}"
         )
     first = rows[0]
     print(
         f"{first['model']} ({first['param_count']:.2f} M parameters), {first['images']} images at "
         f"{first['img_size']} px (crop_pct {first['crop_pct']}, {first['interpolation']}), "
-        f"batch {first['batch_size']}, {first['precision']} on {first['device']}; top-1/top-5 in percent"
+        f"batch {first['batch_size']}, {first['precision']} on {first['device']}; top-1/top-5 in percent here, "
+        "as fractions in the files and every logger"
     )
     print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.csv'} and {plot}")
     if isinstance(logger, WandbLogger):
         log_wandb(rows, logger, plot)
 
 
+def _cell(value: float | None, width: int, scale: float, spec: str = ".2f") -> str:
+    """``value * scale`` right-aligned in ``width`` characters, or a dash where there is no value."""
+    return f"{'-':>{width}}" if value is None else f"{value * scale:>{width}{spec}}"
+
+
 def log_wandb(rows: list[dict[str, Any]], logger: WandbLogger, plot: Path) -> None:
-    """Each routing's metrics under ``evaluate/<routing>/``, one table of every row, a scatter of top-1 against
-    GFLOPs and the plot's image."""
+    """Each routing's images/s under ``test/<routing>/images_per_s`` (its accuracy and GFLOPs are there already,
+    logged by the module), one table of every row, a scatter of top-1 against GFLOPs and the plot's image."""
     import wandb
 
-    metrics = ("gflops", "top1", "top5", "top1_err", "top5_err", "images_per_s")
     for row in rows:
-        logger.log_metrics({f"evaluate/{row['routing']}/{m}": row[m] for m in metrics if row[m] is not None})
+        if row["images_per_s"] is not None:
+            logger.log_metrics({f"test/{row['routing']}/images_per_s": row["images_per_s"]})
     table = wandb.Table(columns=list(COLUMNS), data=[[row[c] for c in COLUMNS] for row in rows])
+    scatter = wandb.plot.scatter(table, "gflops", "top1", title="top-1 (fraction) against GFLOPs")
+    image = wandb.Image(str(plot))
     logger.experiment.log(
-        {
-            "evaluate/results": table,
-            "evaluate/top1_vs_gflops": wandb.plot.scatter(table, "gflops", "top1", title="top-1 (%) against GFLOPs"),
-            "evaluate/top1_vs_gflops_image": wandb.Image(str(plot)),
-        }
+        {"evaluate/results": table, "evaluate/top1_vs_gflops": scatter, "evaluate/top1_vs_gflops_image": image}
     )
 
 

@@ -6,7 +6,8 @@
 - :class:`LinearProbe`, :class:`KNNClassifier`: DINO's evaluations of a frozen backbone.
 
 Every module takes a :class:`~attnprune.lit.backbone.Backbone` (architecture, checkpoint, paradigm, routing, ...)
-with its own training arguments, logs ``stage/name`` metrics and stores a ``model_spec`` hyper-parameter so
+with its own training arguments, logs ``stage/name`` metrics (accuracy as a fraction: ``val/top1``, ``test/top1``, or
+``test/<routing>/top1`` under evaluate.py) and stores a ``model_spec`` hyper-parameter so
 :func:`attnprune.load_model` rebuilds the network from the checkpoint alone.
 """
 
@@ -43,12 +44,13 @@ __all__ = [
 ]
 
 
-def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
+def _accuracy(num_classes: int) -> MetricCollection:
+    """Top-1 (and top-5) accuracy as fractions; logged as ``<stage>/top1``."""
     # Papers report micro-averaged accuracy (correct / total); torchmetrics defaults to macro.
     metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes >= 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics)
 
 
 SUPERVISED = Backbone()
@@ -86,16 +88,21 @@ class _PrunedModule(L.LightningModule):
         """GFLOPs per image of the backbone under its routing (:func:`attnprune.count_flops`)."""
         return count_flops(self.backbone, self.routing) / 1e9
 
+    # the key prefix of test metrics: evaluate.py sets test/<routing> for each routing it tests
+    test_key = "test"
+
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int = 0) -> None:
         images, labels = batch
         logits = self(images)
         if batch_idx == 0 and stage == "test":  # once per run: NaN logits would give a top-1, not an error
             source = f"model {self.backbone_config.checkpoint or self.backbone_config.model!r}"
             check_finite_outputs(logits, source, f"the first test batch under routing {self.routing.name!r}")
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=len(labels))
+        key = "val" if stage == "val" else self.test_key
+        self.log(f"{key}/loss", F.cross_entropy(logits, labels), sync_dist=True, batch_size=len(labels))
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(logits, labels)
-        self.log_dict(metrics, batch_size=len(labels))
+        named = {f"{key}/{name}": metric for name, metric in metrics.items()}
+        self.log_dict(named, batch_size=len(labels), prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", batch_idx)
@@ -107,7 +114,7 @@ class _PrunedModule(L.LightningModule):
         self.log("val/gflops", self.gflops())
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/gflops", self.gflops())
+        self.log(f"{self.test_key}/gflops", self.gflops())
 
 
 class PrunedClassifier(_PrunedModule):
@@ -155,7 +162,7 @@ class PrunedClassifier(_PrunedModule):
         self.train_loss = (
             SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         )
-        self.val_metrics, self.test_metrics = _accuracy(classes, "val/"), _accuracy(classes, "test/")
+        self.val_metrics, self.test_metrics = _accuracy(classes), _accuracy(classes)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -289,7 +296,7 @@ class LinearProbe(_FrozenBackbone):
         self.save_hyperparameters()
         super().__init__(backbone=backbone, n_last_blocks=n_last_blocks, model_spec=model_spec)
         self.head = nn.Linear(self.feature_dim, num_classes)
-        self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
+        self.val_metrics, self.test_metrics = _accuracy(num_classes), _accuracy(num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))
@@ -335,7 +342,7 @@ class KNNClassifier(_FrozenBackbone):
     ) -> None:
         self.save_hyperparameters()
         super().__init__(backbone=backbone, n_last_blocks=1, model_spec=model_spec)
-        self.val_metrics, self.test_metrics = _accuracy(num_classes, "val/"), _accuracy(num_classes, "test/")
+        self.val_metrics, self.test_metrics = _accuracy(num_classes), _accuracy(num_classes)
         self.bank: Tensor | None = None
         self.bank_labels: Tensor | None = None
 

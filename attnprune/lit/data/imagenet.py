@@ -243,8 +243,9 @@ class ImageNetDataModule(ImageFolderDataModule):
         return (
             f"ImageNet source {self.source!r} is no local folder ({Path(self.source).absolute()} does not exist), "
             f"and as a hub dataset id it could not be loaded ({reason}) and the local Hugging Face cache has no copy "
-            "of it. Give a local folder (source=/path/to/imagenet), or log in to the Hugging Face hub "
-            f"(huggingface-cli login) with access to ILSVRC/imagenet-1k. {self.layouts_hint()}"
+            "of it. Give a local folder with train/<wnid>/ and val/ or another layout below "
+            "(source=/path/to/imagenet), or log in to the Hugging Face hub (huggingface-cli login) with access to "
+            f"ILSVRC/imagenet-1k. {self.layouts_hint()}"
         )
 
     def _hub_snapshot(self) -> Path | None:
