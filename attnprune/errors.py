@@ -13,7 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["UserError", "UserTypeError", "HubUnavailableError", "check_finite", "check_finite_outputs"]
+__all__ = [
+    "AllRanksError",
+    "UserError",
+    "UserTypeError",
+    "HubUnavailableError",
+    "check_finite",
+    "check_finite_outputs",
+]
 
 
 class UserError(ValueError):
@@ -22,6 +29,20 @@ class UserError(ValueError):
 
 class UserTypeError(UserError, TypeError):
     """Bad input of the wrong kind: a model that is not a ViT, an argument that is not a routing."""
+
+
+class AllRanksError(UserError):
+    """A user error raised on every rank of a data-parallel run with the same message (the command lines print it
+    once, on rank 0).
+
+    Args:
+        message: the error, as the rank that found it raised it.
+        rank: the rank raising this copy.
+    """
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.rank = rank
 
 
 class HubUnavailableError(UserError, OSError):

@@ -191,7 +191,7 @@ API_CASES = [
         "search-routing-logits-overflow",
         lambda f: search_routing(load_model(f["overflow.safetensors"]), [torch.zeros(2, 3, 16, 16)], 0.6),
         ValueError,
-        "the searched model: the model's outputs on validation batch 0 hold",
+        "the searched model: the model's outputs on validation image 0 hold",
     ),
     (
         "check-finite-outputs",

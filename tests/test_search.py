@@ -329,16 +329,20 @@ def test_killed_search_resumes_to_the_same_result(model, data, tmp_path, monkeyp
     assert resumed.report["candidates_evaluated"] == full.report["candidates_evaluated"]
     again = search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)  # finished: no new work
     assert again.report["candidates_evaluated"] == full.report["candidates_evaluated"] and again.routing == full.routing
-    with pytest.raises(ValueError, match="belongs to another search"):
+    with pytest.raises(ValueError, match=r"belongs to another search \(it was searched with budget 0.7, this search"):
         search_routing(model, data, 0.6, space=SMALL, state_path=state, progress=False)
     retrained_head = copy.deepcopy(model)  # same backbone, another classifier: the saved state no longer applies
     with torch.no_grad():
         retrained_head.head.bias[0] += 1.0
-    with pytest.raises(ValueError, match="belongs to another search"):
+    with pytest.raises(ValueError, match=r"belongs to another search \(it searched another model \(the weights"):
         search_routing(retrained_head, data, 0.7, space=SMALL, state_path=state, progress=False)
     relabelled = [(images, (labels + 1) % 4) for images, labels in data]  # same images, other labels
-    with pytest.raises(ValueError, match="belongs to another search"):
+    with pytest.raises(
+        ValueError, match=r"\(it searched other images or labels \(17 images, fingerprint [0-9a-f]{16}; "
+    ):
         search_routing(model, relabelled, 0.7, space=SMALL, state_path=state, progress=False)
+    with pytest.raises(ValueError, match=r"\(it was searched with space.keeps \[0.7\], this search has \[0.6\]\)"):
+        search_routing(model, data, 0.7, space=replace(SMALL, keeps=(0.6,)), state_path=state, progress=False)
     state.write_text("{not json")
     with pytest.raises(ValueError, match=rf"search state {state} is not valid JSON"):
         search_routing(model, data, 0.7, space=SMALL, state_path=state, progress=False)
@@ -565,7 +569,7 @@ def test_a_default_search_uses_the_documented_settings(model, data, tmp_path):
     assert again.routing == first.routing
     assert again.report["candidates_evaluated"] == first.report["candidates_evaluated"]
     for setting, value in (("beam_width", 3), ("screen_images", 257), ("finalists", 5)):
-        with pytest.raises(ValueError, match="belongs to another search"):
+        with pytest.raises(ValueError, match=f"belongs to another search \\(it was searched with {setting} "):
             search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False, **{setting: value})
 
 

@@ -4,8 +4,9 @@ one line on stderr that names the input, without a traceback.
 
 A user error is an :class:`attnprune.errors.UserError` raised by validation, an OS error about a path the user gave
 (``FileNotFoundError``, ``IsADirectoryError``, ``NotADirectoryError``), or an argument error of jsonargparse/argparse.
-Anything else is a bug and keeps its traceback. ``--debug`` on the command line (removed before parsing) or
-``ATTNPRUNE_DEBUG=1`` shows the traceback of user errors too.
+Anything else is a bug and keeps its traceback. A user error that every rank of a data-parallel run raises
+(:class:`attnprune.errors.AllRanksError`) is printed once, by rank 0. ``--debug`` on the command line (removed before
+parsing) or ``ATTNPRUNE_DEBUG=1`` shows the traceback of user errors too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from attnprune.errors import UserError
+from attnprune.errors import AllRanksError, UserError
 
 __all__ = ["USER_ERRORS", "debug_requested", "is_user_error", "lightning_parser_kwargs", "one_line", "run_cli"]
 
@@ -79,6 +80,8 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except Exception as err:
         if debug or not is_user_error(err):
             raise
+        if isinstance(err, AllRanksError) and err.rank > 0:  # rank 0 prints it
+            raise SystemExit(EXIT_USER_ERROR) from None
         sys.stderr.write(f"error: {one_line(err)} (--debug or ATTNPRUNE_DEBUG=1 for a traceback)\n")
         raise SystemExit(EXIT_USER_ERROR) from None
 

@@ -18,18 +18,60 @@ ImageNet's validation images, ``--data.init_args.search_split`` carves the searc
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from jsonargparse import CLI
 
 from attnprune import load_model
 from attnprune.atomic import write_text_atomic
 from attnprune.cli import run_cli
-from attnprune.errors import UserError, check_finite_outputs
+from attnprune.errors import AllRanksError, UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
 from attnprune.search import SearchResult, search_routing
+from attnprune.search.distributed import world
 from attnprune.search.strategy import RateOptions
+
+# A rank that dies mid-step outside torchrun (which stops the other ranks itself) makes the others fail after this long
+# instead of waiting forever; healthy ranks never wait on each other nearly as long, as they hold equal shares.
+RANK_TIMEOUT = timedelta(minutes=10)
+
+
+@contextmanager
+def ranks(device: str) -> Iterator[torch.device]:
+    """This rank's device, in the process group that torchrun's environment asks for (``WORLD_SIZE`` > 1): gloo on
+    the CPU, nccl on CUDA with the GPU ``LOCAL_RANK``; a group this started is torn down at the end.
+
+    Raises:
+        UserError: a device other than ``cpu`` or ``cuda``, or ``cuda`` without a GPU.
+        AllRanksError: a user error of the search, which every rank raises alike (the command line prints rank 0's).
+    """
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    target = torch.device("cpu")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+        target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(target)
+    start = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if start:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=RANK_TIMEOUT)
+    try:
+        yield target
+    except UserError as error:  # every rank raises it alike (see attnprune.search.distributed): rank 0 says it
+        rank, size = world()
+        if size == 1 or isinstance(error, AllRanksError):
+            raise
+        raise AllRanksError(str(error), rank) from error
+    finally:
+        if start:
+            dist.destroy_process_group()
 
 
 def search(
@@ -47,8 +89,9 @@ def search(
     confidence: float = 0.95,
     rates: RateOptions | None = None,
     architecture: str | None = None,
+    device: str = "cpu",
 ) -> SearchResult:
-    """Run the search.
+    """Run the search (data-parallel under torchrun).
 
     Args:
         model: timm hub name, weights file or Lightning checkpoint (``attnprune.load_model``).
@@ -70,34 +113,38 @@ def search(
             :class:`~attnprune.search.strategy.RateOptions`).
         architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).
     """
-    if val_images < 1:
-        raise UserError(f"--val_images must be at least 1, got {val_images}")
-    network = load_model(model, architecture)
-    batches = data.for_model(network).take("validation", val_images)
-    read = sum(len(labels) for _, labels in batches)
-    print(f"searching on the first {read:,} images of {data.describe_split('validation')}")
-    if batches:  # before the search: NaN logits would make every candidate tie, not fail
-        check_finite_outputs(network(batches[0][0]), f"--model {model}")
-    result = search_routing(
-        network,
-        batches,
-        budget,
-        strategy=strategy,
-        objective=objective,
-        state_path=state_path,
-        beam_width=beam_width,
-        holdout=holdout,
-        confidence=confidence,
-        rates=rates,
-    )
-    searched_on = data.split_record("validation", read)
-    report = {**result.report, "model": model, "routing": result.routing.to_dict(), "searched_on": searched_on}
-    write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))
-    write_text_atomic(output, result.routing.to_yaml())
-    print(result.routing.to_yaml())
-    print(json.dumps(result.report, indent=2))
-    if "note" in result.report.get("check", {}):
-        print(result.report["check"]["note"])
+    with ranks(device) as target:
+        if val_images < 1:
+            raise UserError(f"--val_images must be at least 1, got {val_images}")
+        first = world()[0] == 0
+        network = load_model(model, architecture).to(target)
+        batches = data.for_model(network).take("validation", val_images)
+        read = sum(len(labels) for _, labels in batches)
+        if first:
+            print(f"searching on the first {read:,} images of {data.describe_split('validation')}")
+        if batches:  # before the search: NaN logits would make every candidate tie, not fail
+            check_finite_outputs(network(batches[0][0].to(target)), f"--model {model}")
+        result = search_routing(
+            network,
+            batches,
+            budget,
+            strategy=strategy,
+            objective=objective,
+            state_path=state_path,
+            beam_width=beam_width,
+            holdout=holdout,
+            confidence=confidence,
+            rates=rates,
+        )
+    if first:
+        searched_on = data.split_record("validation", read)
+        report = {**result.report, "model": model, "routing": result.routing.to_dict(), "searched_on": searched_on}
+        write_text_atomic(Path(output).with_suffix(".json"), json.dumps(report, indent=2))
+        write_text_atomic(output, result.routing.to_yaml())
+        print(result.routing.to_yaml())
+        print(json.dumps(result.report, indent=2))
+        if "note" in result.report.get("check", {}):
+            print(result.report["check"]["note"])
     return result
 
 

@@ -17,6 +17,8 @@ The package, stage by stage:
   (``diffrate`` is DiffRate's differentiable rate search, its relaxed block forward in
   :mod:`~attnprune.search.relaxation`);
 - :mod:`~attnprune.search.check`: the held-out check of the routing found against the baselines within budget;
+- :mod:`~attnprune.search.distributed`: the data-parallel search under ``torch.distributed`` (each rank a share of
+  the images, the ranks' per-image values gathered in image order, one decision on every rank);
 - :mod:`~attnprune.search.core`: :func:`search_routing` (validate, run, check, report), which by default keeps 30%
   of the images out of the search and returns the best, on those, of the routing found and the baselines.
 """

@@ -8,7 +8,6 @@ import numbers
 import statistics
 from typing import Any
 
-import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
@@ -52,20 +51,20 @@ def check_confidence(confidence: Any) -> None:
 def check_held_out(
     model: VisionTransformer,
     evaluator: Evaluator,
-    held_out: list,
+    checker: Evaluator,
     routing: Routing,
     metrics: dict[str, float],
     target: float,
     confidence: float,
 ) -> tuple[Routing, dict[str, float], dict[str, Any]]:
-    """:func:`check_against_baselines` on the ``held_out`` batches, by the objective of the search's ``evaluator``.
+    """:func:`check_against_baselines` on the held-out images of ``checker``, by the objective of the search's
+    ``evaluator``.
 
     Returns:
         The routing returned, its metrics on the searched images (measured again when a baseline is returned) and
         the check. The check's work is added to ``evaluator``'s counts, its block passes scaled to the searched
         images.
     """
-    checker = Evaluator(model, held_out, evaluator.objective)
     routing, check = check_against_baselines(model, checker, routing, target, confidence)
     if check["returned"] != "searched":  # the returned baseline's metrics on the searched images
         metrics = evaluator.measure(evaluator.initial(), routing, 0)
@@ -86,7 +85,7 @@ def check_against_baselines(
     images it was picked on than it is, and a difference within the noise of a few hundred images is no lead.
     """
     check_confidence(confidence)
-    calibration = torch.cat(held_out.raw)[:256]  # PPT's variance threshold
+    calibration = held_out.first_images(256)  # PPT's variance threshold
     contenders = {"searched": routing, **matched_baselines(model, target, within=True, calibration=calibration)}
     contenders.pop("random", None)  # a control, not a contender (and absent when even it cannot meet the target)
     values = {method: held_out.per_image(held_out.initial(), r, 0) for method, r in contenders.items()}

@@ -1,7 +1,7 @@
 """``search_routing``: the static routing that best preserves the model under a FLOPs budget, checked on held-out
 images against the baselines. A search is four steps: :func:`validate_search` (every setting, before any work),
 :func:`run_search` (the strategy over the resumable state), :func:`~attnprune.search.check.check_held_out` and
-:func:`search_report`."""
+:func:`search_report`; data-parallel under ``torch.distributed`` (:mod:`~attnprune.search.distributed`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from attnprune.routing import Routing
 from attnprune.search.beam import beam
 from attnprune.search.check import check_confidence, check_held_out, split_holdout
 from attnprune.search.diffrate import check_rate_search, diffrate
+from attnprune.search.distributed import on_first_rank, share
 from attnprune.search.evaluator import Evaluator
 from attnprune.search.label_free import label_free
 from attnprune.search.objective import resolve_objective
@@ -152,34 +153,64 @@ def _batches(dataloader: Iterable, model: VisionTransformer) -> list[tuple[Tenso
     return batches
 
 
+def _evaluators(
+    model: VisionTransformer, dataloader: Iterable, settings: SearchSettings, objective: str, holdout: float
+) -> tuple[Evaluator, Evaluator | None, tuple[str, dict[str, Any]]]:
+    """The evaluators of the searched and of the held-out images (None without a holdout), each on this rank's share
+    of them on the model's device, and the search's fingerprint (:func:`~attnprune.search.state.fingerprint`), taken
+    on all the searched images, as every rank reads them all."""
+    searched, held_out = split_holdout(_batches(dataloader, model), holdout)
+    name = resolve_objective(objective, model, all(labels is not None for _, labels in searched))
+    key = fingerprint(model, settings.identity(name), searched)
+    device = next(model.parameters()).device
+    local, shard = share(searched, "searched", 0, device)
+    evaluator, checker = Evaluator(model, local, name, shard), None
+    if held_out:
+        local, shard = share(held_out, "held-out", evaluator.images, device)
+        checker = Evaluator(model, local, name, shard)
+    return evaluator, checker, key
+
+
 def run_search(
     model: VisionTransformer,
-    batches: list[tuple[Tensor, Tensor | None]],
+    evaluator: Evaluator,
     settings: SearchSettings,
-    objective: str,
+    key: tuple[str, dict[str, Any]],
     state_path: str | Path | None,
     progress: bool,
-) -> tuple[SearchState, Evaluator, float]:
-    """Run (or resume from ``state_path``) the settings' strategy on the searched ``batches``.
+) -> tuple[SearchState, float]:
+    """Run (or resume from ``state_path``) the settings' strategy on the searched images of ``evaluator``.
+
+    In a data-parallel search every rank runs it on its share of the images; rank 0 alone reads and writes the state
+    and shows the progress bar.
+
+    Args:
+        key: the search's fingerprint and its parts (:func:`~attnprune.search.state.fingerprint`).
 
     Returns:
-        The finished state, the evaluator (its counts are the work done since the last checkpoint) and the seconds
-        spent before this run, when it resumed an interrupted search.
+        The finished state and the seconds spent before this run, when it resumed an interrupted search (the
+        evaluator's counts are the work done since the last checkpoint).
 
     Raises:
-        UserError: an objective the model or the labels cannot serve, a saved state of another search.
+        UserError: a saved state of another search.
     """
-    name = resolve_objective(objective, model, all(labels is not None for _, labels in batches))
-    evaluator = Evaluator(model, batches, name)
     path = Path(state_path) if state_path is not None else None
-    key = fingerprint(model, settings.identity(name), evaluator)
-    state = SearchState.load(path, key) or SearchState(key)
+    state = on_first_rank(lambda: SearchState.load(path, *key)) or SearchState(key[0])
+    state.identity = key[1]
     previous_seconds = state.seconds
+    first = evaluator.shard.rank == 0
     context = SearchContext(
-        model, evaluator, settings.space, settings.target, path, progress, settings.options, settings.rates
+        model,
+        evaluator,
+        settings.space,
+        settings.target,
+        path if first else None,
+        progress and first,
+        settings.options,
+        settings.rates,
     )
     STRATEGIES[settings.strategy](context, state)
-    return state, evaluator, previous_seconds
+    return state, previous_seconds
 
 
 def search_report(
@@ -210,6 +241,7 @@ def search_report(
         "images_seen": block_passes / len(model.blocks) * evaluator.images,
         "forward_backward_passes": state.forward_backward_passes,
         "wall_time_s": seconds,
+        "world_size": evaluator.shard.size,
     }
     if state.before_fill is not None:
         report["before_fill"] = {
@@ -276,13 +308,21 @@ def search_routing(
         The routing and a report: ``objective``, ``val_loss`` and the fidelity metric (``val_kl`` or ``val_cosine``)
         and, with labels, ``val_top1`` on the searched images; FLOPs and their ratio; candidates evaluated; block
         passes; images; images seen (image forward passes, counting repeats) and batches run forward and backward
-        (``diffrate``'s steps, with its learned schedule); wall time; and with ``holdout`` the ``check``: every
-        contender's metrics on the held-out images, which was ``returned`` and the routing the search found
-        (``searched_routing``), returned or not.
+        (``diffrate``'s steps, with its learned schedule); wall time; ``world_size``; and with ``holdout`` the
+        ``check``: every contender's metrics on the held-out images, which was ``returned`` and the routing the search
+        found (``searched_routing``), returned or not.
+
+    Data-parallel: when ``torch.distributed`` is initialised (``torchrun``), call it on every rank with the same
+    model and images. Each rank keeps its share of the searched and of the held-out images (every image exactly once,
+    :mod:`~attnprune.search.distributed`), the ranks gather each candidate's per-image values, and every rank takes
+    the same decisions and returns the same result as one process (the losses to float summation order); rank 0
+    alone reads and writes ``state_path``, which resumes at any world size.
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
-        UserError: a setting out of range, labels outside the head's classes, a state of another search.
+        UserError: a setting out of range, labels outside the head's classes, a state of another search (the message
+            names what differs), fewer images than ranks; under ``torch.distributed`` a user error one rank meets is
+            raised on every rank (:class:`~attnprune.errors.AllRanksError`).
     """
     options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
     space = space or SearchSpace()
@@ -291,12 +331,12 @@ def search_routing(
         model, budget, space=space, strategy=strategy, confidence=confidence, options=options, rates=rates
     )
     start = time.perf_counter()
-    searched, held_out = split_holdout(_batches(dataloader, model), holdout)
-    state, evaluator, previous_seconds = run_search(model, searched, settings, objective, state_path, progress)
+    evaluator, checker, key = _evaluators(model, dataloader, settings, objective, holdout)
+    state, previous_seconds = run_search(model, evaluator, settings, key, state_path, progress)
     routing, metrics, check = state.best.routing, state.best.metrics, None
-    if held_out:
+    if checker is not None:
         routing, metrics, check = check_held_out(
-            model, evaluator, held_out, routing, metrics, settings.target, confidence
+            model, evaluator, checker, routing, metrics, settings.target, confidence
         )
     seconds = previous_seconds + time.perf_counter() - start
     report = search_report(

@@ -39,6 +39,7 @@ from attnprune.errors import UserError
 from attnprune.fidelity import FIDELITY
 from attnprune.flops import count_flops
 from attnprune.routing import Routing
+from attnprune.search.distributed import sum_over_ranks
 from attnprune.search.relaxation import block_rates, expected_kept, kept_candidates, relaxed_flops, relaxed_forward
 from attnprune.search.space import InfeasibleBudget
 from attnprune.search.state import Best, SearchState
@@ -175,19 +176,24 @@ def _saved(logits: Tensor, optimizer: torch.optim.AdamW, scheduler: CosineLRSche
 def _step_loss(
     context: SearchContext, data: dict[str, Tensor | None], index: Tensor, logits: Tensor, step: int
 ) -> tuple[Tensor, Tensor]:
-    """The loss of one step on the images ``index`` and the relaxed FLOPs."""
+    """This rank's part of the loss of one step on the searched images ``index`` (its images' task losses over the
+    batch, and on rank 0 the FLOPs penalty), and the relaxed FLOPs."""
     model, evaluator, rates = context.model, context.evaluator, context.rates
     candidates = kept_candidates(num_patch_tokens(model), rates.granularity)
     block = block_rates(logits, candidates, model.num_prefix_tokens)
-    outputs = relaxed_forward(model, data["inputs"][index], block)
-    if evaluator.objective == "top1":
-        task = F.cross_entropy(outputs, data["labels"][index])
-    else:
-        task = FIDELITY[evaluator.objective](data["reference"][index], outputs).mean()
     flops = relaxed_flops(model, block)
-    weight = rates.flops_weight if step >= rates.warmup_steps else 0.0
+    weight = rates.flops_weight if step >= rates.warmup_steps and evaluator.shard.rank == 0 else 0.0
     unpruned = count_flops(model, Routing())
-    return task + flops_penalty(flops, context.target, unpruned, weight).to(task.dtype), flops
+    loss = flops_penalty(flops, context.target, unpruned, weight)
+    local = evaluator.shard.local(index)
+    if len(local):
+        outputs = relaxed_forward(model, data["inputs"][local], block)
+        if evaluator.objective == "top1":
+            task = F.cross_entropy(outputs, data["labels"][local], reduction="sum")
+        else:
+            task = FIDELITY[evaluator.objective](data["reference"][local], outputs).sum()
+        loss = task / len(index) + loss.to(task.dtype)
+    return loss, flops
 
 
 def diffrate(context: SearchContext, state: SearchState) -> None:
@@ -212,7 +218,8 @@ def diffrate(context: SearchContext, state: SearchState) -> None:
         scheduler.step(step)
         with torch.enable_grad():
             loss, flops = _step_loss(context, data, index, logits, step)
-            (logits.grad,) = torch.autograd.grad(loss, [logits])
+            (grad,) = torch.autograd.grad(loss, [logits], allow_unused=True, materialize_grads=True)
+        logits.grad = sum_over_ranks(grad)
         optimizer.step()
         evaluator.block_passes += depth * len(index) / evaluator.images
         state.step, state.forward_backward_passes = step + 1, state.forward_backward_passes + 1

@@ -9,6 +9,7 @@ from torch import Tensor
 from attnprune.errors import check_finite_outputs
 from attnprune.fidelity import FIDELITY, fidelity_metric
 from attnprune.routing import Routing
+from attnprune.search.distributed import Shard, agree
 from attnprune.search.objective import top1_error
 from attnprune.vit import embed, head, run_blocks
 
@@ -20,21 +21,34 @@ States = list[tuple[Tensor, Tensor | None]]
 class Evaluator:
     """Objective, fidelity and top-1 of routings on fixed validation batches.
 
-    The unpruned model's outputs are computed once; every measurement compares the pruned outputs with them.
+    The unpruned model's outputs are computed once; every measurement compares the pruned outputs with them. In a
+    data-parallel search each rank holds its share of the images (:mod:`~attnprune.search.distributed`) and every
+    measurement gathers the ranks' per-image values, so it is the same on every rank and in one process.
 
     Args:
         model: the timm ViT (eval mode).
-        batches: ``(images, labels)`` pairs; labels may be None (then no top-1).
+        batches: ``(images, labels)`` pairs (this rank's share of them); labels may be None (then no top-1).
         objective: the concrete objective ranking candidates (``kl``, ``cosine`` or ``top1``).
+        shard: which share ``batches`` are (default: the whole set, in one process).
+
+    Raises:
+        UserError: the unpruned model's outputs on an image are not finite (raised on every rank).
     """
 
-    def __init__(self, model: VisionTransformer, batches: list[tuple[Tensor, Tensor | None]], objective: str) -> None:
+    def __init__(
+        self,
+        model: VisionTransformer,
+        batches: list[tuple[Tensor, Tensor | None]],
+        objective: str,
+        shard: Shard | None = None,
+    ) -> None:
         self.model, self.objective, self.fidelity = model, objective, fidelity_metric(model)
         self.raw = [images for images, _ in batches]
         self.labels = [labels for _, labels in batches]
         # top-1 needs labels and a classifier (a headless backbone's output is a feature, not logits)
         self.has_labels = model.num_classes > 0 and all(labels is not None for labels in self.labels)
-        self.images = sum(len(images) for images in self.raw)
+        self.shard = shard or Shard(sum(len(images) for images in self.raw))
+        self.images = self.shard.total
         with torch.no_grad():
             self.inputs = [embed(model, images) for images in self.raw]
             depth = len(model.blocks)
@@ -42,10 +56,17 @@ class Evaluator:
                 head(model, model.norm(run_blocks(model, x, None, Routing(), {}, 0, depth)[0]), None)
                 for x in self.inputs
             ]
-        for index, reference in enumerate(self.reference):  # a search ranking NaN losses would return garbage
-            check_finite_outputs(reference, "the searched model", f"validation batch {index}")
+        agree(self._check_reference)  # a search ranking NaN losses would return garbage
         self.block_passes = depth  # blocks run over the whole validation set (the reference pass included)
         self.candidates = 0
+
+    def _check_reference(self) -> None:
+        """Refuse non-finite reference outputs, naming the first image that has them."""
+        outputs = torch.cat(self.reference)
+        bad = (~torch.isfinite(outputs)).flatten(1).any(1).nonzero().flatten()
+        if len(bad):
+            image = int(bad[0])
+            check_finite_outputs(outputs[image], "the searched model", f"validation image {self.shard.position(image)}")
 
     def plans(self, routing: Routing) -> dict:
         tokens = self.inputs[0].shape[1] - self.model.num_prefix_tokens
@@ -56,10 +77,11 @@ class Evaluator:
         return [(x, None) for x in self.inputs]
 
     @torch.no_grad()
-    def advance(self, states: States, routing: Routing, start: int, stop: int) -> States:
-        """Token states after blocks ``start``..``stop - 1`` under ``routing``."""
+    def advance(self, states: States, routing: Routing, start: int, stop: int, images: int | None = None) -> States:
+        """Token states after blocks ``start``..``stop - 1`` under ``routing``; the ``states`` are of the first
+        ``images`` images of the set (all of them by default), which the work done is counted in."""
         plans = self.plans(routing)
-        self.block_passes += (stop - start) * sum(len(x) for x, _ in states) / self.images
+        self.block_passes += (stop - start) * (self.images if images is None else images) / self.images
         return [run_blocks(self.model, x, size, routing, plans, start, stop) for x, size in states]
 
     @torch.no_grad()
@@ -74,21 +96,30 @@ class Evaluator:
 
     @torch.no_grad()
     def per_image(self, states: States, routing: Routing, start: int, images: int | None = None) -> dict[str, Tensor]:
-        """The metrics of :meth:`measure`, one value per image (``[N]`` float64 tensors), for paired comparisons."""
+        """The metrics of :meth:`measure`, one value per image (``[N]`` float64 tensors, every rank's images in
+        order), for paired comparisons."""
         self.candidates += 1
-        trimmed, left = [], self.images if images is None else images
+        first = self.images if images is None else min(images, self.images)
+        trimmed, left = [], self.shard.count(first)
         for x, size in states:
             if left <= 0:
                 break
             trimmed.append((x[:left], size[:left] if size is not None else None))
             left -= len(trimmed[-1][0])
-        done = self.advance(trimmed, routing, start, len(self.model.blocks))
-        values: dict[str, list[Tensor]] = {self.fidelity: [], "top1": []}
+        done = self.advance(trimmed, routing, start, len(self.model.blocks), first)
+        names = [self.fidelity, "top1"] if self.has_labels else [self.fidelity]
+        rows = [torch.zeros(0, len(names), dtype=torch.float64, device=self.reference[0].device)]
         for (x, size), reference, labels in zip(done, self.reference, self.labels, strict=False):
             outputs = head(self.model, self.model.norm(x), size)
-            values[self.fidelity].append(FIDELITY[self.fidelity](reference[: len(x)], outputs))
+            values = [FIDELITY[self.fidelity](reference[: len(x)], outputs)]
             if self.has_labels:
-                values["top1"].append(1.0 - top1_error(outputs, labels[: len(x)]))
-        metrics = {name: torch.cat(parts).double() for name, parts in values.items() if parts}
+                values.append(1.0 - top1_error(outputs, labels[: len(x)]))
+            rows.append(torch.stack(values, 1).double())
+        gathered = self.shard.gather(torch.cat(rows), first)
+        metrics = {name: gathered[:, column] for column, name in enumerate(names)}
         metrics["loss"] = 1.0 - metrics["top1"] if self.objective == "top1" else metrics[self.fidelity]
         return metrics
+
+    def first_images(self, count: int) -> Tensor:
+        """The first ``count`` images of the set (on every rank, gathered from every rank's share)."""
+        return self.shard.gather(torch.cat(self.raw)[: self.shard.count(count)], count)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
+from attnprune.errors import UserError
 from attnprune.search.space import InfeasibleBudget, transition_routing, tune_keep
 from attnprune.search.state import SearchState
 from attnprune.search.strategy import SearchContext
@@ -26,12 +27,14 @@ def label_free(context: SearchContext, state: SearchState) -> None:
     depth = len(model.blocks)
     low = space.non_attention_scorers()
     analyzer = SelectivityAnalyzer(depth, model.has_class_token, scorers=[*low, space.attention])
-    seen = 0
+    if evaluator.shard.size > ANALYSIS_IMAGES:
+        raise UserError(f"search strategy 'label_free' analyses {ANALYSIS_IMAGES} images: it cannot use more ranks")
+    left = evaluator.shard.count(ANALYSIS_IMAGES)  # this rank's share of them; the metrics add up every rank's
     for batch in evaluator.raw:  # the oracle needs no labels: only the images
-        analyzer.update(model, batch[: ANALYSIS_IMAGES - seen])
-        seen += min(len(batch), ANALYSIS_IMAGES - seen)
-        if seen >= ANALYSIS_IMAGES:
+        if left <= 0:
             break
+        analyzer.update(model, batch[:left])
+        left -= len(batch)
     results = analyzer.compute()
     t = attention_transition_depth(results, space.attention, informative_layers(model))
     t = depth if t is None else t

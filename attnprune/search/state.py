@@ -11,24 +11,63 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from attnprune.errors import UserError
 from attnprune.routing import Routing, Rule
 from attnprune.routing.rules import check_rule
 from attnprune.search.evaluator import Evaluator
 
-__all__ = ["Best", "BeforeFill", "SearchState", "fingerprint"]
+__all__ = ["Best", "BeforeFill", "SearchState", "difference", "fingerprint"]
 
 
-def fingerprint(model: nn.Module, settings: dict[str, Any], evaluator: Evaluator) -> str:
-    """Identifies a search: its settings, every weight of the model and the searched images and labels, so that a
-    state saved for another model (even one differing only in its head) or other data is never resumed."""
+def fingerprint(
+    model: nn.Module, settings: dict[str, Any], batches: list[tuple[Tensor, Tensor | None]]
+) -> tuple[str, dict[str, Any]]:
+    """Identifies a search: its settings, every weight of the model and the searched images and labels (all of them,
+    as every rank reads them), so that a state saved for another model (even one differing only in its head) or other
+    data is never resumed, and one saved at any world size is.
+
+    Returns:
+        The fingerprint, and its parts by name (``settings``, ``model``, ``images``, ``image_count``) for a state to
+        record, so that a state of another search is refused naming what differs.
+    """
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    labels = [y for y in evaluator.labels if y is not None]
-    for tensor in [*model.state_dict().values(), *evaluator.raw, *labels]:
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    parts = {"model": hashlib.sha256(), "images": hashlib.sha256()}
+    images = [x for x, _ in batches]
+    tensors = [("model", t) for t in model.state_dict().values()] + [("images", x) for x in images]
+    tensors += [("images", y) for _, y in batches if y is not None]
+    for part, tensor in tensors:
+        data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        digest.update(data)
+        parts[part].update(data)
+    identity = {
+        "settings": json.loads(json.dumps(settings, sort_keys=True, default=str)),
+        **{part: hashed.hexdigest()[:16] for part, hashed in parts.items()},
+        "image_count": sum(len(x) for x in images),
+    }
+    return digest.hexdigest()[:16], identity
+
+
+def difference(saved: Any, identity: dict[str, Any] | None) -> str:
+    """What differs between the search a state was saved by (its ``identity``, None in a state saved before states
+    recorded one) and this search's ``identity``, in words."""
+    if not isinstance(saved, dict) or identity is None:
+        return "model, data, budget or settings differ"
+    old, new = saved.get("settings", {}), identity["settings"]
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if before != now and isinstance(before, dict) and isinstance(now, dict):
+            field = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+            key, before, now = f"{key}.{field}", before.get(field), now.get(field)
+        if before != now:
+            return f"it was searched with {key} {before!r}, this search has {now!r}"
+    if saved.get("images") != identity["images"]:
+        return (
+            f"it searched other images or labels ({saved.get('image_count')} images, fingerprint "
+            f"{saved.get('images')}; this search: {identity['image_count']}, {identity['images']})"
+        )
+    return "it searched another model (the weights differ)"
 
 
 @dataclass(frozen=True)
@@ -64,6 +103,8 @@ class SearchState:
         forward_backward_passes: batches run forward and backward in the steps done (the ``diffrate`` strategy's).
         extra: JSON-ready data a strategy carries from step to step beyond the fields above (``diffrate``: the rate
             logits, the optimizer's and the scheduler's state; fields under ``report`` go into the search report).
+        identity: the parts of the fingerprint by name (:func:`fingerprint`), to name what differs when another
+            search refuses the state.
     """
 
     fingerprint: str
@@ -77,6 +118,7 @@ class SearchState:
     transition_depth: int | None = None
     forward_backward_passes: int = 0
     extra: dict[str, Any] | None = None
+    identity: dict[str, Any] | None = None
 
     def consider(self, routing: Routing, metrics: dict[str, float]) -> None:
         """Make ``routing`` the best so far if its loss is strictly lower (the earlier candidate wins ties)."""
@@ -112,6 +154,8 @@ class SearchState:
             data["forward_backward_passes"] = self.forward_backward_passes
         if self.extra is not None:
             data["extra"] = self.extra
+        if self.identity is not None:
+            data["identity"] = self.identity
         return data
 
     @classmethod
@@ -130,6 +174,7 @@ class SearchState:
             transition_depth=data.get("transition_depth"),
             forward_backward_passes=data.get("forward_backward_passes", 0),
             extra=data.get("extra"),
+            identity=data.get("identity"),
         )
 
     def save(self, path: Path | None) -> None:
@@ -141,8 +186,9 @@ class SearchState:
             tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path | None, fingerprint: str) -> SearchState | None:
-        """The state saved at ``path`` if there is one (None otherwise).
+    def load(cls, path: Path | None, fingerprint: str, identity: dict[str, Any] | None = None) -> SearchState | None:
+        """The state saved at ``path`` if there is one (None otherwise), for the search of ``fingerprint`` (whose
+        parts ``identity`` name what differs in the error).
 
         Raises:
             UserError: the file is not a search state, or belongs to another search.
@@ -156,8 +202,8 @@ class SearchState:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"search state {path} is not valid JSON ({error}); delete it to start over") from None
         if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+            reason = difference(data.get("identity") if isinstance(data, dict) else None, identity)
             raise UserError(
-                f"search state {path} belongs to another search (model, data, budget or settings differ); "
-                "delete it or pass another state_path"
+                f"search state {path} belongs to another search ({reason}); delete it or pass another state_path"
             )
         return cls.from_json(data)
