@@ -36,7 +36,7 @@ from attnprune.atomic import staged_dir
 from attnprune.cli import lightning_parser_kwargs, run_cli
 from attnprune.errors import UserError, check_finite
 from attnprune.flops import count_flops
-from attnprune.lit.cli import AttnpruneCLI, discard_failed_run, existing_folders, trainer_defaults
+from attnprune.lit.cli import AttnpruneCLI, discard_failed_run, existing_folders, prepare_wandb, trainer_defaults
 from attnprune.report import plot_accuracy_vs_flops
 from attnprune.routing import Routing
 from attnprune.timing import device_name, time_interleaved
@@ -304,6 +304,7 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
         run=False, args=args, trainer_defaults=trainer_defaults(), parser_kwargs=lightning_parser_kwargs(())
     )
     existed = existing_folders(cli.trainer)
+    prepare_wandb(cli.trainer)
     try:
         rows = evaluate(cli)
         if cli.trainer.is_global_zero:

@@ -1,4 +1,5 @@
-"""Lightning callbacks: per-layer attention selectivity logged during validation."""
+"""Lightning callbacks: per-layer attention selectivity logged during validation, and the model summary with
+attnprune's FLOPs."""
 
 from __future__ import annotations
 
@@ -8,19 +9,46 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 from attnprune.errors import UserError
 from attnprune.selectivity import SelectivityAnalyzer
 
-__all__ = ["SelectivityCallback"]
+__all__ = ["FlopsModelSummary", "SelectivityCallback", "layer_key"]
+
+
+def layer_key(layer: int, depth: int) -> str:
+    """``layer_<i>`` with ``i`` zero-padded to the depth's width, so keys sort by layer (``layer_02`` before
+    ``layer_10``)."""
+    return f"layer_{layer:0{len(str(max(depth - 1, 0)))}d}"
+
+
+class FlopsModelSummary(RichModelSummary if _RICH_AVAILABLE else ModelSummary):
+    """Lightning's model summary (the rich one where rich is installed, as Lightning chooses) with attnprune's FLOPs
+    of a module that counts them (``gflops()``: per image, one multiply-accumulate = one FLOP, under its routing) in
+    the backbone's row and the total, instead of the zeros Lightning shows without an example input."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.flops = round(pl_module.gflops() * 1e9) if hasattr(pl_module, "gflops") else None
+        super().on_fit_start(trainer, pl_module)
+
+    def summarize(self, summary_data: list, *args: Any, total_flops: int, **kwargs: Any) -> None:
+        if self.flops is not None:
+            columns = dict(summary_data)
+            flops = get_human_readable_count(self.flops)
+            columns["FLOPs"] = [flops if name == "model" else "-" for name in columns["Name"]]
+            summary_data, total_flops = list(columns.items()), self.flops
+        super().summarize(summary_data, *args, total_flops=total_flops, **kwargs)
 
 
 class SelectivityCallback(Callback):
     """Measures attention selectivity on a subset of the validation images and logs it per layer.
 
-    Keys are ``selectivity/<metric>/layer_<i>`` in every logger; with W&B, also a table ``selectivity/table`` (one row
+    Keys are ``selectivity/<metric>/layer_<i>`` in every logger (``i`` zero-padded to the depth's width, so they sort
+    by layer); with W&B, also a table ``selectivity/table`` (one row
     per layer) and, with the oracle, a line plot of scorer reliability against depth. Values are aggregated across
     DDP ranks.
 
@@ -108,7 +136,7 @@ class SelectivityCallback(Callback):
         for metric, values in results.items():
             for layer, value in enumerate(values):
                 if not math.isnan(value):
-                    pl_module.log(f"selectivity/{metric}/layer_{layer}", value)
+                    pl_module.log(f"selectivity/{metric}/{layer_key(layer, len(values))}", value)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

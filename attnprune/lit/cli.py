@@ -7,19 +7,22 @@ own folder (the W&B run's ``files/``, synced with it), never over another run's.
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
 from jsonargparse import lazy_instance
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from attnprune.lit.callbacks import FlopsModelSummary
 from attnprune.routing import Routing
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "RunConfigCallback",
     "discard_failed_run",
     "existing_folders",
+    "prepare_wandb",
+    "quiet_console",
     "wandb_offline",
     "trainer_defaults",
 ]
@@ -100,6 +105,20 @@ class RunConfigCallback(SaveConfigCallback):
             path, n = folder / f"{Path(CONFIG_FILE).stem}-{n}.yaml", n + 1
         self.parser.save(self.config, str(path), skip_none=False, multifile=False)
         self.saved_path = path
+
+
+def prepare_wandb(trainer: L.Trainer) -> None:
+    """Before a run (after :func:`existing_folders`, so a failed run still removes them), settle what wandb would warn
+    about as its run starts: the run's folder exists (wandb looks for the git repository from it, and warns that a
+    folder not yet made does not exist), and Lightning's ``anonymous=None``, a setting wandb dropped, is left out."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger) or logger._experiment is not None:
+            continue
+        init = logger._wandb_init  # Lightning keeps wandb.init's arguments here until the run starts
+        if init.get("anonymous") is None:
+            init.pop("anonymous", None)
+        if logger.save_dir:
+            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
 
 
 class LastEpochCheckpoint(ModelCheckpoint):
@@ -226,19 +245,53 @@ def trainer_defaults(project: str = "attnprune") -> dict[str, Any]:
     }
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisements ("💡 Tip: ... try installing litlogger"): nothing a user acts on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """No console lines a user cannot act on: Lightning's tips, and the deprecation warning Lightning's own pytree
+    code raises under newer torch."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 class AttnpruneCLI(LightningCLI):
-    """LightningCLI over any of attnprune's LightningModules and DataModules (``class_path`` / ``init_args``)."""
+    """LightningCLI over any of attnprune's LightningModules and DataModules (``class_path`` / ``init_args``), seeded
+    (``seed_everything`` 0 unless given) and with a quiet console."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        quiet_console()
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("save_config_callback", RunConfigCallback)
+        kwargs.setdefault("seed_everything_default", 0)
         super().__init__(
             L.LightningModule, L.LightningDataModule, *args, subclass_mode_model=True, subclass_mode_data=True, **kwargs
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's, without its warning about ``args`` beside ``sys.argv``: the entry points always pass the command
+        line themselves (without ``--debug``), so it would fire on every command."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's trainer, its default model summary replaced by one with attnprune's FLOPs."""
+        trainer = super().instantiate_trainer(**kwargs)
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) in (ModelSummary, RichModelSummary):
+                summary = FlopsModelSummary(max_depth=callback._max_depth, **callback._summarize_kwargs)
+                trainer.callbacks[i] = summary
+        return trainer
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before saving a checkpoint leaves no logger folders (:func:`discard_failed_run`)."""
         existed = existing_folders(self.trainer)
+        prepare_wandb(self.trainer)
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
