@@ -307,3 +307,10 @@ def test_search_command_under_torchrun_writes_what_one_process_writes(batches, t
     report = json.loads(out.with_suffix(".json").read_text())
     assert yaml.safe_load(out.read_text()) == one.routing.to_dict() and report["world_size"] == 2
     assert losses(report) == pytest.approx(losses(one.report), abs=1e-6)
+
+
+def test_diffrate_refuses_a_model_off_the_cpu(batches):
+    model = load_model(MODEL).to("meta")  # as a model on a GPU: the rate search keeps its logits on the CPU
+    message = "^search strategy 'diffrate' runs on the CPU only, got a model on meta; use strategy 'beam'$"
+    with pytest.raises(UserError, match=message):
+        search_routing(model, batches, 0.6, strategy="diffrate", progress=False)

@@ -112,6 +112,8 @@ def search(
         rates: settings of ``--strategy diffrate`` (``--rates.steps 300 --rates.batch_size 128 ...``, see
             :class:`~attnprune.search.strategy.RateOptions`).
         architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).
+        device: ``cpu`` or ``cuda`` (one process: the first GPU; under torchrun, the GPU ``LOCAL_RANK`` of each rank,
+            nccl between them; ``--strategy diffrate`` runs on the CPU only).
     """
     with ranks(device) as target:
         if val_images < 1:

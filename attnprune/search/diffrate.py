@@ -58,13 +58,18 @@ def check_rate_search(model: VisionTransformer, rates: RateOptions) -> int:
         The FLOPs of the cheapest routing it can return (one patch token left after block 1).
 
     Raises:
-        UserError: a model without a class token (DiffRate ranks tokens by class-token attention), or a setting
-            out of range.
+        UserError: a model without a class token (DiffRate ranks tokens by class-token attention), a model off the
+            CPU (the relaxation keeps its logits there), or a setting out of range.
     """
     if not model.has_class_token:
         raise UserError(
             "search strategy 'diffrate' ranks tokens by class-token attention, but the model has no class token "
             "(class_token=False); use strategy 'beam'"
+        )
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise UserError(
+            f"search strategy 'diffrate' runs on the CPU only, got a model on {device}; use strategy 'beam'"
         )
     patches = num_patch_tokens(model)
     for name in ("steps", "batch_size", "granularity"):

@@ -27,6 +27,7 @@ def label_free(context: SearchContext, state: SearchState) -> None:
     depth = len(model.blocks)
     low = space.non_attention_scorers()
     analyzer = SelectivityAnalyzer(depth, model.has_class_token, scorers=[*low, space.attention])
+    analyzer.to(evaluator.inputs[0].device)
     if evaluator.shard.size > ANALYSIS_IMAGES:
         raise UserError(f"search strategy 'label_free' analyses {ANALYSIS_IMAGES} images: it cannot use more ranks")
     left = evaluator.shard.count(ANALYSIS_IMAGES)  # this rank's share of them; the metrics add up every rank's
