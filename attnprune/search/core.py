@@ -99,7 +99,7 @@ def validate_search(
     model: VisionTransformer,
     budget: float,
     *,
-    space: SearchSpace,
+    space: SearchSpace | None,
     strategy: str,
     confidence: float,
     options: BeamOptions,
@@ -121,7 +121,7 @@ def validate_search(
     for name in ("beam_width", "screen_images", "finalists"):
         _positive_int(name, getattr(options, name))
     check_prunable(model, Routing())
-    rates = rates or RateOptions()
+    space, rates = space or SearchSpace(), rates or RateOptions()
     settings = SearchSettings(budget, space, strategy, confidence, options, count_flops(model, Routing()), rates)
     cheapest = check_rate_search(model, rates) if strategy == "diffrate" else cheapest_flops(model, space)
     if cheapest > settings.target:
@@ -274,7 +274,8 @@ def search_routing(
     progress: bool = True,
     rates: RateOptions | None = None,
 ) -> SearchResult:
-    """Find the static routing within a FLOPs budget that best preserves what the model computes.
+    """Find the static routing within a FLOPs budget that best preserves what the model computes (data-parallel
+    under ``torch.distributed``, every rank calling it alike: :mod:`~attnprune.search.distributed`).
 
     Args:
         model: a timm ViT in eval mode (its own routing, if any, is ignored).
@@ -312,21 +313,12 @@ def search_routing(
         ``check``: every contender's metrics on the held-out images, which was ``returned`` and the routing the search
         found (``searched_routing``), returned or not.
 
-    Data-parallel: when ``torch.distributed`` is initialised (``torchrun``), call it on every rank with the same
-    model and images. Each rank keeps its share of the searched and of the held-out images (every image exactly once,
-    :mod:`~attnprune.search.distributed`), the ranks gather each candidate's per-image values, and every rank takes
-    the same decisions and returns the same result as one process (the losses to float summation order); rank 0
-    alone reads and writes ``state_path``, which resumes at any world size.
-
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).
-        UserError: a setting out of range, labels outside the head's classes, a state of another search (the message
-            names what differs), fewer images than ranks; under ``torch.distributed`` a user error one rank meets is
-            raised on every rank (:class:`~attnprune.errors.AllRanksError`).
+        UserError: a setting out of range, labels outside the head's classes, a state of another search (named),
+            fewer images than ranks (one rank's error is raised on every rank: ``AllRanksError``).
     """
     options = BeamOptions(beam_width, prefix_cache, screen_images, finalists)
-    space = space or SearchSpace()
-    rates = rates or RateOptions()
     settings = validate_search(
         model, budget, space=space, strategy=strategy, confidence=confidence, options=options, rates=rates
     )
