@@ -148,6 +148,8 @@ def worker(rank: int, ports: list[int], folder: Path, batches: Batches) -> None:
         fewer = batches[:2]
         results["other_images"] = outcome(lambda: search_routing(model, fewer, 0.6, state_path=state, **SETTINGS))
         results["killed"] = killed_after_two_steps(batches, folder / "killed-at-two-ranks.json")
+        one_held_out = {**SETTINGS, "holdout": 0.05}  # of the first 16 images: 15 searched, 1 held out
+        results["too_few"] = outcome(lambda: search_routing(model, batches[:1], 0.6, **one_held_out))
     finally:
         dist.destroy_process_group()
     os.environ["MASTER_PORT"] = str(ports[1])
@@ -259,6 +261,8 @@ def test_a_search_killed_at_one_world_size_resumes_at_the_other(runs):
 
 
 def test_a_state_of_another_search_is_refused_by_name_on_every_rank(runs):
+    """As one process refuses a state of another budget, both ranks refuse one of other images; and a set of images
+    that two ranks cannot share is refused on both."""
     single, ranks = runs
     state = Path(single["refused"]["error"].split()[2])
     assert single["refused"]["error"] == (
@@ -270,6 +274,8 @@ def test_a_state_of_another_search_is_refused_by_name_on_every_rank(runs):
     assert errors[0]["error"] == errors[1]["error"]
     assert "belongs to another search (it searched other images or labels (31 images, fingerprint" in errors[0]["error"]
     assert "; this search: 22, " in errors[0]["error"]  # the first two batches: 32 images, 22 searched
+    message = "the held-out images (1) are fewer than the 2 ranks: each rank needs one"
+    assert [rank["too_few"] for rank in ranks] == [{"error": message, "type": "UserError", "rank": None}] * 2
 
 
 def test_a_failing_rank_stops_every_rank_with_one_message(runs):

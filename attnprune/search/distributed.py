@@ -101,7 +101,7 @@ def share(batches: Batches, name: str, offset: int = 0, device: torch.device | N
     shard = Shard(total, rank, size, offset)
     if size > 1:
         if total < size:
-            raise UserError(f"the {total} {name} images cannot be shared by {size} ranks: each needs at least one")
+            raise UserError(f"the {name} images ({total}) are fewer than the {size} ranks: each rank needs one")
         picked, seen = [], 0
         for images, labels in batches:
             start = (rank - seen) % size
