@@ -17,7 +17,7 @@ from attnprune import Routing, count_flops
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
 from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
-from tests.wandb_records import logged_history, logged_keys
+from tests.wandb_run import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTING = {
@@ -87,11 +87,11 @@ def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
     run("train.py", ["fit", "--config", str(workdir / "train.yaml")], workdir)
     assert (workdir / "ckpt" / "last.ckpt").is_file()
     (new_run,) = set(run_dirs(workdir)) - before
-    keys = logged_keys(new_run)
-    assert {"train/loss", "val/top1", "val/loss", "val/gflops", "trainer/global_step"} <= keys
-    assert any(key.startswith("lr-") for key in keys)
+    logged = read_run(new_run)
+    assert {"train/loss", "val/top1", "val/loss", "val/gflops", "trainer/global_step"} <= logged.keys
+    assert any(key.startswith("lr-") for key in logged.keys)
     # the values: 2 epochs of 2 steps, one validation per epoch, each redone by hand from that epoch's checkpoint
-    history = logged_history(new_run)
+    history = logged.history
     assert len(history["train/loss"]) == 4 and len(history["val/top1"]) == len(history["val/loss"]) == 2
     for epoch, step in ((0, 2), (1, 4)):
         module = PrunedClassifier.load_from_checkpoint(workdir / "ckpt" / f"epoch={epoch}-step={step}.ckpt").eval()
@@ -141,7 +141,7 @@ def test_evaluate_prints_table_and_writes_files(workdir):
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["model", "checkpoint", "routing"] and header[-6:-4] == ["gflops", "top1"]
     (new_run,) = set(run_dirs(workdir)) - before
-    assert {"test/unpruned/top1", "test/l2-then-merge/top1", "test/unpruned/gflops"} <= logged_keys(new_run)
+    assert {"test/unpruned/top1", "test/l2-then-merge/top1", "test/unpruned/gflops"} <= read_run(new_run).keys
 
 
 def test_evaluate_with_two_ddp_processes_matches_one(workdir):

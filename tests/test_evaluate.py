@@ -25,7 +25,7 @@ from attnprune.cli.evaluate import main as evaluate_main
 from attnprune.lit.modules import PrunedClassifier
 from tests.conftest import tiny_backbone
 from tests.fake_imagenet import make_fake_imagenet
-from tests.wandb_records import logged_history, logged_keys, run_config
+from tests.wandb_run import read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vit_tiny_patch16_224"
@@ -165,14 +165,14 @@ def test_evaluate_on_the_flat_validation_folder_writes_every_column(workdir):
     assert (out / "top1_vs_gflops.png").is_file() and (out / "top1_vs_gflops.pdf").is_file()
 
     run_dir = new_run(workdir, before)
-    keys = logged_keys(run_dir)
-    history = logged_history(run_dir)
+    logged = read_run(run_dir)
     for row in rows:  # one key per routing and metric, the fractions of the files
-        assert {f"test/{row['routing']}/{m}" for m in ("top1", "top5", "gflops", "loss", "images_per_s")} <= keys
+        assert {f"test/{row['routing']}/{m}" for m in ("top1", "top5", "gflops", "loss", "images_per_s")} <= logged.keys
         for metric in ("top1", "top5", "gflops", "images_per_s"):
-            assert history[f"test/{row['routing']}/{metric}"] == [pytest.approx(row[metric])]
-    assert {"evaluate/results/_type", "evaluate/top1_vs_gflops_table/_type"} <= keys
-    cfg = run_config(run_dir)
+            assert logged.history[f"test/{row['routing']}/{metric}"] == [pytest.approx(row[metric])]
+    assert logged.summary["evaluate/results"]["_type"] == "table-file"
+    assert logged.summary["evaluate/top1_vs_gflops_table"]["_type"] == "table-file"
+    cfg = logged.config
     assert cfg["model"]["init_args"]["backbone"]["checkpoint"] == str(workdir / "model.safetensors")
     assert cfg["data"]["init_args"]["source"] == str(workdir / "imagenet" / "flat" / "val")
     assert cfg["trainer"]["accelerator"] == "cpu"
@@ -209,7 +209,8 @@ def test_train_run_config_holds_checkpoint_routing_and_a_config_file_of_its_own(
     before = runs(workdir)
     run("train.py", ["fit", "--config", str(workdir / "train.yaml")], workdir)
     run_dir = new_run(workdir, before)
-    config_of_run = run_config(run_dir)
+    logged = read_run(run_dir)
+    config_of_run = logged.config
     init_args = config_of_run["model"]["init_args"]
     assert init_args["backbone"]["checkpoint"] == str(workdir / "model.safetensors")
     assert (init_args["lr"], init_args["weight_decay"]) == (1e-3, 0.01)
@@ -218,7 +219,7 @@ def test_train_run_config_holds_checkpoint_routing_and_a_config_file_of_its_own(
     assert config_of_run["trainer"]["max_epochs"] == 1 and config_of_run["checkpoint"]["dirpath"]
     assert config_of_run["data"]["init_args"]["batch_size"] == 4
     assert "lr" not in config_of_run  # Lightning's flat module hyper-parameters do not overwrite the config
-    assert {"train/loss", "val/top1"} <= logged_keys(run_dir)
+    assert {"train/loss", "val/top1"} <= logged.keys
     saved = yaml.safe_load((run_dir / "files" / "lightning_config.yaml").read_text())
     assert saved["model"]["init_args"]["backbone"]["routing"] == str(workdir / "routing.yaml")
     # every run (evaluate's above too) keeps its own file; none is written where the next run would overwrite it
