@@ -47,7 +47,8 @@ SPACE = SearchSpace(
 )
 SETTINGS = {"space": SPACE, "screen_images": 16, "progress": False}  # screening on the first 16 searched images
 CONFIDENCE = {0.6: 0.95, 0.9: 0.5}  # at 0.6 ToMe is returned; at 0.9 (the mean difference decides) the routing found
-RATES = RateOptions(steps=6, batch_size=7, granularity=8)  # 7 images a step: the ranks' parts differ, one may be empty
+# 3 images a step, the ranks' parts (seed 0): 2 + 1, 2 + 1, 3 + 0, 2 + 1, 1 + 2, 0 + 3 (rank 0 adds the FLOPs penalty)
+RATES = RateOptions(steps=6, batch_size=3, granularity=8)
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -244,6 +245,9 @@ def test_two_ranks_find_what_one_process_finds(runs, scenario):
     check = one["report"]["check"]
     assert first["report"]["check"]["returned"] == check["returned"] and check["holdout_images"] == 14
     assert first["report"]["check"]["searched_routing"] == check["searched_routing"]
+    if scenario == "diffrate":  # the learned schedule and its relaxed FLOPs, before the move within budget
+        assert first["report"]["rate_schedule"] == one["report"]["rate_schedule"]
+        assert first["report"]["relaxed_flops_ratio"] == pytest.approx(one["report"]["relaxed_flops_ratio"], abs=1e-9)
     if scenario.startswith("beam"):  # both decisions: the routing found kept at 0.9, ToMe returned at 0.6
         assert check["returned"] == ("searched" if scenario == "beam-0.9" else "tome")
 
