@@ -37,8 +37,9 @@ from attnprune.search import SearchResult, search_routing
 from attnprune.search.distributed import world
 from attnprune.search.strategy import RateOptions
 
-# A rank that dies mid-step outside torchrun (which stops the other ranks itself) makes the others fail after this long
-# instead of waiting forever; healthy ranks never wait on each other nearly as long, as they hold equal shares.
+# A rank that hangs alive makes the others fail after this long instead of waiting forever (a rank that dies closes
+# its connections, which fails the others at once); healthy ranks never wait on each other nearly as long, as they
+# hold equal shares.
 RANK_TIMEOUT = timedelta(minutes=10)
 
 
@@ -48,7 +49,7 @@ def ranks(device: str) -> Iterator[torch.device]:
     the CPU, nccl on CUDA with the GPU ``LOCAL_RANK``; a group this started is torn down at the end.
 
     Raises:
-        UserError: a device other than ``cpu`` or ``cuda``, or ``cuda`` without a GPU.
+        UserError: a device other than ``cpu`` or ``cuda``, or ``cuda`` without a GPU for this rank.
         AllRanksError: a user error of the search, which every rank raises alike (the command line prints rank 0's).
     """
     if device not in ("cpu", "cuda"):
@@ -58,6 +59,8 @@ def ranks(device: str) -> Iterator[torch.device]:
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available; use --device cpu")
         target = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if target.index >= torch.cuda.device_count():
+            raise UserError(f"--device cuda: rank {target.index} has no GPU ({torch.cuda.device_count()} visible)")
         torch.cuda.set_device(target)
     start = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if start:
