@@ -21,6 +21,10 @@ The result is :meth:`Routing.diffrate` of the kept counts the logits give (the c
 routing whose :func:`~attnprune.flops.count_flops` lands above the budget (the rounding, the scorer's and merging's
 own work, a penalty that settles above the target) is brought within it one token at a time, where most tokens are
 left (the deepest such block on a tie), and the report says how many tokens that moved.
+
+Data-parallel (:mod:`~attnprune.search.distributed`), each step's batch is split among the ranks, each computing its
+images' part of the loss (rank 0 adding the penalty), and their gradients are summed in rank order, so every rank
+takes the same optimizer step. The rate search runs on the CPU only.
 """
 
 from __future__ import annotations

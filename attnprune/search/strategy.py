@@ -40,7 +40,8 @@ class RateOptions:
 
     Attributes:
         steps: optimizer steps, each a forward and a backward pass over one batch of the searched images.
-        batch_size: images per step (all searched images when fewer).
+        batch_size: images per step (all searched images when fewer; in all, over every rank of a data-parallel
+            search).
         granularity: gap between the candidate kept counts of a block (DiffRate's ``--granularity``).
         lr: learning rate of the rate logits at the first step (``--arch-lr``),
         min_lr: cosine-annealed to this at the last (``--arch-min-lr``).
