@@ -381,6 +381,11 @@ CLI_CASES = [
     ),
     ("train-corrupt-image-no-logger", lambda f: _train(f, "--trainer.max_epochs", "1", folder="corrupt"), "bad.jpg"),
     (
+        "train-learning-rate-given-twice",
+        lambda f: _train(f, "--model.init_args.lr", "0.002", "--optimizer", "SGD", "--optimizer.lr", "0.1"),
+        "optimizer.init_args.lr is 0.1 but model.init_args.lr is 0.002",
+    ),
+    (
         "evaluate-corrupt-image-wandb-logger",
         lambda f: _evaluate(
             f, *_logger(f, "WandbLogger", "runs"), "--trainer.logger.offline", "true", folder="corrupt"

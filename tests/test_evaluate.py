@@ -219,6 +219,13 @@ def test_train_run_config_holds_checkpoint_routing_and_a_config_file_of_its_own(
     assert config_of_run["trainer"]["max_epochs"] == 1 and config_of_run["checkpoint"]["dirpath"]
     assert config_of_run["data"]["init_args"]["batch_size"] == 4
     assert "lr" not in config_of_run  # Lightning's flat module hyper-parameters do not overwrite the config
+    optimizer = config_of_run["optimizer"]  # what trained: the module's AdamW and schedule, not null
+    assert (optimizer["class_path"], optimizer["init_args"]["lr"], optimizer["init_args"]["weight_decay"]) == (
+        "torch.optim.AdamW",
+        1e-3,
+        0.01,
+    )
+    assert config_of_run["lr_scheduler"]["class_path"] == "attnprune.lit.optim.WarmupCosine"
     assert {"train/loss", "val/top1"} <= logged.keys
     saved = yaml.safe_load((run_dir / "files" / "lightning_config.yaml").read_text())
     assert saved["model"]["init_args"]["backbone"]["routing"] == str(workdir / "routing.yaml")

@@ -225,6 +225,11 @@ def test_mae_paradigm_pools_and_decays_learning_rate_by_layer():
     optimizer = module.configure_optimizers()["optimizer"]
     scales = sorted({group["lr_scale"] for group in optimizer.param_groups})
     assert len(scales) == len(module.model.blocks) + 2 and scales[-1] == 1.0 and scales[0] == 0.5**5
+    # each group trains at its scaled learning rate (torch's schedulers do not read lr_scale; timm's alone would)
+    assert [group["lr"] for group in optimizer.param_groups] == [5e-4 * g["lr_scale"] for g in optimizer.param_groups]
+    weight = module.model.patch_embed.proj.weight
+    patch_embedding = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+    assert patch_embedding["lr"] == pytest.approx(5e-4 * 0.5**5)
 
 
 def test_distillation_learns_the_teachers_labels(datamodule, tmp_path):

@@ -11,18 +11,23 @@ import logging
 import netrc
 import os
 import shutil
+import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary, RichModelSummary
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from torch.optim import Optimizer
 
+from attnprune.errors import UserError
 from attnprune.lit.callbacks import FlopsModelSummary
+from attnprune.lit.optim import GROUPS, ConfigurableOptimizers, class_of
 from attnprune.routing import Routing
 
 __all__ = [
@@ -259,12 +264,37 @@ def quiet_console() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
+def _without_groups(args: list[str]) -> list[str]:
+    """The command line without the ``optimizer`` and ``lr_scheduler`` options and ``--print_config``: what
+    :class:`AttnpruneCLI` parses first, to learn the module whose optimizer those options default to."""
+    kept, skip_value = [], False
+    for arg in args:
+        if skip_value:
+            skip_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name == "--print_config" or any(name == f"--{g}" or name.startswith(f"--{g}.") for g in GROUPS):
+            skip_value = "=" not in arg and name != "--print_config"
+            continue
+        kept.append(arg)
+    return kept
+
+
 class AttnpruneCLI(LightningCLI):
     """LightningCLI over any of attnprune's LightningModules and DataModules (``class_path`` / ``init_args``), seeded
-    (``seed_everything`` 0 unless given) and with a quiet console."""
+    (``seed_everything`` 0 unless given) and with a quiet console.
+
+    ``fit``'s ``optimizer`` and ``lr_scheduler`` groups (LightningCLI's own) default to the module's declared optimizer
+    and schedule with its arguments filled in (:class:`~attnprune.lit.optim.ConfigurableOptimizers`), so the logged
+    config shows what trains, and ``--optimizer SGD`` keeps the module's learning rate, weight decay and warm-up unless
+    given. The module builds its parameter groups and trains with the groups' choice; a module argument left at its
+    default takes the value the group gives (``--optimizer.lr 0.1`` sets ``model.init_args.lr`` too), one set to
+    another value than the group's is an error.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         quiet_console()
+        kwargs.setdefault("auto_configure_optimizers", False)  # the groups are added and applied here
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("save_config_callback", RunConfigCallback)
         kwargs.setdefault("seed_everything_default", 0)
@@ -277,7 +307,49 @@ class AttnpruneCLI(LightningCLI):
         line themselves (without ``--debug``), so it would fire on every command."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            fit = getattr(self, "_subcommand_parsers", {}).get("fit")
+            if fit is None or "optimizer" not in fit._optimizers:
+                super().parse_arguments(parser, args)
+                return
+            args = sys.argv[1:] if args is None else args
+            try:
+                super().parse_arguments(parser, _without_groups(args) if isinstance(args, list) else args)
+            except ArgumentError:  # the parse below reports it, or needs no module (--print_config of a partial config)
+                self.config = Namespace()
+            if self.config.get("subcommand") == "fit":
+                model = self.config.fit.model
+                module = class_of(model.class_path) if isinstance(model.get("class_path"), str) else None
+                if isinstance(module, type) and issubclass(module, ConfigurableOptimizers):
+                    defaults = module.default_optimization(model.init_args.as_dict())
+                    if defaults:
+                        fit.set_defaults(defaults)
             super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """``fit``: the module's arguments made to agree with the optimizer and schedule chosen
+        (:meth:`~attnprune.lit.optim.ConfigurableOptimizers.align_arguments`)."""
+        if self.subcommand == "fit" and "optimizer" in self.config.fit:
+            module = class_of(self.config.fit.model.class_path)
+            if issubclass(module, ConfigurableOptimizers):
+                module.align_arguments(self.config.fit.model.init_args, self._chosen_optimization())
+
+    def after_instantiate_classes(self) -> None:
+        """``fit``: the module trains with the optimizer and schedule of the config."""
+        if self.subcommand != "fit" or "optimizer" not in self.config.fit:
+            return
+        chosen = self._chosen_optimization()
+        if isinstance(self.model, ConfigurableOptimizers):
+            self.model.set_optimization(**chosen)
+        elif any(chosen.values()):
+            raise UserError(
+                f"{type(self.model).__name__} configures its own optimizers: --optimizer and --lr_scheduler apply to "
+                "attnprune's modules"
+            )
+
+    def _chosen_optimization(self) -> dict[str, dict | None]:
+        """``fit``'s ``optimizer`` and ``lr_scheduler`` as plain dicts."""
+        chosen = {group: self.config.fit.get(group) for group in GROUPS}
+        return {group: value.as_dict() if hasattr(value, "as_dict") else value for group, value in chosen.items()}
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's trainer, its default model summary replaced by one with attnprune's FLOPs."""
@@ -299,8 +371,11 @@ class AttnpruneCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming) and a learning-rate monitor."""
+        """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming), a learning-rate monitor, and
+        LightningCLI's ``optimizer`` and ``lr_scheduler`` groups (applied by the module, not by LightningCLI)."""
         parser.add_lightning_class_args(LastEpochCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_lightning_class_args(LoggedLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_optimizer_args((Optimizer,))
+        parser.add_lr_scheduler_args(LRSchedulerTypeTuple)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup, resolve_model_data_config
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -30,7 +30,7 @@ from attnprune.errors import UserError, check_finite_outputs
 from attnprune.flops import count_flops
 from attnprune.io import load_model
 from attnprune.lit.backbone import Backbone
-from attnprune.lit.optim import warmup_cosine
+from attnprune.lit.optim import WARMUP_COSINE, ConfigurableOptimizers, FromArgument, adamw_warmup_cosine
 from attnprune.paradigms import knn_predict
 from attnprune.routing import Routing
 from attnprune.vit import forward_tokens, prune
@@ -58,8 +58,9 @@ DISTILLED = Backbone(model="deit_tiny_distilled_patch16_224", paradigm="distille
 DINO = Backbone(model="auto", paradigm="dino")
 
 
-class _PrunedModule(L.LightningModule):
-    """What every module shares: building the network, its routing, evaluation metrics and the optimizer."""
+class _PrunedModule(ConfigurableOptimizers, L.LightningModule):
+    """What every module shares: building the network, its routing, evaluation metrics and the optimizer
+    (:class:`~attnprune.lit.optim.ConfigurableOptimizers`)."""
 
     def __init__(self, backbone: Backbone | dict[str, Any], model_spec: dict[str, Any] | None) -> None:
         super().__init__()
@@ -124,15 +125,18 @@ class PrunedClassifier(_PrunedModule):
         backbone: the network: architecture, checkpoint, paradigm (``supervised``, ``distilled``, ``mae`` for the
             average-pool readout; ``dino`` backbones go to :class:`LinearProbe`), classes, routing (None trains the
             unpruned model); default a supervised DeiT-T.
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_epochs: linear warm-up length.
-        layer_decay: layer-wise learning-rate decay (MAE fine-tuning uses 0.65-0.75); None to disable.
+        lr: peak learning rate (AdamW's, and the default of any other optimizer given to the CLI).
+        weight_decay: weight decay (none on biases, norms, position embeddings and prefix tokens).
+        warmup_epochs: linear warm-up length, then cosine decay to zero (:class:`~attnprune.lit.optim.WarmupCosine`).
+        layer_decay: layer-wise learning-rate decay: the learning rate falls by this factor per layer from the head
+            down to the patch embedding (timm's groups; MAE fine-tuning uses 0.65-0.75); None to disable.
         label_smoothing: label smoothing of the cross-entropy.
         mixup: mixup alpha (0 disables).
         cutmix: cutmix alpha (0 disables).
         model_spec: set by checkpoints (rebuilds the network without ``checkpoint``); leave unset.
     """
+
+    optimization = adamw_warmup_cosine()
 
     def __init__(
         self,
@@ -178,15 +182,15 @@ class PrunedClassifier(_PrunedModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = create_optimizer_v2(
-            self.model,
-            opt="adamw",
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
-            layer_decay=self.hparams.layer_decay,
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """timm's parameter groups: no weight decay on 1-d parameters and the model's ``no_weight_decay()``; with
+        ``layer_decay``, one group per layer with its ``lr_scale``."""
+        skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
+        if self.hparams.layer_decay is None:
+            return param_groups_weight_decay(self.model, weight_decay=weight_decay, no_weight_decay_list=skip)
+        return param_groups_layer_decay(
+            self.model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=self.hparams.layer_decay
         )
-        return warmup_cosine(optimizer, self.trainer, self.hparams.warmup_epochs)
 
 
 class DistillationClassifier(PrunedClassifier):
@@ -277,11 +281,19 @@ class LinearProbe(_FrozenBackbone):
         backbone: the frozen backbone, headless (its ``num_classes`` left unset); default the architecture its
             checkpoint names, paradigm ``dino``.
         n_last_blocks: concatenate the class tokens of the last n blocks (DINO uses 4 for ViT-S).
-        lr: SGD learning rate.
+        lr: SGD learning rate (cosine decay to zero, no warm-up).
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         model_spec: set by checkpoints; leave unset.
     """
+
+    optimization = {
+        "optimizer": {
+            "class_path": "torch.optim.SGD",
+            "init_args": {name: FromArgument(name) for name in ("lr", "momentum", "weight_decay")},
+        },
+        "lr_scheduler": {"class_path": WARMUP_COSINE, "init_args": {"warmup_epochs": 0.0}},
+    }
 
     def __init__(
         self,
@@ -307,14 +319,9 @@ class LinearProbe(_FrozenBackbone):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.SGD(
-            self.head.parameters(),
-            lr=self.hparams.lr,
-            momentum=self.hparams.momentum,
-            weight_decay=self.hparams.weight_decay,
-        )
-        return warmup_cosine(optimizer, self.trainer, 0.0)
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The linear head's parameters, all decayed."""
+        return [{"params": list(self.head.parameters())}]
 
 
 class KNNClassifier(_FrozenBackbone):
@@ -371,6 +378,3 @@ class KNNClassifier(_FrozenBackbone):
             self.hparams.temperature,
         )
         return votes / votes.sum(dim=-1, keepdim=True)
-
-    def configure_optimizers(self) -> None:
-        return None

@@ -30,7 +30,7 @@ from timm.data import resolve_model_data_config
 from torch import Tensor, nn
 
 from attnprune.errors import UserError
-from attnprune.lit.optim import cosine, warmup_cosine
+from attnprune.lit.optim import ConfigurableOptimizers, adamw_warmup_cosine, cosine
 from attnprune.paradigms import PARADIGMS
 from attnprune.pretrain import (
     DINOHead,
@@ -50,24 +50,14 @@ __all__ = ["DINOPretraining", "MAEPretraining"]
 _NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 
 
-def _adamw_warmup_cosine(
-    module: L.LightningModule,
-    params: nn.Module,
-    lr: float,
-    weight_decay: float,
-    warmup_epochs: float,
-    betas: tuple[float, float],
-) -> tuple[dict[str, Any], float]:
-    """AdamW (no decay on biases, norms, position embeddings and special tokens) with a per-step schedule: linear
-    warmup over ``warmup_epochs``, then cosine decay to zero at the end of training. Also returns the total steps."""
+def _decay_groups(params: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two parameter groups: decayed, and not (biases, norms, position embeddings and special tokens)."""
     decay, no_decay = [], []
     for name, p in params.named_parameters():
         if p.requires_grad:
             skip = p.ndim <= 1 or name.rsplit(".", 1)[-1] in _NO_WEIGHT_DECAY
             (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas)
-    return warmup_cosine(optimizer, module.trainer, warmup_epochs), module.trainer.estimated_stepping_batches
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _detached_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -81,7 +71,7 @@ def _save_backbone(state: dict[str, Tensor], path: str | Path, hparams: Any, par
     return path
 
 
-class DINOPretraining(L.LightningModule):
+class DINOPretraining(ConfigurableOptimizers, L.LightningModule):
     """DINO self-distillation of a timm ViT.
 
     Batches are ``(crops, labels)`` with ``crops`` a list ``[global1, global2, local1, ...]`` of ``[B, C, H, W]``
@@ -109,11 +99,13 @@ class DINOPretraining(L.LightningModule):
         warmup_teacher_temp_epochs: epochs of linear teacher-temperature warmup.
         center_momentum: EMA momentum of the center.
         ema_momentum: teacher EMA momentum at the first step (cosine schedule to 1.0).
-        lr: peak learning rate.
+        lr: peak learning rate (AdamW, betas 0.9/0.999; the default of any other optimizer given to the CLI).
         weight_decay: AdamW weight decay (constant).
-        warmup_epochs: epochs of linear learning-rate warmup (may be fractional).
+        warmup_epochs: epochs of linear learning-rate warmup (may be fractional), then cosine decay to zero.
         backbone_path: where ``on_fit_end`` writes the teacher backbone (:meth:`save_backbone`); None: nowhere.
     """
+
+    optimization = adamw_warmup_cosine(betas=(0.9, 0.999))
 
     def __init__(
         self,
@@ -191,12 +183,13 @@ class DINOPretraining(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         ema_update(self.teacher, self.student, self.ema_momentum(step))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        config, self._total_steps = _adamw_warmup_cosine(
-            self, self.student, hp.lr, hp.weight_decay, hp.warmup_epochs, betas=(0.9, 0.999)
-        )
-        return config
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The student's parameters (backbone and head), with no weight decay on biases, norms and tokens."""
+        return _decay_groups(self.student, weight_decay)
+
+    def configure_optimizers(self) -> Any:
+        self._total_steps = self.trainer.estimated_stepping_batches  # the EMA momentum's schedule
+        return super().configure_optimizers()
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """The teacher backbone's weights (DINO evaluates the teacher), with the keys of a plain
@@ -214,7 +207,7 @@ class DINOPretraining(L.LightningModule):
             self.save_backbone(self.hparams.backbone_path)
 
 
-class MAEPretraining(L.LightningModule):
+class MAEPretraining(ConfigurableOptimizers, L.LightningModule):
     """Masked-autoencoder pretraining of a timm ViT.
 
     Batches are ``(images, labels)`` with ``images`` ``[B, C, H, W]`` at the model's input size; labels are ignored.
@@ -235,11 +228,13 @@ class MAEPretraining(L.LightningModule):
         decoder_depth: decoder blocks.
         decoder_heads: decoder attention heads.
         norm_pix_loss: regress per-patch normalised pixels.
-        lr: peak learning rate.
+        lr: peak learning rate (AdamW, betas 0.9/0.95; the default of any other optimizer given to the CLI).
         weight_decay: AdamW weight decay.
-        warmup_epochs: epochs of linear learning-rate warmup (may be fractional).
+        warmup_epochs: epochs of linear learning-rate warmup (may be fractional), then cosine decay to zero.
         backbone_path: where ``on_fit_end`` writes the encoder (:meth:`save_backbone`); None: nowhere.
     """
+
+    optimization = adamw_warmup_cosine(betas=(0.9, 0.95))
 
     def __init__(
         self,
@@ -268,10 +263,9 @@ class MAEPretraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        config, _ = _adamw_warmup_cosine(self, self.mae, hp.lr, hp.weight_decay, hp.warmup_epochs, betas=(0.9, 0.95))
-        return config
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """The encoder's and decoder's parameters, with no weight decay on biases, norms and tokens."""
+        return _decay_groups(self.mae, weight_decay)
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights, with the keys of a plain
