@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -78,11 +79,35 @@ def run_dirs(workdir: Path) -> list[Path]:
     return sorted((workdir / "runs" / "wandb").glob("offline-run-*"))
 
 
+def also_csv(cfg: dict, save_dir: Path) -> dict:
+    """``cfg`` logging to a CSV logger under ``save_dir`` beside W&B."""
+    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(save_dir)}}
+    cfg["trainer"]["logger"] = [cfg["trainer"]["logger"], csv_logger]
+    return cfg
+
+
+def csv_history(save_dir: Path, prefixes: tuple[str, ...]) -> dict[str, list[float]]:
+    """Every value of each key starting with one of ``prefixes`` in the CSV logger's ``metrics.csv``, in order."""
+    (path,) = save_dir.glob("**/metrics.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [key for key in rows[0] if key.startswith(prefixes)]
+    return {key: [float(row[key]) for row in rows if row[key] != ""] for key in keys}
+
+
+def same_in_every_logger(wandb_history: dict[str, list], csv_logged: dict[str, list], prefixes: tuple[str, ...]):
+    """The W&B run and the CSV logger hold the same keys under ``prefixes``, each with the same values."""
+    logged = {key: values for key, values in wandb_history.items() if key.startswith(prefixes)}
+    assert set(logged) == set(csv_logged)
+    for key, values in logged.items():
+        assert csv_logged[key] == pytest.approx(values, rel=1e-6), key
+
+
 def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
     cfg = config(workdir, max_epochs=2, limit_train_batches=2, limit_val_batches=2, log_every_n_steps=1)
     cfg["model"]["init_args"]["backbone"]["routing"] = str(workdir / "routing.yaml")
     cfg["checkpoint"] = {"dirpath": str(workdir / "ckpt"), "monitor": "val/top1", "mode": "max", "save_top_k": -1}
-    (workdir / "train.yaml").write_text(yaml.safe_dump(cfg))
+    (workdir / "train.yaml").write_text(yaml.safe_dump(also_csv(cfg, workdir / "csv-train")))
     before = set(run_dirs(workdir))
     run("train.py", ["fit", "--config", str(workdir / "train.yaml")], workdir)
     assert (workdir / "ckpt" / "last.ckpt").is_file()
@@ -108,10 +133,12 @@ def test_train_from_yaml_writes_checkpoint_and_wandb_run(workdir):
         assert history["val/loss"][epoch] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
     gflops = count_flops(module.model, Routing.from_dict(ROUTING)) / 1e9
     assert history["val/gflops"] == [pytest.approx(gflops)] * 2
+    prefixes = ("train/", "val/", "lr-")  # the CSV logger got the same keys and values (top-1 a fraction in both)
+    same_in_every_logger(history, csv_history(workdir / "csv-train", prefixes), prefixes)
 
 
 def test_evaluate_prints_table_and_writes_files(workdir):
-    (workdir / "evaluate.yaml").write_text(yaml.safe_dump(config(workdir)))
+    (workdir / "evaluate.yaml").write_text(yaml.safe_dump(also_csv(config(workdir), workdir / "csv-evaluate")))
     before = set(run_dirs(workdir))
     out = workdir / "results"
     result = run(
@@ -140,8 +167,15 @@ def test_evaluate_prints_table_and_writes_files(workdir):
     assert all(row["images_per_s"] > 0 for row in rows)
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert header[:3] == ["model", "checkpoint", "routing"] and header[-6:-4] == ["gflops", "top1"]
+    # one key per routing and metric, the same in W&B and the CSV logger, with the values of results.json
     (new_run,) = set(run_dirs(workdir)) - before
-    assert {"test/unpruned/top1", "test/l2-then-merge/top1", "test/unpruned/gflops"} <= read_run(new_run).keys
+    logged, csv_logged = read_run(new_run).history, csv_history(workdir / "csv-evaluate", ("test/",))
+    same_in_every_logger(logged, csv_logged, ("test/",))
+    metrics = ("top1", "loss", "gflops", "images_per_s")  # 3 classes: no top-5
+    assert set(csv_logged) == {f"test/{row['routing']}/{metric}" for row in rows for metric in metrics}
+    for row in rows:
+        for metric in ("top1", "gflops", "images_per_s"):
+            assert csv_logged[f"test/{row['routing']}/{metric}"] == [pytest.approx(row[metric], rel=1e-6)]
 
 
 def test_evaluate_with_two_ddp_processes_matches_one(workdir):

@@ -10,8 +10,8 @@ train.py (a linear probe with its head, say). A routing is ``unpruned``, a prese
 or a routing YAML file. Every routing is checked against the model before any pass runs, and a routing whose search
 (search.py's report beside its YAML) read any of the test images is refused. Prints the table and writes
 ``results.json`` and ``results.csv`` (and a plot of top-1 against GFLOPs) to ``--output_dir``; every logger gets each
-routing's metrics under ``test/<routing>/...`` (``top1``, ``top5``, ``loss``, ``gflops``; ``images_per_s`` with W&B,
-with one table and the plot).
+routing's metrics under ``test/<routing>/...`` (``top1``, ``top5``, ``loss``, ``gflops``, ``images_per_s``; W&B also
+one table and the plot).
 
     python evaluate.py --config configs/fashion_mnist/evaluate.yaml \
         --routings '[unpruned, "tome:r=2", "evit:keep=0.7", configs/routing/layerwise_example.yaml]'
@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
 from attnprune.atomic import staged_dir
@@ -252,7 +252,9 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
     return rows
 
 
-def report(rows: list[dict[str, Any]], output_dir: Path, logger: Any) -> None:
+def report(rows: list[dict[str, Any]], output_dir: Path, loggers: list[Logger]) -> None:
+    """Write the files, print the table and log each routing's images/s to every logger (the module logged its
+    accuracy, loss and GFLOPs during the passes), and with W&B the table and the plot."""
     with staged_dir(output_dir) as stage:  # the files appear in output_dir only once every one is written
         (stage / "results.json").write_text(json.dumps(rows, indent=2))
         with open(stage / "results.csv", "w", newline="") as f:
@@ -274,8 +276,13 @@ def report(rows: list[dict[str, Any]], output_dir: Path, logger: Any) -> None:
         "as fractions in the files and every logger"
     )
     print(f"wrote {output_dir / 'results.json'}, {output_dir / 'results.csv'} and {plot}")
-    if isinstance(logger, WandbLogger):
-        log_wandb(rows, logger, plot)
+    for logger in loggers:
+        for row in rows:
+            if row["images_per_s"] is not None:
+                logger.log_metrics({f"test/{row['routing']}/images_per_s": row["images_per_s"]})
+        logger.save()  # a CSV logger writes what it holds only when saved
+        if isinstance(logger, WandbLogger):
+            log_wandb(rows, logger, plot)
 
 
 def _cell(value: float | None, width: int, scale: float, spec: str = ".2f") -> str:
@@ -284,13 +291,9 @@ def _cell(value: float | None, width: int, scale: float, spec: str = ".2f") -> s
 
 
 def log_wandb(rows: list[dict[str, Any]], logger: WandbLogger, plot: Path) -> None:
-    """Each routing's images/s under ``test/<routing>/images_per_s`` (its accuracy and GFLOPs are there already,
-    logged by the module), one table of every row, a scatter of top-1 against GFLOPs and the plot's image."""
+    """One table of every row, a scatter of top-1 against GFLOPs and the plot's image."""
     import wandb
 
-    for row in rows:
-        if row["images_per_s"] is not None:
-            logger.log_metrics({f"test/{row['routing']}/images_per_s": row["images_per_s"]})
     table = wandb.Table(columns=list(COLUMNS), data=[[row[c] for c in COLUMNS] for row in rows])
     scatter = wandb.plot.scatter(table, "gflops", "top1", title="top-1 (fraction) against GFLOPs")
     image = wandb.Image(str(plot))
@@ -308,7 +311,7 @@ def main(args: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         rows = evaluate(cli)
         if cli.trainer.is_global_zero:
-            report(rows, Path(cli.config.output_dir), cli.trainer.logger)
+            report(rows, Path(cli.config.output_dir), cli.trainer.loggers)
     except BaseException:  # a failed evaluation leaves no logger folders behind
         discard_failed_run(cli.trainer, existed)
         raise
