@@ -33,6 +33,16 @@ def reducer_flops(plan: LayerPlan, tokens: int, dim: int, head_dim: int) -> int:
     return REDUCERS[plan.rule.reduce].flops(plan, tokens, dim, head_dim)
 
 
+def _lookahead_attention_flops(attn: nn.Module, t_in: int, t_out: int) -> int:
+    """The attention of a block whose reducer runs before it (MCTF's one-step-ahead attention): queries, keys and
+    probabilities on the ``t_in`` tokens received; the probabilities merged (a product per entry of the key-merged
+    rows, a division per entry of the merged ones); values, probabilities times values and projection on ``t_out``."""
+    queries_keys = 2 * attn.qkv.in_features * attn.qkv.out_features // 3
+    merging = attn.num_heads * (t_in + t_out) * t_out
+    on_kept = t_out * (linear_macs(attn) - queries_keys) + t_out * t_out * attn.attn_dim
+    return t_in * queries_keys + t_in * t_in * attn.attn_dim + merging + on_kept
+
+
 def count_flops(
     model: VisionTransformer, routing: Routing | dict | str | None = None, img_size: int | tuple[int, int] | None = None
 ) -> int:
@@ -67,8 +77,11 @@ def count_flops(
         attn = block.attn
         t_in = counts[i] + prefix
         t_out = counts[i + 1] + prefix
-        total += t_in * linear_macs(attn) + 2 * t_in * t_in * attn.attn_dim
         plan = plans.get(i)
+        if plan is not None and plan.n_out != plan.n_in and REDUCERS[plan.rule.reduce].lookahead:
+            total += _lookahead_attention_flops(attn, t_in, t_out)
+        else:
+            total += t_in * linear_macs(attn) + 2 * t_in * t_in * attn.attn_dim
         if plan is not None and plan.n_out != plan.n_in:
             if plan.rule.score is not None:
                 total += SCORERS[plan.rule.score].flops(t_in, model.embed_dim, attn.num_heads)

@@ -2,7 +2,8 @@
 
 :func:`prune` keeps the model object, its class and its ``state_dict``; it replaces the model's ``forward`` and
 ``forward_features`` by versions that walk ``model.blocks`` and, in a block with a rule, score and reduce the tokens
-after attention and before the MLP. Blocks before the first rule run timm's own forward.
+after attention and before the MLP (a ``lookahead`` reducer, MCTF's: before attention). Blocks before the first rule
+run timm's own forward.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from pathlib import Path
 from types import MethodType
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from attnprune import fused
+from attnprune.blocks import attend, feed_forward, lookahead_block_forward
 from attnprune.errors import UserError, UserTypeError
 from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
@@ -290,49 +291,6 @@ def _forward(self: VisionTransformer, x: Tensor) -> Tensor:
     return head(self, *forward_tokens(self, x))
 
 
-def attend(
-    block: Block, x: Tensor, bias: Tensor | None = None, need_probs: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """The attention half of timm's pre-norm ``Block``: ``x`` plus the attention output (the pruning point).
-
-    Args:
-        block: a timm ``Block`` with ``Attention``.
-        x: tokens ``[B, T, C]``.
-        bias: additive attention-logit bias ``[B, 1, 1, T]`` (proportional attention) or None.
-        need_probs: materialise the attention probabilities instead of using the fused kernel.
-
-    Returns:
-        The tokens after the attention residual, the queries, keys and values ``[B, H, T, d]`` (queries and keys
-        after qk-norm) and the attention probabilities ``[B, H, T, T]`` (None unless ``need_probs``).
-    """
-    attn: Attention = block.attn
-    h = block.norm1(x)
-    batch, tokens, _ = h.shape
-    gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-    q, k, v = attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    probs = None
-    if need_probs:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
-        out = attn.attn_drop(probs) @ v
-    else:
-        dropout = attn.attn_drop.p if attn.training else 0.0
-        if bias is not None and fused.lean_attention(q):
-            out = fused.attention_with_bias(q, k, v, bias, attn.scale, dropout)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-    out = attn.norm(out.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
-    if gate is not None:
-        out = out * gate
-    return x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out)))), q, k, v, probs
-
-
-def feed_forward(block: Block, x: Tensor) -> Tensor:
-    """The MLP half of timm's pre-norm ``Block``."""
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-
 def pruned_block_forward(
     block: Block,
     x: Tensor,
@@ -349,9 +307,11 @@ def pruned_block_forward(
     """
     tokens = x.shape[1]
     bias = size.log().to(x.dtype).view(len(x), 1, 1, tokens) if size is not None and routing.prop_attn else None
+    n_out = _tokens_out(plan, tokens, num_prefix)
+    if n_out is not None and REDUCERS[plan.rule.reduce].lookahead:
+        return lookahead_block_forward(block, x, size, plan, n_out, num_prefix, bias, source)
     scorer = SCORERS[plan.rule.score] if plan is not None and plan.rule.score is not None else None
     x, q, k, v, probs = attend(block, x, bias, need_probs=scorer is not None and scorer.needs_attention)
-    n_out = _tokens_out(plan, tokens, num_prefix)
     if n_out is not None:
         ctx = ScoreContext(q, k, block.attn.scale, num_prefix, bias, probs, layer, routing.seed, v=v)
         scores = scorer(x, ctx) if scorer is not None else None

@@ -17,7 +17,7 @@ LAYERS = [
     ["attnprune.errors", "attnprune.atomic", "attnprune.timing", "attnprune.fidelity", "attnprune.paradigms"],
     ["attnprune.scoring", "attnprune.reduction", "attnprune.fused"],
     ["attnprune.routing"],
-    ["attnprune.vit"],
+    ["attnprune.vit", "attnprune.blocks"],
     ["attnprune.flops", "attnprune.inference", "attnprune.io", "attnprune.routing.baselines"],
     ["attnprune.selectivity", "attnprune.report"],
     ["attnprune.search", "attnprune.pretrain"],

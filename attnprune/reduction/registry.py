@@ -38,6 +38,9 @@ class Reducer:
             all but one.
         added: tokens it appends (EViT's fused token).
         averages: it averages tokens together, so token sizes matter from then on.
+        lookahead: it runs on the block's input, before attention (MCTF's): ``fn`` also takes ``attention``, the
+            block's attention probabilities ``[B, H, T, T]`` on ``x``, and returns ``(x, size, attention)`` with the
+            probabilities merged as the tokens were; the block applies them to the values of the merged tokens.
         flops: ``flops(plan, tokens, dim, head_dim)``: its own multiply-accumulates per image on ``tokens`` tokens
             (prefix included) of width ``dim``, given the rule's resolved ``LayerPlan``.
     """
@@ -51,6 +54,7 @@ class Reducer:
     max_removed: Callable[[int], int] | None = None
     added: int = 0
     averages: bool = False
+    lookahead: bool = False
     flops: FlopsFn = _no_flops
 
     def __call__(self, x: Tensor, size: Tensor | None, n_out: int, num_prefix: int, **kwargs: Any):

@@ -138,8 +138,8 @@ class Routing(RoutingPresets):
                 preset spec, the preset's name then ``key=value`` arguments after a colon, separated by commas
                 (:data:`PRESETS`: ``tome:r=13``, ``evit:keep=0.7``, ``random:keep=0.7,seed=1``); or the path of a
                 routing YAML file (:meth:`from_yaml`). ``evit``, ``topk_attention``, ``random`` and ``layerwise``
-                prune at EViT's layers scaled to the depth (:func:`baseline_layers`) unless ``layers=2-5-8`` says
-                otherwise.
+                prune at EViT's layers scaled to the depth (:func:`baseline_layers`) and ``mctf`` in every block but
+                the first (its off-the-shelf layers) unless ``layers=2-5-8`` says otherwise.
             depth: the model's number of blocks, which presets need.
 
         Raises:
@@ -212,6 +212,7 @@ PRESETS = {
     "layerwise": "layerwise:keep=<fraction>[,layers=3-6-9]",
     "ppt": "ppt:r=<tokens removed per layer>,threshold=<variance>[,layers=3-6-9]",
     "pitome": "pitome:ratio=<fraction kept per block>",
+    "mctf": "mctf:r=<tokens merged per layer>[,layers=1-2-3]",
     "diffrate": "diffrate:file=<compression_rate.json>,model=<key>,gflops=<budget>",
 }
 """The routing presets by name, each with its spec syntax (see :meth:`Routing.parse`); ``unpruned`` takes none."""
@@ -224,6 +225,7 @@ _ARGUMENTS = {  # preset -> (required, optional) arguments
     "layerwise": ({"keep"}, {"layers"}),
     "ppt": ({"r", "threshold"}, {"layers"}),
     "pitome": ({"ratio"}, set()),
+    "mctf": ({"r"}, {"layers"}),
     "diffrate": ({"file", "model", "gflops"}, set()),
 }
 
@@ -263,7 +265,10 @@ def _build(name: str, args: dict[str, str], depth: int | None) -> Routing:
         return Routing.pitome(float(args["ratio"]), depth)
     if name == "diffrate":
         return Routing.diffrate_schedule(args["file"], args["model"], float(args["gflops"]))
-    layers = tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else baseline_layers(depth)
+    layers = tuple(int(layer) for layer in args["layers"].split("-")) if "layers" in args else None
+    if name == "mctf":
+        return Routing.mctf(int(args["r"]), layers or range(1, depth))  # off the shelf: every block but the first
+    layers = layers or baseline_layers(depth)
     if name == "ppt":
         return Routing.ppt(int(args["r"]), layers, float(args["threshold"]))
     keep = float(args["keep"])

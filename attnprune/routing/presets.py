@@ -8,14 +8,16 @@
 - DiffRate (Chen et al., ICCV 2023): per block, prune by class-token attention, then merge each further token into
   its most similar kept one (``absorb``), with the kept counts of its published schedules;
 - PiToMe (Tran et al., NeurIPS 2024): merge by an energy score that protects isolated tokens (``energy_merge``,
-  ``energy_bipartite``).
+  ``energy_bipartite``);
+- MCTF (Lee et al., CVPR 2024): merge before attention by similarity, informativeness and size, two ways, with the
+  block's attention merged along (``mctf``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -130,14 +132,7 @@ class RoutingPresets:
         if not is_int(r) or r < 0:
             raise UserError(f"PPT's r must be an integer >= 0 (tokens removed per layer), got r={r!r}")
         layers = list(layers)
-        schedule = {layer: r for layer in layers}
-        if num_tokens is not None:
-            if not is_int(num_tokens) or num_tokens < 1:
-                raise UserError(f"PPT's num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
-            n = num_tokens
-            for layer in sorted(layer for layer in schedule if is_int(layer)):  # rules name a bad layer
-                schedule[layer] = min(r, max_merge(n))
-                n -= schedule[layer]
+        schedule = _capped_schedule("PPT", r, layers, num_tokens, lambda n: min(r, max_merge(n)))
         rules = tuple(
             Rule(layer=layer, score="cls_value", r=schedule[layer], reduce="adaptive", threshold=threshold)
             for layer in layers
@@ -301,6 +296,59 @@ class RoutingPresets:
             for layer in range(depth)
         )
         return cls(rules, name=f"pitome-{ratio:g}", prop_attn=False)
+
+    @classmethod
+    def mctf(cls: type[R], r: int, layers: Sequence[int], num_tokens: int | None = None) -> R:
+        """MCTF: at each of ``layers``, merge ``r`` tokens before the block's attention by MCTF's multi-criteria
+        two-way matching, with its one-step-ahead attention (reducer ``mctf``, see :mod:`attnprune.reduction.mctf`).
+
+        The other settings are the official code's off-the-shelf DeiT-S ones (``--mctf_type
+        [16,0,0,1,1,1,20,40,1,1,0]``): criteria temperatures 1, 20 and 40 (similarity, informativeness, size),
+        two-way matching, pooling weighted by attention and size, proportional attention on. The one-step-ahead
+        attention is the block's own attention on the tokens it receives, merged along with them: computed in the
+        same forward pass, no training needed.
+
+        Args:
+            r: tokens merged at each of ``layers`` (MCTF's ``--r_evals``; 16 for DeiT-S).
+            layers: the 0-based blocks that merge (MCTF's ``--activate_layer``; off the shelf every block but the
+                first, ``range(1, 12)`` for DeiT-S).
+            num_tokens: the model's non-prefix tokens; when given, each layer's r is capped as MCTF's code caps it
+                for a model with one class token: at most half of the patch tokens left there, and at least 10
+                tokens (the class token among them) left after merging; a layer capped to 0 gets no rule. Without
+                it an r too large for the tokens left fails when the routing is applied.
+
+        Raises:
+            UserError: ``r`` or ``num_tokens`` is not an integer >= 0 (>= 1); a bad layer names its rule and field.
+
+        Example:
+            >>> from attnprune import Routing
+            >>> Routing.mctf(16, range(1, 12)).rules[0]
+            Rule(layer=1, r=16, reduce='mctf')
+            >>> [rule.r for rule in Routing.mctf(20, (1, 2, 3), num_tokens=49).rules]  # 49 -> 29 -> 15 -> 9
+            [20, 14, 6]
+        """
+        if not is_int(r) or r < 0:
+            raise UserError(f"MCTF's r must be an integer >= 0 (tokens merged per layer), got r={r!r}")
+        layers = list(layers)
+        schedule = _capped_schedule("MCTF", r, layers, num_tokens, lambda n: max(0, min(r, max_merge(n), n + 1 - 10)))
+        rules = tuple(Rule(layer=layer, r=schedule[layer], reduce="mctf") for layer in layers if schedule[layer] > 0)
+        return cls(rules, name=f"mctf-r{r}", prop_attn=True)
+
+
+def _capped_schedule(
+    method: str, r: int, layers: list[int], num_tokens: int | None, cap: Callable[[int], int]
+) -> dict[int, int]:
+    """``r`` at each of ``layers``; with ``num_tokens``, each layer's ``cap(n)`` of the ``n`` patch tokens reaching
+    it, in layer order (as PPT's and MCTF's code cap r)."""
+    schedule = {layer: r for layer in layers}
+    if num_tokens is not None:
+        if not is_int(num_tokens) or num_tokens < 1:
+            raise UserError(f"{method}'s num_tokens must be an integer >= 1, got num_tokens={num_tokens!r}")
+        n = num_tokens
+        for layer in sorted(layer for layer in schedule if is_int(layer)):  # rules name a bad layer
+            schedule[layer] = cap(n)
+            n -= schedule[layer]
+    return schedule
 
 
 def baseline_layers(depth: int) -> tuple[int, ...]:
