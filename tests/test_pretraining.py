@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import timm
 import torch
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from PIL import Image
 from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from attnprune import load_model
+from attnprune import count_flops, load_model
 from attnprune.lit.backbone import Backbone
+from attnprune.lit.callbacks import FlopsModelSummary
 from attnprune.lit.data import ImageFolderDataModule, collate_images
 from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import DINOPretraining, MAEPretraining
@@ -331,3 +333,20 @@ def test_lr_warms_up_linearly_per_step_then_follows_a_cosine(limits):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert any(p is module.mae.encoder.pos_embed for p in no_decay["params"])
     assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def _mae_batch() -> tuple[Tensor, Tensor]:
+    return _smooth_images(), torch.zeros(BATCH)
+
+
+@pytest.mark.parametrize(("make", "batch"), [(_dino, _dino_batch), (_mae, _mae_batch)], ids=["dino", "mae"])
+def test_the_model_summary_shows_the_backbones_flops(capsys, make, batch):
+    module = make()
+    trainer = L.Trainer(
+        fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[FlopsModelSummary()]
+    )
+    trainer.fit(module, DataLoader(_Repeat(batch(), 1), batch_size=None))
+    printed = capsys.readouterr().out
+    flops = count_flops(module.backbone)  # the student's or the encoder's ViT at its input size
+    assert flops == count_flops(timm.create_model(ARCH, num_classes=0, **TINY)) > 0
+    assert f"Total FLOPs: {get_human_readable_count(flops)}" in printed and "Total FLOPs: 0" not in printed

@@ -13,8 +13,10 @@ from lightning.pytorch.callbacks import Callback, ModelSummary, RichModelSummary
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from timm.models.vision_transformer import VisionTransformer
 
 from attnprune.errors import UserError
+from attnprune.flops import count_flops
 from attnprune.selectivity import SelectivityAnalyzer
 
 __all__ = ["FlopsModelSummary", "SelectivityCallback", "layer_key"]
@@ -28,18 +30,24 @@ def layer_key(layer: int, depth: int) -> str:
 
 class FlopsModelSummary(RichModelSummary if _RICH_AVAILABLE else ModelSummary):
     """Lightning's model summary (the rich one where rich is installed, as Lightning chooses) with attnprune's FLOPs
-    of a module that counts them (``gflops()``: per image, one multiply-accumulate = one FLOP, under its routing) in
-    the backbone's row and the total, instead of the zeros Lightning shows without an example input."""
+    of the module's ``backbone`` ViT (:func:`attnprune.count_flops`: per image at its input size, one
+    multiply-accumulate = one FLOP, under its routing) in the row of the submodule that holds it and in the total,
+    instead of the zeros Lightning shows without an example input. Every attnprune module has a ``backbone``: the
+    classifiers' and probes' network, the pretraining modules' student or encoder."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.flops = round(pl_module.gflops() * 1e9) if hasattr(pl_module, "gflops") else None
+        backbone = getattr(pl_module, "backbone", None)
+        self.flops, self.row = None, None
+        if isinstance(backbone, VisionTransformer):
+            self.flops = count_flops(backbone)
+            self.row = next(name for name, child in pl_module.named_children() if backbone in child.modules())
         super().on_fit_start(trainer, pl_module)
 
     def summarize(self, summary_data: list, *args: Any, total_flops: int, **kwargs: Any) -> None:
         if self.flops is not None:
             columns = dict(summary_data)
             flops = get_human_readable_count(self.flops)
-            columns["FLOPs"] = [flops if name == "model" else "-" for name in columns["Name"]]
+            columns["FLOPs"] = [flops if name == self.row else "-" for name in columns["Name"]]
             summary_data, total_flops = list(columns.items()), self.flops
         super().summarize(summary_data, *args, total_flops=total_flops, **kwargs)
 

@@ -136,6 +136,11 @@ class DINOPretraining(ConfigurableOptimizers, L.LightningModule):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._total_steps: float = math.inf
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The student's ViT (the teacher, its moving average, is the one handed over)."""
+        return self.student.backbone
+
     def train(self, mode: bool = True) -> DINOPretraining:
         """Switch the student's mode; the teacher always stays in eval mode."""
         super().train(mode)
@@ -256,6 +261,11 @@ class MAEPretraining(ConfigurableOptimizers, L.LightningModule):
         encoder = create_vit(model, model_kwargs, pretrained_cfg)
         self.data_config = resolve_model_data_config(encoder)
         self.mae = MaskedAutoencoder(encoder, mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The encoder ViT."""
+        return self.mae.encoder
 
     def training_step(self, batch: tuple[Tensor, Any], batch_idx: int) -> Tensor:
         images, _ = batch
