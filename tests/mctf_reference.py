@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import math
 import sys
 import types
 from functools import partial
@@ -30,6 +29,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from tests.pitome_reference import seeded_weights
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mctf_official.safetensors"
 COMMIT = "2004da0cad3231fa74cbd60b6042b0bd133aacde"
@@ -48,22 +49,10 @@ CASES = {  # name -> the model's size, MCTF's r and its activate_layer (patch to
 
 
 def seeded_vit(case: str, seed: int = 0) -> VisionTransformer:
-    """The ViT of ``case`` (10 classes, class token) with weights from one seeded generator: matrices N(0, 1 /
-    fan-in), class token and position embedding N(0, 0.5), norm scales N(1, 0.1), biases N(0, 0.02)."""
-    model = VisionTransformer(**{key: CASES[case][key] for key in MODEL_FIELDS}, num_classes=10).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name in ("cls_token", "pos_embed"):
-                param.copy_(0.5 * noise)
-            elif param.ndim > 1:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            elif name.endswith(".weight"):  # the norms' scales, the only vectors named weight
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(0.02 * noise)
-    return model
+    """The ViT of ``case`` (10 classes, class token) with the seeded weights of the PiToMe reference
+    (:func:`tests.pitome_reference.seeded_weights`)."""
+    model = VisionTransformer(**{key: CASES[case][key] for key in MODEL_FIELDS}, num_classes=10)
+    return seeded_weights(model.eval(), seed)
 
 
 def seeded_images(case: str, batch: int = 4, seed: int = 1) -> torch.Tensor:

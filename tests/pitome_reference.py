@@ -50,7 +50,11 @@ def seeded_vit(case: str, seed: int = 0) -> VisionTransformer:
     """The ViT of ``case`` (10 classes, class token) with weights from one seeded generator: matrices N(0, 1 /
     fan-in), class token and position embedding N(0, 0.5), norm scales N(1, 0.1), biases N(0, 0.02)."""
     spec = {key: value for key, value in CASES[case].items() if key != "ratio"}
-    model = VisionTransformer(**spec, num_classes=10).eval()
+    return seeded_weights(VisionTransformer(**spec, num_classes=10).eval(), seed)
+
+
+def seeded_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with the weights :func:`seeded_vit` describes, from one generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
