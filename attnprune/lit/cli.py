@@ -303,8 +303,10 @@ class AttnpruneCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Lightning's, without its warning about ``args`` beside ``sys.argv``: the entry points always pass the command
-        line themselves (without ``--debug``), so it would fire on every command."""
+        """Lightning's, without its warning about ``args`` beside ``sys.argv`` (the entry points always pass the command
+        line themselves, without ``--debug``, so it would fire on every command). With ``fit``'s optimizer groups, the
+        command line is parsed twice: without the groups' options first, to learn the module, whose declared optimizer
+        and schedule become the groups' defaults; then as given."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             fit = getattr(self, "_subcommand_parsers", {}).get("fit")
