@@ -32,6 +32,15 @@ def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:
     return VisionTransformer(**{**TINY, **overrides}).eval()
 
 
+def assert_matches_official(ours: torch.Tensor, unpruned: torch.Tensor, reference: torch.Tensor) -> None:
+    """Our pruned logits equal an official implementation's ``reference`` within 1e-5 of the logit scale, with the
+    same top-1, and the reference is not just the unpruned model's logits."""
+    scale = reference.abs().max()
+    assert (unpruned - reference).abs().max() > 1e-2 * scale  # the fixture is not trivially the unpruned model
+    assert (ours - reference).abs().max() <= 1e-5 * scale
+    assert torch.equal(ours.argmax(dim=-1), reference.argmax(dim=-1))
+
+
 def random_routing(rng: random.Random, depth: int, class_token: bool = True) -> Routing:
     """A valid routing drawing layers, scorers, reducers and keep/r at random (fits 64 patch tokens)."""
     scorers = sorted(name for name, s in SCORERS.items() if class_token or not s.needs_class_token)
