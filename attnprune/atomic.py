@@ -1,16 +1,23 @@
 """Outputs written only on success: to a temporary name next to the target, then renamed into place, so a failed
-run leaves no partial results, tables or plots behind."""
+run leaves no partial results, tables or plots behind. Output paths are checked before the work that fills them, and
+file names made from user data (a routing's name) stay inside their output folder."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["staged_dir", "write_text_atomic"]
+from attnprune.errors import UserError
+
+__all__ = ["check_output_file", "check_distinct_outputs", "safe_file_names", "staged_dir", "write_text_atomic"]
+
+_UNSAFE = re.compile(r"[^\w.=+,-]")
+MAX_NAME_CHARS = 100  # well below the 255 bytes a file name may have, with room for a prefix and suffix
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -45,3 +52,65 @@ def staged_dir(output_dir: str | Path) -> Iterator[Path]:
                 os.replace(item, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def safe_file_names(names: Iterable[str]) -> list[str]:
+    """``names`` (routing names, from user data) as file names that stay inside the folder they are joined to.
+
+    Every character but letters, digits and ``. = + , -`` becomes ``_`` (so no ``/`` or ``\\``), as does a leading
+    dot (so no ``..`` and no hidden file); a name is cut to :data:`MAX_NAME_CHARS` and an empty one becomes ``_``.
+    A name already taken by an earlier one gets ``-2``, ``-3``, ... so no output overwrites another.
+
+    Examples:
+        >>> safe_file_names(["tome-r2", "x/../../evil", "/etc/passwd", "..", "tome-r2"])
+        ['tome-r2', 'x_.._.._evil', '_etc_passwd', '_.', 'tome-r2-2']
+    """
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        safe = _UNSAFE.sub("_", name)[:MAX_NAME_CHARS] or "_"
+        safe = "_" + safe[1:] if safe.startswith(".") else safe
+        unique, n = safe, 2
+        while unique in taken:
+            unique, n = f"{safe}-{n}", n + 1
+        taken.add(unique)
+        out.append(unique)
+    return out
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """Check, before any work, that a file can be written at ``path`` (given as ``option``), as
+    :func:`write_text_atomic` writes it: not a directory, and the nearest folder on its way that exists is a folder
+    this process may write in (the missing ones are created).
+
+    Raises:
+        UserError: naming the option, the path and what is wrong.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; expected a file name")
+    folder = path.absolute().parent
+    while not folder.exists() and not folder.is_symlink():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{option} {path} cannot be written: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path} cannot be written: the folder {folder} is not writable")
+    return path
+
+
+def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:
+    """Refuse two outputs of one command that are the same file (``outputs`` maps how each is given, say
+    ``--state_path``, to its path; None is no output), before any work: the second would overwrite the first.
+
+    Raises:
+        UserError: naming both outputs and the path.
+    """
+    seen: dict[Path, str] = {}
+    for label, path in outputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise UserError(f"{seen[resolved]} and {label} are the same file {path}; give each its own path")
+        seen[resolved] = label

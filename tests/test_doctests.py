@@ -11,6 +11,7 @@ import pytest
 import attnprune
 
 MODULES = [
+    "attnprune.atomic",
     "attnprune.vit",
     "attnprune.flops",
     "attnprune.inference",

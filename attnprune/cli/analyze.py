@@ -3,7 +3,8 @@
 Writes to ``--output_dir``: ``selectivity.json`` and ``selectivity.csv`` (every metric at every layer),
 ``selectivity.png`` (concentration and stability against depth), ``reliability.png`` (each scorer's agreement with
 the leave-one-out oracle, one line per scorer) and, for every ``--routings`` entry, ``tokens_<name>.png`` (which
-patches survive, or into which token they were merged, after each pruning layer).
+patches survive, or into which token they were merged, after each pruning layer; the routing's name with every
+character that could lead outside ``--output_dir`` replaced, and made unique).
 
     python analyze.py --model checkpoints/fmnist_supervised.safetensors \\
         --data.class_path attnprune.lit.data.FashionMNISTDataModule --num_images 512 \\
@@ -22,7 +23,7 @@ from timm.data import resolve_model_data_config
 from tqdm.auto import tqdm
 
 from attnprune import Routing, count_flops, load_model
-from attnprune.atomic import staged_dir
+from attnprune.atomic import safe_file_names, staged_dir
 from attnprune.cli import run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
@@ -137,8 +138,8 @@ def _write(
         if oracle:
             plot_reliability(results, stage / "reliability.png", title=f"{name}: scorer reliability")
         cfg = resolve_model_data_config(network)
-        for routing in routings:
-            plot_token_maps(network, images, routing, stage / f"tokens_{routing.name}.png", cfg["mean"], cfg["std"])
+        for routing, file_name in zip(routings, safe_file_names(r.name for r in routings), strict=True):
+            plot_token_maps(network, images, routing, stage / f"tokens_{file_name}.png", cfg["mean"], cfg["std"])
 
 
 def main(args: list[str] | None = None):

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from jsonargparse import CLI
 
 from attnprune import load_model
-from attnprune.atomic import write_text_atomic
+from attnprune.atomic import check_distinct_outputs, check_output_file, write_text_atomic
 from attnprune.cli import run_cli
 from attnprune.errors import AllRanksError, UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
@@ -77,6 +77,22 @@ def ranks(device: str) -> Iterator[torch.device]:
             dist.destroy_process_group()
 
 
+def check_outputs(output: str, state_path: str | None) -> None:
+    """Before any work: the routing YAML (``--output``), the report beside it and the state can each be written,
+    and no two are the same file (``--output r.json`` would be overwritten by its own report).
+
+    Raises:
+        UserError: naming the option and the path.
+    """
+    report = Path(output).with_suffix(".json")
+    outputs = {"--output": output, "--output's report (its name with .json)": report, "--state_path": state_path}
+    check_distinct_outputs(outputs)
+    check_output_file(output, "--output")
+    check_output_file(report, "--output's report")
+    if state_path is not None:
+        check_output_file(state_path, "--state_path")
+
+
 def search(
     model: str,
     data: ImageDataModule,
@@ -121,6 +137,7 @@ def search(
     with ranks(device) as target:
         if val_images < 1:
             raise UserError(f"--val_images must be at least 1, got {val_images}")
+        check_outputs(output, state_path)
         first = world()[0] == 0
         network = load_model(model, architecture).to(target)
         batches = data.for_model(network).take("validation", val_images)

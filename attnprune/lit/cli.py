@@ -244,9 +244,12 @@ def wandb_offline() -> bool:
 
 
 def trainer_defaults(project: str = "attnprune") -> dict[str, Any]:
-    """Trainer defaults of the entry points; every one can be overridden in YAML or on the command line."""
+    """Trainer defaults of the entry points; every one can be overridden in YAML or on the command line. The root
+    folder is ``runs/``, where checkpoints and the saved config go without a logger (``--trainer.logger false``): the
+    working directory's ``checkpoints/`` is, at the repository's top, the folder of the shipped models."""
     return {
         "logger": lazy_instance(WandbLogger, project=project, save_dir="runs", offline=wandb_offline()),
+        "default_root_dir": "runs",
     }
 
 
