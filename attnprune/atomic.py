@@ -14,7 +14,14 @@ from pathlib import Path
 
 from attnprune.errors import UserError
 
-__all__ = ["check_output_file", "check_distinct_outputs", "safe_file_names", "staged_dir", "write_text_atomic"]
+__all__ = [
+    "check_distinct_outputs",
+    "check_output_dir",
+    "check_output_file",
+    "safe_file_names",
+    "staged_dir",
+    "write_text_atomic",
+]
 
 _UNSAFE = re.compile(r"[^\w.=+,-]")
 MAX_NAME_CHARS = 100  # well below the 255 bytes a file name may have, with room for a prefix and suffix
@@ -89,6 +96,28 @@ def check_output_file(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a directory; expected a file name")
+    _check_writable_parent(path, option)
+    return path
+
+
+def check_output_dir(path: str | Path, option: str) -> Path:
+    """Check, before any work, that files can be written into the folder ``path`` (given as ``option``), as
+    :func:`staged_dir` writes them: not a file, and the nearest folder on its way that exists (``path`` itself, or
+    the folder its missing parents will be made in) is a folder this process may write in.
+
+    Raises:
+        UserError: naming the option, the path and what is wrong.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file; expected a folder")
+    _check_writable_parent(path, option)
+    return path
+
+
+def _check_writable_parent(path: Path, option: str) -> None:
+    """The nearest existing folder above ``path`` is a folder this process may write in (``staged_dir`` and
+    ``write_text_atomic`` write beside their target, in its parent)."""
     folder = path.absolute().parent
     while not folder.exists() and not folder.is_symlink():
         folder = folder.parent
@@ -96,7 +125,6 @@ def check_output_file(path: str | Path, option: str) -> Path:
         raise UserError(f"{option} {path} cannot be written: {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path} cannot be written: the folder {folder} is not writable")
-    return path
 
 
 def check_distinct_outputs(outputs: dict[str, str | Path | None]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from attnprune import Routing, save_model
-from attnprune.atomic import check_output_file, safe_file_names
-from attnprune.cli import analyze, run_cli, search, train
+from attnprune.atomic import check_output_dir, check_output_file, safe_file_names
+from attnprune.cli import analyze, evaluate, run_cli, search, train
 from attnprune.lit.data import ImageFolderDataModule
 from attnprune.lit.modules import PrunedClassifier
 from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone
@@ -81,21 +81,26 @@ def test_analyze_writes_token_maps_of_hostile_routing_names_inside_output_dir(in
 
 
 # ---------------------------------------------------------------------------------- search.py's outputs
+def _data(inputs) -> list[str]:
+    root, cache = str(inputs["images"]), str(inputs["cache"])
+    data = ["--data.class_path", "attnprune.lit.data.ImageFolderDataModule", "--data.init_args.root", root]
+    return [*data, "--data.init_args.cache_dir", cache]
+
+
 def _search(inputs, output: Path, *extra: str) -> list[str]:
-    data = ["--data.class_path", "attnprune.lit.data.ImageFolderDataModule", "--data.init_args.root"]
-    data += [str(inputs["images"]), "--data.init_args.cache_dir", str(inputs["cache"])]
+    data = _data(inputs)
     options = ["--budget", "0.6", "--val_images", "6", "--output", str(output)]
     return ["--model", str(inputs["model"]), *data, *options, *extra]
 
 
-def _refused(capsys, monkeypatch, argv: list[str]) -> str:
-    """The one stderr line of a search refused with exit status 2; the search did not start."""
+def _refused(capsys, monkeypatch, argv: list[str], main=search.main) -> str:
+    """The one stderr line of a command refused with exit status 2; it read no image (its first line says so)."""
     monkeypatch.delenv("ATTNPRUNE_DEBUG", raising=False)
     with pytest.raises(SystemExit) as info:
-        run_cli(search.main, argv)
+        run_cli(main, argv)
     assert info.value.code == 2
     captured = capsys.readouterr()
-    assert "searching on" not in captured.out
+    assert not any(word in captured.out for word in ("searching on", "analysing", "evaluating on")), captured.out
     (line,) = captured.err.strip().splitlines()
     assert line.endswith(HINT)
     return line.removeprefix("error: ").removesuffix(HINT)
@@ -186,11 +191,45 @@ def test_search_refuses_an_unwritable_folder(inputs, tmp_path, capsys, monkeypat
     assert not any(locked.iterdir())
 
 
-def test_check_output_file_accepts_folders_still_to_be_made(tmp_path):
+def test_output_checks_accept_folders_still_to_be_made(tmp_path):
     path = tmp_path / "runs" / "search" / "r.yaml"
     assert check_output_file(path, "--output") == path
     assert check_output_file(str(tmp_path / "old.yaml"), "--output") == tmp_path / "old.yaml"
+    assert check_output_dir(tmp_path / "results" / "a", "--output_dir") == tmp_path / "results" / "a"
+    assert check_output_dir(tmp_path, "--output_dir") == tmp_path
     assert not any(tmp_path.iterdir())  # a check, nothing made
+
+
+# ------------------------------------------------------------------------- analyze.py's and evaluate.py's folders
+def _analyze(inputs, output_dir: Path) -> list[str]:
+    data = _data(inputs)
+    return ["--model", str(inputs["model"]), *data, "--num_images", "2", "--output_dir", str(output_dir)]
+
+
+def _evaluate(inputs, output_dir: Path, root: Path) -> list[str]:
+    module = ["--model.class_path", "attnprune.lit.modules.PrunedClassifier", "--model.init_args.backbone.model"]
+    module += ["auto", "--model.init_args.backbone.checkpoint", str(inputs["model"])]
+    data = _data(inputs)
+    trainer = ["--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(root)]
+    return [*module, *data, *trainer, "--throughput_repeats", "0", "--output_dir", str(output_dir)]
+
+
+@pytest.mark.parametrize("command", ["analyze", "evaluate"])
+@pytest.mark.parametrize("where", ["a-file", "under-a-file"])
+def test_output_dir_that_is_no_folder_is_refused_up_front(inputs, tmp_path, capsys, monkeypatch, command, where):
+    (tmp_path / "a-file").write_text("not a folder")
+    output_dir = tmp_path / "a-file" / ("sub" if where == "under-a-file" else "")
+    if where == "a-file":
+        message = f"--output_dir {output_dir} is a file; expected a folder"
+    else:
+        message = f"--output_dir {output_dir} cannot be written: {tmp_path / 'a-file'} is not a directory"
+    if command == "analyze":
+        argv, main = _analyze(inputs, output_dir), analyze.main
+    else:
+        argv, main = _evaluate(inputs, output_dir, tmp_path / "run"), evaluate.main
+    assert _refused(capsys, monkeypatch, argv, main) == message
+    assert files_under(tmp_path) == {"a-file": b"not a folder"}
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
 # --------------------------------------------------------------------------------- train.py without a logger
@@ -207,12 +246,7 @@ def test_train_without_a_logger_leaves_the_shipped_checkpoints_alone(inputs, tmp
         "auto",
         "--model.init_args.backbone.checkpoint",
         str(inputs["model"]),
-        "--data.class_path",
-        "attnprune.lit.data.ImageFolderDataModule",
-        "--data.init_args.root",
-        str(inputs["images"]),
-        "--data.init_args.cache_dir",
-        str(inputs["cache"]),
+        *_data(inputs),
         "--data.init_args.batch_size",
         "4",
         "--trainer.logger",

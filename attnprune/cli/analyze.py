@@ -23,7 +23,7 @@ from timm.data import resolve_model_data_config
 from tqdm.auto import tqdm
 
 from attnprune import Routing, count_flops, load_model
-from attnprune.atomic import safe_file_names, staged_dir
+from attnprune.atomic import check_output_dir, safe_file_names, staged_dir
 from attnprune.cli import run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
@@ -64,6 +64,7 @@ def analyze(
         raise UserError(f"--keep must be a fraction in (0, 1] (of the tokens in the top-k overlap), got {keep}")
     if token_map_images < 1:
         raise UserError(f"--token_map_images must be at least 1, got {token_map_images}")
+    check_output_dir(output_dir, "--output_dir")
     network = load_model(model, architecture)
     checked = {}
     for spec in routings or []:  # every routing is loaded and fitted to the model before any image is analysed

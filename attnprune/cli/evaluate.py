@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from torch import nn
 
-from attnprune.atomic import staged_dir
+from attnprune.atomic import check_output_dir, staged_dir
 from attnprune.cli import lightning_parser_kwargs, run_cli
 from attnprune.errors import UserError, check_finite
 from attnprune.flops import count_flops
@@ -190,6 +190,7 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
         )
     if config.throughput_repeats > 0 and config.throughput_batches < 1:
         raise UserError(f"--throughput_batches must be at least 1, got {config.throughput_batches}")
+    check_output_dir(config.output_dir, "--output_dir")
     if config.ckpt_path:
         path = Path(config.ckpt_path)
         if not path.is_file():
