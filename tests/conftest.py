@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -39,6 +40,18 @@ def assert_matches_official(ours: torch.Tensor, unpruned: torch.Tensor, referenc
     assert (unpruned - reference).abs().max() > 1e-2 * scale  # the fixture is not trivially the unpruned model
     assert (ours - reference).abs().max() <= 1e-5 * scale
     assert torch.equal(ours.argmax(dim=-1), reference.argmax(dim=-1))
+
+
+def official_fixture_commit(fixture: Path, cases: dict) -> str:
+    """The commit of the official code a reference fixture was made with, after checking that it holds exactly
+    ``cases`` (as tensors and in its metadata)."""
+    from safetensors import safe_open
+
+    with safe_open(fixture, "pt") as opened:
+        metadata = opened.metadata()
+        assert sorted(opened.keys()) == sorted(cases)
+    assert json.loads(metadata["cases"]) == cases
+    return metadata["commit"]
 
 
 def random_routing(rng: random.Random, depth: int, class_token: bool = True) -> Routing:

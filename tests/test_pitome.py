@@ -2,12 +2,10 @@
 hchautran/PiToMe timm patch, and by hand."""
 
 import doctest
-import json
 import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attnprune import Routing, count_flops, prune
@@ -15,7 +13,7 @@ from attnprune.errors import UserError
 from attnprune.flops import reducer_flops
 from attnprune.reduction import REDUCERS
 from attnprune.reduction.pitome import energy_bipartite, energy_merge, energy_score
-from tests.conftest import assert_matches_official, tiny_vit
+from tests.conftest import assert_matches_official, official_fixture_commit, tiny_vit
 from tests.pitome_reference import CASES, FIXTURE, official_token_counts, seeded_images, seeded_vit
 from tests.test_flops import measured_macs
 
@@ -36,11 +34,7 @@ def test_logits_match_official_implementation(case):
 
 
 def test_fixture_records_its_cases():
-    with safe_open(FIXTURE, "pt") as fixture:
-        metadata = fixture.metadata()
-        assert sorted(fixture.keys()) == sorted(CASES)
-    assert json.loads(metadata["cases"]) == CASES
-    assert metadata["commit"] == "550b5deed94aadfeac28bfbe381d87e672044a40"
+    assert official_fixture_commit(FIXTURE, CASES) == "550b5deed94aadfeac28bfbe381d87e672044a40"
 
 
 def _keys(degrees):
