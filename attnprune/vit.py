@@ -270,17 +270,19 @@ def block_step(
     return pruned_block_forward(block, x, size, plan, routing, num_prefix, layer, source)
 
 
-def head(model: VisionTransformer, x: Tensor, size: Tensor | None) -> Tensor:
+def head(model: VisionTransformer, x: Tensor, size: Tensor | None, pre_logits: bool = False) -> Tensor:
     """The model's head on normed tokens; average pooling is weighted by token size (a merged token counts for
-    every patch it stands for)."""
+    every patch it stands for). With ``pre_logits``, the pooled features the classifier reads instead of its
+    logits (timm's ``forward_head(x, pre_logits=True)``; a headless model's output either way)."""
     if size is None or model.attn_pool is not None or model.global_pool not in ("avg", "avgmax"):
-        return model.forward_head(x)
+        return model.forward_head(x, pre_logits=pre_logits)
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
     tokens, weights = x[:, start:], size[:, start:]
     pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
     if model.global_pool == "avgmax":
         pooled = 0.5 * (pooled + tokens.amax(dim=1))
-    return model.head(model.head_drop(model.fc_norm(pooled)))
+    features = model.head_drop(model.fc_norm(pooled))
+    return features if pre_logits else model.head(features)
 
 
 def _forward_features(self: VisionTransformer, x: Tensor) -> Tensor:

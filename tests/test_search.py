@@ -95,6 +95,39 @@ def test_evaluator_measures_fidelity_and_top1_of_the_pruned_model(model, data):
     assert by_top1["loss"] == pytest.approx(1 - expected_top1)
 
 
+def test_cosine_ranks_by_the_features_on_a_model_with_a_head(model, data):
+    """objective="cosine" on a classifier is the cosine distance of the pooled features its head reads (computed here
+    by plain forward passes), not KL: on this model the two objectives order std and l2_norm drops oppositely, and
+    the search returns the best by the objective it reports."""
+    routings = {
+        score: Routing.from_dict({"rules": [{"layer": 1, "score": score, "keep": 0.5, "reduce": "drop"}]})
+        for score in ("std", "l2_norm")
+    }
+    by_kl, by_cosine = Evaluator(model, data, "kl"), Evaluator(model, data, "cosine")
+    with torch.no_grad():
+        features = [model.forward_head(model.forward_features(x), pre_logits=True) for x, _ in data]
+        losses = {}
+        for score, routing in routings.items():
+            prune(model, routing)
+            pruned = [model.forward_head(model.forward_features(x), pre_logits=True) for x, _ in data]
+            unprune(model)
+            expected = torch.cat([cosine_distance(f, p) for f, p in zip(features, pruned, strict=True)]).mean().item()
+            measured = by_cosine.measure(by_cosine.initial(), routing, 0)
+            assert measured["loss"] == measured["cosine"] == pytest.approx(expected, rel=1e-5) and "kl" not in measured
+            losses[score] = (by_kl.measure(by_kl.initial(), routing, 0)["loss"], measured["loss"])
+    assert losses["std"][0] < losses["l2_norm"][0] and losses["l2_norm"][1] < losses["std"][1]
+    space = SearchSpace(scorers=("l2_norm", "std"), reducers=("drop",), keeps=(0.5,), layers=(1,), shortlist=0)
+    budget = count_flops(model, routings["std"]) / count_flops(model, Routing())
+    for objective, best in (("kl", "std"), ("cosine", "l2_norm")):
+        result = search_routing(model, data, budget, space=space, objective=objective, holdout=0, progress=False)
+        assert result.routing.rules[0].score == best and result.report["objective"] == objective
+        assert (
+            result.report["val_loss"]
+            == result.report[f"val_{objective}"]
+            == pytest.approx(losses[best][objective == "cosine"])
+        )
+
+
 def test_budget_is_respected(model, data):
     unpruned = count_flops(model, Routing())
     rng = random.Random(0)

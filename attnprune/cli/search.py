@@ -123,7 +123,7 @@ def search(
         output: routing YAML written (the report goes to the same name with ``.json``).
         beam_width: partial routings kept per layer.
         objective: ``fidelity`` (KL divergence from the unpruned model, or cosine distance for a headless one),
-            ``kl``, ``cosine`` or ``top1``.
+            ``kl``, ``cosine`` (of the pooled features, also on a model with a head) or ``top1``.
         holdout: fraction of the validation images kept out of the search to check the routing found against the
             baselines within budget; 0 checks nothing.
         confidence: the routing found is kept only if it beats every baseline on the held-out images with this

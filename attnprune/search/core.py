@@ -287,7 +287,8 @@ def search_routing(
             :mod:`~attnprune.search.diffrate`) (:data:`STRATEGIES`).
         objective: what ranks candidates (lower is better): ``fidelity`` (default: ``kl``, the KL divergence of the
             class distribution from the unpruned model's on the same image, or ``cosine`` distance of the features
-            for a headless model), ``kl``, ``cosine`` or ``top1`` (error against the labels).
+            for a headless model), ``kl``, ``cosine`` (of the pooled features the head reads, also on a model with
+            a head) or ``top1`` (error against the labels).
         holdout: fraction of the validation images (the last ones) kept out of the search. The routing found is
             compared there with the baselines within budget (ToMe, EViT, attention top-k, PiToMe, PPT) by the same
             objective: searching hundreds of candidates on the same images rewards lucky ones. 0 searches on every
@@ -306,12 +307,12 @@ def search_routing(
             published learning rates, granularity and FLOPs weight).
 
     Returns:
-        The routing and a report: ``objective``, ``val_loss`` and the fidelity metric (``val_kl`` or ``val_cosine``)
-        and, with labels, ``val_top1`` on the searched images; FLOPs and their ratio; candidates evaluated; block
-        passes; images; images seen (image forward passes, counting repeats) and batches run forward and backward
-        (``diffrate``'s steps, with its learned schedule); wall time; ``world_size``; and with ``holdout`` the
-        ``check``: every contender's metrics on the held-out images, which was ``returned`` and the routing the search
-        found (``searched_routing``), returned or not.
+        The routing and a report: ``objective``, ``val_loss`` and the output change (``val_kl`` or ``val_cosine``:
+        the objective's, or under ``top1`` the model's own) and, with labels, ``val_top1`` on the searched images;
+        FLOPs and their ratio; candidates evaluated; block passes; images; images seen (image forward passes,
+        counting repeats) and batches run forward and backward (``diffrate``'s steps, with its learned schedule); wall
+        time; ``world_size``; and with ``holdout`` the ``check``: every contender's metrics on the held-out images,
+        which was ``returned`` and the routing the search found (``searched_routing``), returned or not.
 
     Raises:
         InfeasibleBudget: no routing of the space meets the budget (the message gives the cheapest reachable).

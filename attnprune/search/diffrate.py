@@ -196,7 +196,7 @@ def _step_loss(
     loss = flops_penalty(flops, context.target, unpruned, weight)
     local = evaluator.shard.local(index)
     if len(local):
-        outputs = relaxed_forward(model, data["inputs"][local], block)
+        outputs = relaxed_forward(model, data["inputs"][local], block, evaluator.pre_logits)
         if evaluator.objective == "top1":
             task = F.cross_entropy(outputs, data["labels"][local], reduction="sum")
         else:

@@ -28,7 +28,8 @@ class Evaluator:
     Args:
         model: the timm ViT (eval mode).
         batches: ``(images, labels)`` pairs (this rank's share of them); labels may be None (then no top-1).
-        objective: the concrete objective ranking candidates (``kl``, ``cosine`` or ``top1``).
+        objective: the concrete objective ranking candidates (``kl``, ``cosine`` or ``top1``). ``cosine`` compares
+            the pooled features the classifier reads (all a headless model outputs), also on a model with a head.
         shard: which share ``batches`` are (default: the whole set, in one process).
 
     Raises:
@@ -42,7 +43,10 @@ class Evaluator:
         objective: str,
         shard: Shard | None = None,
     ) -> None:
-        self.model, self.objective, self.fidelity = model, objective, fidelity_metric(model)
+        self.model, self.objective = model, objective
+        # the output change measured: the objective's, else (top1) the model's own (KL for a classifier)
+        self.fidelity = objective if objective in FIDELITY else fidelity_metric(model)
+        self.pre_logits = self.fidelity == "cosine"  # what the reference holds: features, not logits
         self.raw = [images for images, _ in batches]
         self.labels = [labels for _, labels in batches]
         # top-1 needs labels and a classifier (a headless backbone's output is a feature, not logits)
@@ -53,7 +57,7 @@ class Evaluator:
             self.inputs = [embed(model, images) for images in self.raw]
             depth = len(model.blocks)
             self.reference = [
-                head(model, model.norm(run_blocks(model, x, None, Routing(), {}, 0, depth)[0]), None)
+                head(model, model.norm(run_blocks(model, x, None, Routing(), {}, 0, depth)[0]), None, self.pre_logits)
                 for x in self.inputs
             ]
         agree(self._check_reference)  # a search ranking NaN losses would return garbage
@@ -90,7 +94,8 @@ class Evaluator:
         the first ``images``.
 
         Returns:
-            ``loss`` (the objective), the fidelity metric (``kl`` or ``cosine``) and, with labels, ``top1``.
+            ``loss`` (the objective), the output change measured (``kl`` or ``cosine``: the objective's, or the
+            model's own under ``top1``) and, with labels, ``top1``.
         """
         return {name: values.mean().item() for name, values in self.per_image(states, routing, start, images).items()}
 
@@ -110,10 +115,12 @@ class Evaluator:
         names = [self.fidelity, "top1"] if self.has_labels else [self.fidelity]
         rows = [torch.zeros(0, len(names), dtype=torch.float64, device=self.reference[0].device)]
         for (x, size), reference, labels in zip(done, self.reference, self.labels, strict=False):
-            outputs = head(self.model, self.model.norm(x), size)
+            normed = self.model.norm(x)
+            outputs = head(self.model, normed, size, self.pre_logits)
             values = [FIDELITY[self.fidelity](reference[: len(x)], outputs)]
             if self.has_labels:
-                values.append(1.0 - top1_error(outputs, labels[: len(x)]))
+                logits = head(self.model, normed, size) if self.pre_logits else outputs
+                values.append(1.0 - top1_error(logits, labels[: len(x)]))
             rows.append(torch.stack(values, 1).double())
         gathered = self.shard.gather(torch.cat(rows), first)
         metrics = {name: gathered[:, column] for column, name in enumerate(names)}

@@ -5,8 +5,8 @@ Every objective is a per-image loss, lower is better:
 - ``kl``: KL divergence ``KL(p || q)`` of the pruned model's class distribution ``q`` from the unpruned model's ``p``
   on the same image. It needs no labels, and since it sees the whole distribution rather than one bit per image it
   ranks candidates far more consistently across image subsets than top-1 does.
-- ``cosine``: ``1 - cos`` between the pruned and unpruned outputs: for headless backbones (``num_classes=0``, DINO's),
-  whose output is the pooled feature.
+- ``cosine``: ``1 - cos`` between the pruned and unpruned pooled features (what the classifier reads; all a headless
+  backbone, ``num_classes=0`` as DINO's, outputs), on a model with a head as on a headless one.
 - ``top1``: top-1 error against the labels.
 
 ``fidelity`` (the default) is ``kl`` for a model with a classifier and ``cosine`` for a headless one.

@@ -171,15 +171,18 @@ def _relaxed_block(
     return feed_forward(block, x), size, mask, live
 
 
-def relaxed_forward(model: VisionTransformer, inputs: Tensor, rates: list[BlockRates]) -> Tensor:
-    """The model's outputs under the relaxed kept counts ``rates`` of blocks 1 to L - 1, from the token embeddings
-    ``inputs`` ``[B, T, C]`` (:func:`attnprune.vit.embed`); average pooling weighs the unmasked tokens by size."""
+def relaxed_forward(
+    model: VisionTransformer, inputs: Tensor, rates: list[BlockRates], pre_logits: bool = False
+) -> Tensor:
+    """The model's outputs (with ``pre_logits``, the features its classifier reads) under the relaxed kept counts
+    ``rates`` of blocks 1 to L - 1, from the token embeddings ``inputs`` ``[B, T, C]`` (:func:`attnprune.vit.embed`);
+    average pooling weighs the unmasked tokens by size."""
     batch, tokens, _ = inputs.shape
     x, size, mask, live = inputs, inputs.new_ones(batch, tokens, 1), inputs.new_ones(batch, tokens), tokens
     for layer, block in enumerate(model.blocks):
         block_rate = rates[layer - 1] if layer else None
         x, size, mask, live = _relaxed_block(block, x, size, mask, live, block_rate, model.num_prefix_tokens)
-    return head(model, model.norm(x), size * mask[..., None])
+    return head(model, model.norm(x), size * mask[..., None], pre_logits)
 
 
 def relaxed_flops(model: VisionTransformer, rates: list[BlockRates]) -> Tensor:
