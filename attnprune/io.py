@@ -69,13 +69,28 @@ def build_from_spec(spec: dict[str, Any]) -> nn.Module:
 
 
 def _read_metadata(path: Path) -> dict[str, Any] | None:
+    """The model spec a weights file records: its safetensors metadata, else the ``.json`` beside it, else None.
+
+    Raises:
+        UserError: the record is not a JSON object naming the architecture (the message names where it is).
+    """
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get(METADATA_KEY)
         if text:
-            return json.loads(text)
+            return _parse_spec(text, f"{path}: its '{METADATA_KEY}' metadata")
     sidecar = path.with_suffix(".json")
-    return json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    return _parse_spec(sidecar.read_text(), str(sidecar)) if sidecar.is_file() else None
+
+
+def _parse_spec(text: str, where: str) -> dict[str, Any]:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where} is not JSON ({err}): {text[:60]!r}") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("architecture"), str):
+        raise UserError(f"{where} is not a JSON object naming the 'architecture' (a timm name): {text[:60]!r}")
+    return spec
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
@@ -157,6 +172,10 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
     """
     path = Path(spec)
     if path.suffix == ".ckpt" or path.suffix in WEIGHT_SUFFIXES:
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"checkpoint {path} is a directory; expected a weights file or Lightning checkpoint"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         loader = _load_lightning_checkpoint if path.suffix == ".ckpt" else _load_weights_file

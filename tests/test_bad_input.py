@@ -6,13 +6,16 @@ subprocesses to check what a user sees."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -64,6 +67,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": {}, "hyper_parameters": {}}, root / "other.ckpt")
     (root / "garbage.pth").write_bytes(b"not a zip")
     (root / "folder.safetensors").mkdir()
+    save_file(state, str(root / "not-json-meta.safetensors"), metadata={METADATA_KEY: "{architecture: vit"})
+    save_file(state, str(root / "list-meta.safetensors"), metadata={METADATA_KEY: "[1, 2]"})
+    (root / "text.ckpt").write_text("a text file, not a checkpoint\n")
+    (root / "truncated.ckpt").write_bytes((root / "other.ckpt").read_bytes()[:300])
     (root / "folder").mkdir()
     (root / "typo.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 1, "score": "l2_nrom", "keep": 0.5}]}))
     (root / "deep.yaml").write_text(yaml.safe_dump({"rules": [{"layer": 9, "score": "l2_norm", "keep": 0.5}]}))
@@ -71,6 +78,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "broken.yaml").write_text("rules: [{layer: 1, score: l2_norm, keep: 0.5")
     make_image_folder(root / "data", train_per_class=2, test_per_class=2)
     make_image_folder(root / "one-class", train_per_class=2, test_per_class=2, classes=1)
+    make_image_folder(root / "no-test-images", train_per_class=2, test_per_class=0)
+    make_image_folder(root / "train-only", train_per_class=2, test_per_class=0)
+    shutil.rmtree(root / "train-only" / "val")
     make_image_folder(root / "corrupt", train_per_class=3, test_per_class=2)
     for split in ("train", "val"):
         (root / "corrupt" / split / "class_1" / "bad.jpg").write_bytes(b"this is not a JPEG")
@@ -167,8 +177,20 @@ API_CASES = [
     (
         "load-directory-with-suffix",
         lambda f: load_model(f["folder.safetensors"]),
-        FileNotFoundError,
-        "folder.safetensors",
+        IsADirectoryError,
+        "folder.safetensors is a directory",
+    ),
+    (
+        "load-metadata-not-json",
+        lambda f: load_model(f["not-json-meta.safetensors"]),
+        ValueError,
+        "not-json-meta.safetensors: its 'attnprune' metadata is not JSON (Expecting property name",
+    ),
+    (
+        "load-metadata-not-an-object",
+        lambda f: load_model(f["list-meta.safetensors"]),
+        ValueError,
+        "list-meta.safetensors: its 'attnprune' metadata is not a JSON object naming the 'architecture'",
     ),
     ("load-missing", lambda f: load_model(f["root"] / "missing.safetensors"), FileNotFoundError, "missing.safetensors"),
     ("load-garbage-safetensors", lambda f: load_model(f["garbage.safetensors"]), ValueError, "garbage.safetensors"),
@@ -480,6 +502,47 @@ CLI_CASES = [
         "non-finite",
     ),
     ("search-no-budget", lambda f: _search(f), "budget"),
+    ("evaluate-no-routings", lambda f: _evaluate(f, "--routings", "[]"), "--routings is empty; give at least one"),
+    (
+        "evaluate-ckpt-text",
+        lambda f: _evaluate(f, "--ckpt_path", str(f["text.ckpt"])),
+        "text.ckpt is not a Lightning checkpoint (not a PyTorch zip archive",
+    ),
+    (
+        "evaluate-ckpt-truncated",
+        lambda f: _evaluate(f, "--ckpt_path", str(f["truncated.ckpt"])),
+        "truncated.ckpt is not a Lightning checkpoint (not a PyTorch zip archive",
+    ),
+    (
+        "evaluate-ckpt-safetensors",
+        lambda f: _evaluate(f, "--ckpt_path", str(f["tiny.safetensors"])),
+        "a weights file is the model's checkpoint: --model.init_args.backbone.checkpoint",
+    ),
+    (
+        "evaluate-ckpt-foreign",
+        lambda f: _evaluate(f, "--ckpt_path", str(f["other.ckpt"])),
+        "other.ckpt is not a Lightning checkpoint of a PrunedClassifier (KeyError",
+    ),
+    (
+        "evaluate-model-directory-with-suffix",
+        lambda f: _evaluate(f, checkpoint=str(f["folder.safetensors"])),
+        "folder.safetensors is a directory",
+    ),
+    (
+        "evaluate-metadata-not-json",
+        lambda f: _evaluate(f, checkpoint=str(f["not-json-meta.safetensors"])),
+        "not-json-meta.safetensors: its 'attnprune' metadata is not JSON",
+    ),
+    (
+        "evaluate-no-test-images",
+        lambda f: _evaluate(f, folder="no-test-images"),
+        "no-test-images/val holds no images in class subfolders",
+    ),
+    (
+        "evaluate-no-test-folder",
+        lambda f: _evaluate(f, folder="train-only"),
+        "train-only has no held-out split (add a test/ or val/ folder)",
+    ),
 ]
 
 
@@ -499,6 +562,21 @@ def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, b
     assert "Traceback" not in err[0]
     for out in ("out-analyze", "out-search", "out-evaluate", "out-train"):
         assert not (files["root"] / out).exists(), out
+
+
+def test_evaluate_restores_a_lightning_checkpoint(files, tmp_path):
+    """What the --ckpt_path refusals above leave valid: a checkpoint a Trainer saved."""
+    module = PrunedClassifier(tiny_backbone())
+    datamodule = ImageFolderDataModule(str(files["data"]), cache_dir=str(files["root"] / "hf"), batch_size=4)
+    options = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, limit_val_batches=0, default_root_dir=tmp_path, **options)
+    trainer.fit(module, datamodule)
+    trainer.save_checkpoint(tmp_path / "tiny.ckpt")
+    name, argv = _evaluate(files, "--ckpt_path", str(tmp_path / "tiny.ckpt"), "--throughput_repeats", "0")
+    argv += ["--output_dir", str(tmp_path / "out"), "--trainer.default_root_dir", str(tmp_path / "run")]
+    rows = run_cli(entry_point(name).main, argv)
+    assert [row["checkpoint"] for row in rows] == [str(tmp_path / "tiny.ckpt")]
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == rows
 
 
 def test_debug_keeps_the_traceback(files, monkeypatch):

@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from attnprune.atomic import check_output_dir, staged_dir
 from attnprune.cli import lightning_parser_kwargs, run_cli
 from attnprune.errors import UserError, check_finite
 from attnprune.flops import count_flops
+from attnprune.io import WEIGHT_SUFFIXES
 from attnprune.lit.cli import AttnpruneCLI, discard_failed_run, existing_folders, prepare_wandb, trainer_defaults
 from attnprune.report import plot_accuracy_vs_flops
 from attnprune.routing import Routing
@@ -180,6 +183,37 @@ def throughput(
     return {name: images / seconds[name] for name in routings}
 
 
+def load_module_checkpoint(cls: type[L.LightningModule], path: str) -> L.LightningModule:
+    """The module of class ``cls`` that the Lightning checkpoint ``path`` (given as ``--ckpt_path``) holds.
+
+    Raises:
+        UserError: (or FileNotFoundError, IsADirectoryError) naming the path: missing, a folder, not a PyTorch zip
+            archive (text, safetensors weights, a truncated file), or a checkpoint that is not of ``cls``.
+    """
+    file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"--ckpt_path {path} is a directory; expected a Lightning checkpoint file")
+    if not file.is_file():
+        raise FileNotFoundError(f"--ckpt_path {path} does not exist; expected a Lightning checkpoint file")
+    if not zipfile.is_zipfile(file):  # what torch.save writes: text, safetensors and cut files fail here, by name
+        weights = (
+            f"; a weights file is the model's checkpoint: --model.init_args.backbone.checkpoint {path}"
+            if file.suffix in WEIGHT_SUFFIXES
+            else ""
+        )
+        raise UserError(
+            f"--ckpt_path {path} is not a Lightning checkpoint (not a PyTorch zip archive: text, weights or a "
+            f"truncated file){weights}"
+        )
+    try:
+        return cls.load_from_checkpoint(path, map_location="cpu")
+    except (KeyError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UserError(
+            f"--ckpt_path {path} is not a Lightning checkpoint of a {cls.__name__} ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'})"
+        ) from err
+
+
 def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
     config = cli.config
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
@@ -190,18 +224,19 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
         )
     if config.throughput_repeats > 0 and config.throughput_batches < 1:
         raise UserError(f"--throughput_batches must be at least 1, got {config.throughput_batches}")
+    if not config.routings:
+        raise UserError(
+            "--routings is empty; give at least one routing: unpruned, a preset (tome:r=13) or a routing YAML file"
+        )
     check_output_dir(config.output_dir, "--output_dir")
     if config.ckpt_path:
-        path = Path(config.ckpt_path)
-        if not path.is_file():
-            kind = "is a directory" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"--ckpt_path {config.ckpt_path} {kind}; expected a Lightning checkpoint file")
-        module = type(module).load_from_checkpoint(config.ckpt_path, map_location="cpu")
+        module = load_module_checkpoint(type(module), config.ckpt_path)
     check_finite(module.state_dict(), config.ckpt_path or f"--model checkpoint {module.backbone_config.checkpoint}")
     routings = check_routings(config.routings, module.backbone)
     if hasattr(datamodule, "prepare_splits"):
         if not datamodule.splits:
             datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
+        datamodule.check_split("test")
         check_unseen(config.routings, datamodule)
         if trainer.is_global_zero:
             print(f"evaluating on {datamodule.describe_split('test')}")

@@ -278,7 +278,13 @@ class ImageDataModule(L.LightningDataModule):
         self._transforms = {split: self.make_transform(split == "train") for split in ("train", "validation", "test")}
         self._transforms["bank"] = self._transforms["test"]
 
-    def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
+    def check_split(self, split: str) -> None:
+        """Refuse a ``split`` (``train``, ``validation``, ``test``, or ``bank``: the training images) that the
+        prepared splits lack, before any image is read.
+
+        Raises:
+            UserError: naming the source and what it lacks.
+        """
         needed = "train" if split == "bank" else split
         if split == "validation" and split not in self.splits:
             raise UserError(NO_VALIDATION.format(source=self.describe_source()))
@@ -288,6 +294,9 @@ class ImageDataModule(L.LightningDataModule):
                 f"{type(self).__name__} has no {split!r} split: {self.describe_source()} has no {what}. "
                 f"{self.layouts_hint()}".strip()
             )
+
+    def _dataset(self, split: str) -> datasets.Dataset | datasets.IterableDataset:
+        self.check_split(split)
         transform = self._transforms[split]
 
         def apply(batch: dict[str, list]) -> dict[str, list]:
