@@ -58,11 +58,12 @@ def test_a_warm_restart_starts_from_the_stage_before_with_the_shape_of_its_check
     assert config["model"]["init_args"]["backbone"] == {
         "model": "auto",
         "checkpoint": "runs/fmnist-supervised/stage2/last.ckpt",
-        "paradigm": "supervised",
+        "paradigm": None,
         "num_classes": 10,
         "model_kwargs": None,
         "pretrained_cfg": None,
         "routing": None,
+        "new_head": False,
     }
     assert config["model"]["init_args"]["lr"] == 0.0005 and config["trainer"]["max_epochs"] == 10
     gpu = resolved_config(

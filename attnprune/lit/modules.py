@@ -55,7 +55,7 @@ def _accuracy(num_classes: int) -> MetricCollection:
 
 SUPERVISED = Backbone()
 DISTILLED = Backbone(model="deit_tiny_distilled_patch16_224", paradigm="distilled")
-DINO = Backbone(model="auto", paradigm="dino")
+DINO = Backbone(model="auto")
 
 
 class _PrunedModule(ConfigurableOptimizers, L.LightningModule):
@@ -278,8 +278,8 @@ class LinearProbe(_FrozenBackbone):
 
     Args:
         num_classes: classes of the linear classifier.
-        backbone: the frozen backbone, headless (its ``num_classes`` left unset); default the architecture its
-            checkpoint names, paradigm ``dino``.
+        backbone: the frozen backbone, headless (its ``num_classes`` left unset); default the architecture and
+            paradigm its checkpoint names.
         n_last_blocks: concatenate the class tokens of the last n blocks (DINO uses 4 for ViT-S).
         lr: SGD learning rate (cosine decay to zero, no warm-up).
         momentum: SGD momentum.
@@ -333,7 +333,7 @@ class KNNClassifier(_FrozenBackbone):
     Args:
         num_classes: classes.
         backbone: the frozen backbone, headless (its ``num_classes`` left unset), whose routing also embeds the memory
-            bank; default the architecture its checkpoint names, paradigm ``dino``.
+            bank; default the architecture and paradigm its checkpoint names.
         k: neighbours (DINO: 20).
         temperature: vote temperature (DINO: 0.07).
         model_spec: set by checkpoints; leave unset.
