@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from attnprune.errors import UserError
 
 __all__ = [
+    "atomic_path",
     "check_distinct_outputs",
     "check_output_dir",
     "check_output_file",
     "safe_file_names",
     "staged_dir",
+    "staged_files",
     "write_text_atomic",
 ]
 
@@ -27,19 +30,56 @@ _UNSAFE = re.compile(r"[^\w.=+,-]")
 MAX_NAME_CHARS = 100  # well below the 255 bytes a file name may have, with room for a prefix and suffix
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file name beside ``path`` for any writer to write to (``savefig``, ``torch.save``, safetensors'
+    ``save_file``); renamed to ``path`` when the block succeeds, removed when it fails. The name ends in ``path``'s
+    suffix, so a writer that reads the format from it (matplotlib) writes the right one; folders are created.
+
+    Example:
+        >>> import json, tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with atomic_path(folder / "result.json") as tmp:
+        ...     _ = tmp.write_text(json.dumps({"top1": 0.9}))
+        >>> [p.name for p in folder.iterdir()]
+        ['result.json']
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_files() -> Iterator[Callable[[str | Path], Path]]:
+    """Several files, in any folders, that appear together once the block succeeds: ``stage(path)`` gives the
+    temporary name (:func:`atomic_path`) to write ``path`` to; at the end of the block every one is renamed into
+    place, and when the block fails none is.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> with staged_files() as stage:
+        ...     _ = stage(folder / "a" / "routing.yaml").write_text("rules: []")
+        ...     _ = stage(folder / "b" / "report.json").write_text("{}")
+        ...     (folder / "a" / "routing.yaml").exists()  # nothing in place yet
+        False
+        >>> sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        ['a/routing.yaml', 'b/report.json']
+    """
+    with ExitStack() as stack:
+        yield lambda path: stack.enter_context(atomic_path(path))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 @contextmanager

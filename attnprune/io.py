@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from attnprune.atomic import atomic_path
 from attnprune.errors import HubUnavailableError, UserError, check_finite
 from attnprune.paradigms import get_paradigm
 
@@ -276,7 +277,7 @@ def save_model(
     """
     meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
     return path

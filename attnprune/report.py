@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from attnprune.atomic import staged_files  # noqa: E402
 from attnprune.routing import Routing  # noqa: E402
 from attnprune.scoring import SCORERS  # noqa: E402
 from attnprune.vit import forward_tokens, prune  # noqa: E402
@@ -62,10 +63,12 @@ PANELS = {
 def save_figure(fig: plt.Figure, path: Path, dpi: int = 150) -> Path:
     """Save ``fig`` as ``path`` (PNG) and as a PDF beside it (same stem), then close it; returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    fig.savefig(path.with_suffix(".pdf"), bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with staged_files() as stage:  # both files, or neither
+            fig.savefig(stage(path), dpi=dpi, bbox_inches="tight")
+            fig.savefig(stage(path.with_suffix(".pdf")), bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -94,14 +97,14 @@ def plot_accuracy_vs_flops(rows: list[dict[str, Any]], path: Path, title: str = 
 def write_tables(results: dict[str, list[float]], out_dir: Path, meta: dict[str, Any] | None = None) -> None:
     """``selectivity.json`` (``{"meta": ..., "metrics": {metric: [per layer]}}``) and ``selectivity.csv``
     (metric, layer, value)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     clean = {k: [None if math.isnan(v) else v for v in values] for k, values in results.items()}
-    (out_dir / "selectivity.json").write_text(json.dumps({"meta": meta or {}, "metrics": clean}, indent=2))
-    with open(out_dir / "selectivity.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["metric", "layer", "value"])
-        for metric, values in sorted(clean.items()):
-            writer.writerows([metric, layer, value] for layer, value in enumerate(values))
+    with staged_files() as stage:
+        stage(out_dir / "selectivity.json").write_text(json.dumps({"meta": meta or {}, "metrics": clean}, indent=2))
+        with open(stage(out_dir / "selectivity.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["metric", "layer", "value"])
+            for metric, values in sorted(clean.items()):
+                writer.writerows([metric, layer, value] for layer, value in enumerate(values))
 
 
 PANEL_AXES = {

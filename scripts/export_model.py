@@ -15,6 +15,7 @@ import torch
 from make_checkpoints import best_checkpoint, test_top1  # the sibling script: python puts scripts/ on the path
 
 from attnprune import count_flops, load_model, save_model
+from attnprune.atomic import write_text_atomic
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
         "params": sum(p.numel() for p in model.parameters()),
     }
     save_model(model, args.out, spec["architecture"], card["paradigm"], kwargs, card=card)
-    args.out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     print(f"{args.out}: test top-1 {card['test_top1']:.2%}, {card['gflops']:.4f} GFLOPs")
 
 

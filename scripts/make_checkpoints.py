@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from attnprune import count_flops, save_model
+from attnprune.atomic import write_text_atomic
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.lit.modules import DistillationClassifier, LinearProbe, PrunedClassifier
 
@@ -210,7 +211,7 @@ def export(
     # The paradigm is the script's, not the checkpoint's: the first distilled run was started when train.py's default
     # for DistillationClassifier was still "supervised" (same network, only the recorded label differed).
     save_model(model, out, spec["architecture"], paradigm, kwargs, card=card)
-    (out.with_suffix(".json")).write_text(json.dumps(card, indent=2) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     write_card(out.with_suffix(".md"), card)
     print(f"{name}: test top-1 {top1:.2%} (first 1,000: {top1_1k:.2%}), wrote {out}")
     return card
@@ -247,7 +248,7 @@ def write_card(path: Path, card: dict) -> None:
         "",
         *([f"Note: {card['note']}", ""] if card.get("note") else []),
     ]
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from attnprune.atomic import write_text_atomic
 from attnprune.errors import UserError, UserTypeError
 from attnprune.routing.presets import RoutingPresets, baseline_layers
 from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, plan_rule
@@ -125,7 +126,7 @@ class Routing(RoutingPresets):
         ]
         text += "rules:" + ("".join(f"\n  - {rule}" for rule in rules) if rules else " []") + "\n"
         if path is not None:
-            Path(path).write_text(text)
+            write_text_atomic(path, text)
         return text
 
     # ------------------------------------------------------------------------------------------- parsing

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnprune.atomic import write_text_atomic
 from attnprune.errors import UserError
 from attnprune.routing import Routing, Rule
 from attnprune.routing.rules import check_rule
@@ -180,10 +181,7 @@ class SearchState:
     def save(self, path: Path | None) -> None:
         """Write the state to ``path`` (nothing without one) atomically: a kill never leaves half a state."""
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.to_json(), indent=1))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: Path | None, fingerprint: str, identity: dict[str, Any] | None = None) -> SearchState | None:
