@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from argparse import ArgumentTypeError
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,16 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from attnprune import load_model
+from attnprune.atomic import (
+    atomic_path,
+    check_distinct_outputs,
+    check_output_dir,
+    check_output_file,
+    staged_files,
+    write_text_atomic,
+)
+from attnprune.cli import model_source, run_cli
+from attnprune.errors import UserError
 from attnprune.selectivity.claims import across_models, claims, collect
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,10 +143,43 @@ def plot(rows: list[dict], path: Path) -> list[Path]:
         ax.axis("off")
     fig.tight_layout()
     paths = [path.with_suffix(".png"), path.with_suffix(".pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=130)
+    with staged_files() as stage:
+        for p in paths:
+            fig.savefig(stage(p), dpi=130)
     plt.close(fig)
     return paths
+
+
+def check_arguments(models: list[str], counts: dict[str, int], saved_only: bool, stats_dir: str, outputs: dict) -> None:
+    """Every option of :func:`main` checked before any model is loaded: the models (their saved statistics with
+    ``saved_only``), counts of at least 1 (at most ``num_images`` oracle images), and where the outputs go.
+
+    Raises:
+        UserError: (or FileNotFoundError) naming the option and the value.
+    """
+    if not models:
+        raise UserError("--models is empty; give at least one weights file")
+    for path in models:
+        cache = Path(stats_dir) / f"{Path(path).stem}.pt"
+        if saved_only and not cache.is_file():
+            raise FileNotFoundError(f"--saved_only: {path} has no saved statistics {cache}")
+        if not saved_only:
+            try:
+                model_source(path)
+            except ArgumentTypeError as err:
+                raise UserError(f"--models: {err}") from None
+    for option, value in counts.items():
+        if value < 1:
+            raise UserError(f"--{option} must be at least 1, got {value}")
+    if counts["oracle_images"] > counts["num_images"]:
+        raise UserError(
+            f"--oracle_images {counts['oracle_images']} exceeds --num_images {counts['num_images']} (the oracle "
+            "runs on the first of the images analysed)"
+        )
+    check_output_dir(stats_dir, "--stats_dir")
+    for option, path in outputs.items():
+        check_output_file(path, option)
+    check_distinct_outputs(outputs)
 
 
 def main(
@@ -172,9 +216,12 @@ def main(
             they hold).
         data_root: folder of the Fashion-MNIST IDX files (default: the data module's).
     """
+    counts = {"num_images": num_images, "oracle_images": oracle_images, "bootstrap": bootstrap}
+    counts |= {"batch_size": batch_size, "threads": threads or 1}
+    figures = {"--figure": Path(figure).with_suffix(".png"), "--figure (its PDF)": Path(figure).with_suffix(".pdf")}
+    check_arguments(models, counts, saved_only, stats_dir, {"--output": output, **figures})
     if threads:
         torch.set_num_threads(threads)
-    Path(stats_dir).mkdir(parents=True, exist_ok=True)
     rows = []
     for model_path in models:
         cache = Path(stats_dir) / f"{Path(model_path).stem}.pt"
@@ -199,7 +246,8 @@ def main(
                 for key in ("seconds", "oracle_s"):
                     stats[key] += saved[key]
             stats.pop("oracle_from")
-            torch.save(stats, cache)
+            with atomic_path(cache) as tmp:  # saved as each model is done: a later failure keeps it
+                torch.save(stats, tmp)
         start = time.perf_counter()
         result = claims(stats, bootstrap, seed)
         rows.append(
@@ -228,7 +276,6 @@ def main(
             "command": "benchmarks/claims.py (see the module docstring for the definitions)",
         },
     }
-    Path(output).write_text(json.dumps(out, indent=1) + "\n")
     print(table(rows))
     summary = out["across_models"]
     print(
@@ -236,10 +283,11 @@ def main(
         f"{summary['depends_on_model']}; attention's lead is lost again in {summary['lead_not_kept']}"
     )
     paths = plot(rows, Path(figure))
+    write_text_atomic(output, json.dumps(out, indent=1) + "\n")  # after the figure: a failed plot leaves the JSON
     print(f"wrote {output}, {', '.join(map(str, paths))}")
     return out
 
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    CLI(main, as_positional=False)
+    run_cli(lambda argv: CLI(main, as_positional=False, args=argv, exit_on_error=False))

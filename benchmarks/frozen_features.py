@@ -10,7 +10,6 @@ Prints one table and writes ``benchmarks/results/frozen_features_<name>.json``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnprune import load_model
+from attnprune.atomic import check_output_dir, write_text_atomic
+from attnprune.cli import ArgumentParser, model_source, positive_int, run_cli
 from attnprune.io import build_from_spec
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.paradigms import knn_predict
@@ -58,13 +59,18 @@ def readouts(model: torch.nn.Module, bank: list, val: list) -> dict[str, float]:
 
 
 @torch.no_grad()
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True, help="a headless backbone file (DINO: backbone.safetensors)")
-    parser.add_argument("--bank_images", type=int, default=5000, help="training images the readouts are fitted on")
-    parser.add_argument("--val_images", type=int, default=2000)
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--backbone", type=model_source, required=True, help="a headless backbone file (DINO: backbone.safetensors)"
+    )
+    parser.add_argument(
+        "--bank_images", type=positive_int, default=5000, help="training images the readouts are fitted on"
+    )
+    parser.add_argument("--val_images", type=positive_int, default=2000)
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output_dir(args.out_dir, "--out_dir")
 
     torch.manual_seed(0)
     trained = load_model(args.backbone)
@@ -86,11 +92,10 @@ def main() -> None:
         print(
             f"{name:14}{scores['knn_top1']:>12.2%}{scores['linear_lstsq_top1']:>14.2%}{scores['logistic_top1']:>16.2%}"
         )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"frozen_features_{Path(args.backbone).parent.name}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_text_atomic(path, json.dumps(result, indent=2))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

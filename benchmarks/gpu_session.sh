@@ -9,7 +9,9 @@
 #   5. float32 logits of the compiled path against the reference;
 #   6. float32, CUDA graph, batches 1, 64, 256.
 # A step is started only while under --budget_s (330 s), so the run ends in about 6 minutes even when compilation is
-# slow; the JSON is rewritten after every step, and a failing step is recorded under "errors" without stopping the run.
+# slow; what has run is rewritten after every step to throughput_gpu.partial.json, and a failing step is recorded
+# under "errors" without stopping the run. throughput_gpu.json is written only when every step ran and every check
+# passed; otherwise the partial file holds the run (and its errors), and it is the one summarized.
 #
 # Run it through the device tool, from the repository root, nothing to carry (the machine's python3 has torch and
 # timm; attnprune is imported from the working tree):
@@ -44,5 +46,7 @@ python=${PYTHON:-python3}
         --step time:float32:cudagraph:1,64,256 \
         --out "$out_dir/throughput_gpu.json"
     echo "exit status $?"
-    "$python" benchmarks/throughput.py --summarize "$out_dir/throughput_gpu.json"
+    result="$out_dir/throughput_gpu.json"
+    [ -f "$result" ] || result="$out_dir/throughput_gpu.partial.json"
+    "$python" benchmarks/throughput.py --summarize "$result"
 } 2>&1 | tee "$out_dir/throughput_gpu.log"

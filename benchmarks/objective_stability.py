@@ -12,7 +12,6 @@ ranking is signal rather than the luck of the images. Prints one table, writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -20,12 +19,15 @@ from pathlib import Path
 import torch
 
 from attnprune import Routing, count_flops, load_model
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.search import Evaluator, SearchSpace
 from attnprune.search.space import completion
 from attnprune.selectivity.functional import spearman
 
 RESULTS = Path(__file__).parent / "results"
+BATCH = 250  # images per batch; each half is whole batches
 
 
 def candidates(model: torch.nn.Module, budget: float, count: int, seed: int) -> list[Routing]:
@@ -42,23 +44,26 @@ def candidates(model: torch.nn.Module, budget: float, count: int, seed: int) -> 
     return random.Random(seed).sample(pool, min(count, len(pool)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--candidates", type=int, default=60)
-    parser.add_argument("--half_images", type=int, default=500, help="images in each half")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=model_source, nargs="+", required=True)
+    parser.add_argument("--budget", type=fraction, default=0.6)
+    parser.add_argument("--candidates", type=positive_int, default=60)
+    parser.add_argument("--half_images", type=positive_int, default=500, help=f"images in each half (x {BATCH})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "objective_stability.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.half_images % BATCH:
+        parser.error(f"--half_images must be a multiple of {BATCH} (the batch size), got {args.half_images}")
+    check_output_file(args.out, "--out")
     torch.set_grad_enabled(False)
     rows = []
     print(f"Spearman correlation of candidate scores between two disjoint halves of {args.half_images} images")
     print(f"{'model':28}{'candidates':>11}{'KL':>8}{'top-1':>8}")
     for path in args.models:
         model = load_model(path)
-        batches = FashionMNISTDataModule(batch_size=250).for_model(model).take("validation", 2 * args.half_images)
-        cut = args.half_images // 250
+        batches = FashionMNISTDataModule(batch_size=BATCH).for_model(model).take("validation", 2 * args.half_images)
+        cut = args.half_images // BATCH
         halves = [Evaluator(model, part, "kl") for part in (batches[:cut], batches[cut:])]
         routings = candidates(model, args.budget, args.candidates, args.seed)
         scores = {"kl": [[], []], "top1": [[], []]}
@@ -72,10 +77,9 @@ def main() -> None:
             row[f"spearman_{name}"] = spearman(torch.tensor(first), torch.tensor(second)).item()
         rows.append(row)
         print(f"{row['model']:28}{len(routings):>11}{row['spearman_kl']:>8.3f}{row['spearman_top1']:>8.3f}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"half_images": args.half_images, "rows": rows}, indent=2))
+    write_text_atomic(args.out, json.dumps({"half_images": args.half_images, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,7 +6,9 @@ on the test split together with
 ToMe (r schedule tuned), EViT (keep tuned), uniform attention top-k and random, each tuned to the searched routing's
 FLOPs (within 1% where the knob allows). Prints one table, writes ``benchmarks/results/pareto_<model>.json`` and a PNG
 plot of top-1 against GFLOPs, one line per method; the searched routings also go to
-``benchmarks/results/routings/<model>-<budget>.yaml``.
+``benchmarks/results/routings/<model>-<budget>.yaml``. Every option is checked (and every budget against the cheapest
+routing the search space reaches) before any image is read, and the files are written together once every budget is
+done: a run that fails leaves the results there as they were.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
@@ -14,9 +16,9 @@ plot of top-1 against GFLOPs, one line per method; the searched routings also go
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import matplotlib
@@ -26,9 +28,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
+from attnprune.atomic import atomic_path, check_output_dir, staged_files  # noqa: E402
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
-from attnprune.search import search_routing  # noqa: E402
+from attnprune.search import InfeasibleBudget, SearchSpace, cheapest_flops, search_routing  # noqa: E402
+from attnprune.search.core import STRATEGIES  # noqa: E402
 
 SEARCHED_ROUTINGS = Path(__file__).parent / "results" / "routings"
 METHODS = ("searched", "tome", "evit", "topk_attention", "pitome", "ppt", "diffrate", "random")
@@ -52,19 +57,20 @@ def top1(model: torch.nn.Module, routing: Routing, batches: list) -> float:
     return correct / sum(len(y) for _, y in batches)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="weights file or hub name (attnprune.load_model)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
-    parser.add_argument("--val_images", type=int, default=5000)
+def parse_args(argv: list[str] | None = None) -> Namespace:
+    """The options, each checked as it is parsed (see :mod:`attnprune.cli`)."""
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=model_source, help="weights file or hub name (attnprune.load_model)")
+    parser.add_argument("--budgets", type=fraction, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--val_images", type=positive_int, default=5000)
     parser.add_argument(
         "--holdout",
         type=float,
         default=0.3,
         help="fraction of the validation images kept out of the search to check its routing against the baselines",
     )
-    parser.add_argument("--test_images", type=int, default=10000)
-    parser.add_argument("--strategy", default="beam")
+    parser.add_argument("--test_images", type=positive_int, default=10000)
+    parser.add_argument("--strategy", default="beam", choices=sorted(STRATEGIES))
     parser.add_argument("--diffrate", action="store_true", help="also run DiffRate's rate search at every budget")
     parser.add_argument("--state_dir", type=Path, default=Path("runs/search"))
     parser.add_argument("--out_dir", type=Path, default=Path(__file__).parent / "results")
@@ -81,21 +87,48 @@ def main() -> None:
         metavar="JSON",
         help="instead of running: combine earlier results into one table and figure (pareto_all.png)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for option in ("out_dir", "routing_dir", "state_dir"):
+        check_output_dir(getattr(args, option), f"--{option}")
+    if args.summarize:
+        for path in args.summarize:
+            if not path.is_file():
+                raise FileNotFoundError(f"--summarize {path} does not exist; expected a pareto_<model>.json")
+        return args
+    if not args.model:
+        parser.error("--model is required unless --summarize is given")
+    if not 0 <= args.holdout < 1:
+        parser.error(f"--holdout must be a fraction in [0, 1), got {args.holdout}")
+    twice = sorted({b for b in args.budgets if args.budgets.count(b) > 1})
+    if twice:
+        parser.error(f"--budgets lists {', '.join(f'{b:g}' for b in twice)} more than once")
+    return args
+
+
+def check_budgets(model: torch.nn.Module, budgets: list[float]) -> None:
+    """Refuse, before any image is read, a budget below the cheapest routing the search space reaches."""
+    cheapest = cheapest_flops(model, SearchSpace()) / count_flops(model)
+    low = [f"{b:g}" for b in budgets if b < cheapest]
+    if low:
+        raise InfeasibleBudget(
+            f"--budgets {', '.join(low)}: below the cheapest routing the search space reaches, {cheapest:.1%} of the "
+            "unpruned model's FLOPs"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.summarize:
         summarize(args.summarize, args.out_dir / "pareto_all.png")
         return
-    if not args.model:
-        parser.error("--model is required unless --summarize is given")
 
     torch.set_grad_enabled(False)
     model = load_model(args.model)
+    check_budgets(model, args.budgets)
     name = Path(args.model).stem
     data = FashionMNISTDataModule(batch_size=500).for_model(model)
     val, test = data.take("validation", args.val_images), data.take("test", args.test_images)
     unpruned = count_flops(model)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    args.routing_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "model": name,
         "checkpoint": args.model,
@@ -103,6 +136,7 @@ def main() -> None:
         "unpruned": {"gflops": unpruned / 1e9, "top1": top1(model, Routing(), test)},
         "results": [],
     }
+    searched = {}  # budget -> the routing found, written with the results at the end
     for budget in args.budgets:
         start = time.perf_counter()
         found = search_routing(
@@ -113,6 +147,7 @@ def main() -> None:
             holdout=args.holdout,
             state_path=args.state_dir / f"{name}-{args.strategy}-{budget:g}.json",
         )
+        searched[budget] = found.routing
         calibration = torch.cat([x for x, _ in val])[:256]  # PPT's variance threshold
         matched = matched_baselines(model, count_flops(model, found.routing), calibration=calibration)
         routings = {"searched": found.routing, **matched}
@@ -139,7 +174,6 @@ def main() -> None:
             }
             if method == "searched":
                 row["search"] = found.report
-                found.routing.to_yaml(args.routing_dir / f"{name}-{budget:g}.yaml")
                 if returned(row) != "searched":  # what the search alone would have scored: does the check help?
                     unchecked = Routing.from_dict(found.report["check"]["searched_routing"])
                     row["unchecked"] = {
@@ -150,14 +184,17 @@ def main() -> None:
         print(f"budget {budget:g}: searched in {time.perf_counter() - start:.0f} s", flush=True)
 
     path = args.out_dir / f"pareto_{name}.json"
-    path.write_text(json.dumps(result, indent=2))
     print_table(result)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot(result, ax)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=120)
-    print(f"wrote {path} and {path.with_suffix('.png')}")
+    with staged_files() as stage:  # every file or none
+        for budget, routing in searched.items():
+            routing.to_yaml(stage(args.routing_dir / f"{name}-{budget:g}.yaml"))
+        stage(path).write_text(json.dumps(result, indent=2))
+        fig.savefig(stage(path.with_suffix(".png")), dpi=120)
+    print(f"wrote {path}, {path.with_suffix('.png')} and the searched routings in {args.routing_dir}")
 
 
 def by_budget(result: dict) -> list[tuple[float, dict[str, dict]]]:
@@ -259,7 +296,6 @@ def plot(result: dict, ax: plt.Axes) -> None:
 def summarize(paths: list[Path], out: Path) -> None:
     """Several models' results: print the README table and write one figure with a panel per model."""
     results = [json.loads(p.read_text()) for p in paths]
-    out.parent.mkdir(parents=True, exist_ok=True)
     cols = min(2, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
@@ -269,10 +305,11 @@ def summarize(paths: list[Path], out: Path) -> None:
         ax.remove()
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110)
     print(markdown_table(results))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

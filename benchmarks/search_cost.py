@@ -9,7 +9,6 @@ and writes ``benchmarks/results/search_cost.json``; both runs must find the same
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 from pathlib import Path
@@ -17,17 +16,20 @@ from pathlib import Path
 import torch
 
 from attnprune import load_model
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.search import search_routing
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--val_images", type=int, default=5000)
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=model_source, required=True)
+    parser.add_argument("--budget", type=fraction, default=0.6)
+    parser.add_argument("--val_images", type=positive_int, default=5000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_cost.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")
     torch.set_grad_enabled(False)
     model = load_model(args.model)
     batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("validation", args.val_images)
@@ -49,8 +51,8 @@ def main() -> None:
         )
     speedup = runs["uncached"].report["wall_time_s"] / runs["cached"].report["wall_time_s"]
     print(f"prefix caching: {speedup:.2f}x faster, same routing: {same}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
+    write_text_atomic(
+        args.out,
         json.dumps(
             {
                 "model": args.model,
@@ -62,9 +64,9 @@ def main() -> None:
                 "routing": runs["cached"].routing.to_dict(),
             },
             indent=2,
-        )
+        ),
     )
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

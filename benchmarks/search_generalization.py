@@ -36,6 +36,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from attnprune import Routing, count_flops, load_model  # noqa: E402
+from attnprune.atomic import check_output_dir, staged_files, write_text_atomic  # noqa: E402
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli  # noqa: E402
+from attnprune.errors import UserError  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
@@ -54,7 +57,7 @@ def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     if images * (max(seeds) + 1) > len(y):
-        raise SystemExit(f"--draw_images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
+        raise UserError(f"--draw_images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DRAW_SEED))
     result = {}
     for seed in seeds:
@@ -157,9 +160,7 @@ def run(args: argparse.Namespace) -> None:
                     f"(returned {found.report['check']['returned']}, {seconds:.0f} s)",
                     flush=True,
                 )
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(result, indent=1))
-                tmp.replace(out)
+                write_text_atomic(out, json.dumps(result, indent=1))
 
 
 def _complete(row: dict, wanted: set[str]) -> bool:
@@ -179,7 +180,7 @@ def merge(out: Path, others: list[Path]) -> None:
         result["rows"] += [
             r for r in other["rows"] if (r["model"], r["budget"], r["split_seed"], r["method"]) not in seen
         ]
-    out.write_text(json.dumps(result, indent=1))
+    write_text_atomic(out, json.dumps(result, indent=1))
 
 
 def by_draw(result: dict, before_check: bool = False, metric: str = "top1") -> dict[tuple, dict[str, float]]:
@@ -338,8 +339,9 @@ def summarize(result: dict, out_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    for suffix in (".png", ".pdf"):
-        fig.savefig(out_dir / f"search_generalization{suffix}", dpi=130, bbox_inches="tight")
+    with staged_files() as stage:
+        for suffix in (".png", ".pdf"):
+            fig.savefig(stage(out_dir / f"search_generalization{suffix}"), dpi=130, bbox_inches="tight")
     print(f"wrote {out_dir / 'search_generalization.png'} and .pdf")
 
 
@@ -370,30 +372,36 @@ def _cell(values: list[float] | None, seeds: bool = True) -> str:
     return f"{text} ({len(values)})" if seeds else text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=[], help="weights files (attnprune.load_model)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--models", type=model_source, nargs="+", default=[], help="weights files (load_model)")
+    parser.add_argument("--budgets", type=fraction, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--split_seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--draw_images", type=int, default=1500, help="validation images per split seed")
-    parser.add_argument("--test_images", type=int, default=10000)
-    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--draw_images", type=positive_int, default=1500, help="validation images per split seed")
+    parser.add_argument("--test_images", type=positive_int, default=10000)
+    parser.add_argument("--batch_size", type=positive_int, default=250)
     parser.add_argument("--state_dir", type=Path, default=Path("runs/search_generalization"))
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
     parser.add_argument("--diffrate", action="store_true", help="also run DiffRate's rate search on every draw")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="fold these results files' rows in first")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(args.split_seeds) < 0 or len(set(args.split_seeds)) < len(args.split_seeds):
+        parser.error(f"--split_seeds must be distinct integers of at least 0 (each a draw), got {args.split_seeds}")
+    for option in ("out_dir", "state_dir"):
+        check_output_dir(getattr(args, option), f"--{option}")
+    for path in args.merge:
+        if not path.is_file():
+            raise FileNotFoundError(f"--merge {path} does not exist; expected a search_generalization.json")
+    if not args.summarize and not args.models:
+        parser.error("--models is required unless --summarize is given")
     torch.set_grad_enabled(False)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.merge:
         merge(args.out_dir / "search_generalization.json", args.merge)
     if not args.summarize:
-        if not args.models:
-            parser.error("--models is required unless --summarize is given")
         run(args)
     summarize(json.loads((args.out_dir / "search_generalization.json").read_text()), args.out_dir)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

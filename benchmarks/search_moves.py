@@ -11,7 +11,6 @@ images and ToMe's there, which routing the held-out check returned, the reducers
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 
 from attnprune import load_model
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.search import SearchSpace, search_routing
 
@@ -30,13 +31,14 @@ VARIANTS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--budget", type=float, default=0.5)
-    parser.add_argument("--val_images", type=int, default=2500)
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=model_source, required=True)
+    parser.add_argument("--budget", type=fraction, default=0.5)
+    parser.add_argument("--val_images", type=positive_int, default=2500)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_moves.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")
     torch.set_grad_enabled(False)
     model = load_model(args.model)
     batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("validation", args.val_images)
@@ -65,9 +67,9 @@ def main() -> None:
             f"{r['variant']:34}{r['wall_s']:>8.0f}{r['candidates']:>7}{r['val_kl']:>9.4f}{r['found_holdout_kl']:>13.4f}"
             f"{r['tome_holdout_kl']:>12.4f}  {r['returned']} ({', '.join(r['found_reducers'])})"
         )
-    args.out.write_text(json.dumps({"model": args.model, "budget": args.budget, "rows": rows}, indent=2))
+    write_text_atomic(args.out, json.dumps({"model": args.model, "budget": args.budget, "rows": rows}, indent=2))
     print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

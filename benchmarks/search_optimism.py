@@ -14,13 +14,15 @@ the validation split, prints one table and writes ``benchmarks/results/search_op
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
 from attnprune import Routing, count_flops, load_model
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, model_source, run_cli
+from attnprune.errors import UserError
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search import split_holdout
@@ -29,18 +31,21 @@ from attnprune.search.evaluator import Evaluator
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a shipped model that pareto.py has been run on")
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--model", type=model_source, required=True, help="a shipped model that pareto.py has been run on"
+    )
+    args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     name = Path(args.model).stem
-    pareto = RESULTS / f"pareto_{name}.json"
+    pareto, out = RESULTS / f"pareto_{name}.json", RESULTS / f"search_optimism_{name}.json"
     if not pareto.is_file():
-        raise SystemExit(f"{pareto} not found: run benchmarks/pareto.py --model {args.model} first")
+        raise FileNotFoundError(f"{pareto} not found: run benchmarks/pareto.py --model {args.model} first")
     rows = [r for r in json.loads(pareto.read_text())["results"] if r["method"] == "searched"]
     if not all("check" in r["search"] for r in rows):
-        raise SystemExit(f"{pareto} was searched without --holdout: there are no held-out images to compare with")
+        raise UserError(f"{pareto} was searched without --holdout: there are no held-out images to compare with")
+    check_output_file(out, "the results file")
 
     model = load_model(args.model)
     first = rows[0]["search"]
@@ -70,10 +75,9 @@ def main() -> None:
         result["found"].append({"budget": row["budget"], "found": found, "tome": tome, "kl_optimism": optimism})
         print(line(f"found at {row['budget']:.0%}", found))
         print(line(f"ToMe at {row['budget']:.0%}", tome) + f"   KL optimism beyond ToMe's gap {optimism:+.4f}")
-    out = RESULTS / f"search_optimism_{name}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_text_atomic(out, json.dumps(result, indent=2))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

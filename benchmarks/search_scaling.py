@@ -31,6 +31,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attnprune import load_model
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.search import search_routing
 
@@ -44,7 +46,7 @@ def rank_main(rank: int, world: int, threads: int, port: int, args: argparse.Nam
     torch.set_grad_enabled(False)
     if world == 0:
         result = search_routing(load_model(args.model), batches, args.budget, progress=False)
-        out.with_name(f"{out.stem}-{rank}.json").write_text(json.dumps({"report": result.report}))
+        write_text_atomic(out.with_name(f"{out.stem}-{rank}.json"), json.dumps({"report": result.report}))
         return
     if world > 1:
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
@@ -55,7 +57,7 @@ def rank_main(rank: int, world: int, threads: int, port: int, args: argparse.Nam
     if world > 1:
         dist.destroy_process_group()
     if rank == 0:
-        out.write_text(json.dumps({"routing": result.routing.to_dict(), "report": result.report}))
+        write_text_atomic(out, json.dumps({"routing": result.routing.to_dict(), "report": result.report}))
 
 
 def free_port() -> int:
@@ -64,13 +66,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="checkpoints/fmnist_supervised.safetensors")
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--images", type=int, default=5000, help="Fashion-MNIST validation images (30%% held out)")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=model_source, default="checkpoints/fmnist_supervised.safetensors")
+    parser.add_argument("--budget", type=fraction, default=0.6)
+    parser.add_argument(
+        "--images", type=positive_int, default=5000, help="Fashion-MNIST validation images (30%% held out)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_scaling.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")
     model = load_model(args.model)
     batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("validation", args.images)
     results = {}
@@ -98,7 +103,6 @@ def main() -> None:
         f"speed-up over one thread: {single / one:.2f}x with two threads, {single / two:.2f}x with two ranks; "
         f"at most {2 * single / both:.2f}x (two searches at once)"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": args.model,
@@ -117,8 +121,8 @@ def main() -> None:
         },
         "concurrent": {"processes": 2, "threads_per_process": 1, "wall_time_s": [r["wall_time_s"] for r in concurrent]},
     }
-    args.out.write_text(json.dumps(record, indent=2))
+    write_text_atomic(args.out, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,7 +11,6 @@ Without the callback; with its default (at most 15% of the epoch's images, at mo
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -19,9 +18,12 @@ import time
 from pathlib import Path
 
 import lightning as L
+import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from attnprune.atomic import check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, positive_int, run_cli
 from attnprune.lit.backbone import Backbone
 from attnprune.lit.callbacks import SelectivityCallback
 from attnprune.lit.modules import PrunedClassifier
@@ -43,15 +45,22 @@ def validate_seconds(module: L.LightningModule, loader: DataLoader, callback: Se
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
-    parser.add_argument("--images", type=int, default=64, help="validation images (the epoch)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_images", type=int, default=64, help="images of the fixed-count run (max_fraction off)")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="deit_tiny_patch16_224", help="a timm architecture (random init)")
+    parser.add_argument("--images", type=positive_int, default=64, help="validation images (the epoch)")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument(
+        "--max_images", type=positive_int, default=64, help="images of the fixed-count run (max_fraction off)"
+    )
     parser.add_argument("--oracle_images", type=int, default=1, help="images analysed with the oracle (0: skip)")
     parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not timm.is_model(args.model):
+        parser.error(f"--model {args.model} is not a timm architecture")
+    if args.oracle_images < 0:
+        parser.error(f"--oracle_images must be at least 0, got {args.oracle_images}")
+    check_output_file(args.out, "--out")
 
     torch.manual_seed(0)
     module = PrunedClassifier(Backbone(model=args.model, num_classes=1000)).eval()
@@ -98,10 +107,9 @@ def main() -> None:
             "validation_epoch_with_callback_s": round(with_oracle, 2),
             "seconds_per_image": round(oracle.seconds / oracle.seen, 2),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,11 @@ reference (reference reducers) on a small batch. Prints one table and writes a J
 "efficiency", ...}], "checks": [...]}``, where ``efficiency`` is the speed-up divided by the FLOPs reduction
 (1.0: the FLOPs saved became time). ``--summarize FILE`` prints the README's Markdown table from such a file.
 
+What has run so far is kept after every step in ``<out>.partial.json`` beside ``--out`` (a run cut short keeps what
+it measured); ``--out`` itself is written only when every step ran and every check passed. A step that fails (a mode
+the device cannot run) is recorded under ``errors`` and the others still run, but the run then ends with exit status 1,
+leaving ``--out`` as it was and its record in the partial file.
+
     .venv/bin/python benchmarks/throughput.py                 # CPU, DeiT-S, float32, eager and compiled
     .venv/bin/python benchmarks/throughput.py --smoke         # a tiny model in seconds (what the tests run)
     bash benchmarks/gpu_session.sh                            # the CUDA run (see its header)
@@ -30,6 +35,9 @@ import torch
 from torch import nn
 
 from attnprune import Routing, count_flops, fused, match_flops, prune
+from attnprune.atomic import check_distinct_outputs, check_output_file, write_text_atomic
+from attnprune.cli import ArgumentParser, fraction, positive_int, run_cli
+from attnprune.errors import UserError
 from attnprune.inference import MODES, InferenceModel
 from attnprune.timing import device_name, synchronize, time_interleaved
 
@@ -268,12 +276,13 @@ def summarize(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
-    parser.add_argument("--ratio", type=float, default=0.65, help="target FLOPs as a fraction of the unpruned model")
-    parser.add_argument("--tome_r", type=int, default=None, help="ToMe's r; the other routings match its FLOPs")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--repeats", type=int, default=10)
+    """The options, each checked before any model is built (see :mod:`attnprune.cli`)."""
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"], help="timm architectures, or tiny")
+    parser.add_argument("--ratio", type=fraction, default=0.65, help="target FLOPs as a fraction of the unpruned model")
+    parser.add_argument("--tome_r", type=positive_int, default=None, help="ToMe's r; the others match its FLOPs")
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
@@ -298,7 +307,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.models, args.batches, args.repeats, args.warmup, args.ratio = ["tiny"], [1, 4], 2, 1, 0.65
+    if args.summarize is not None:
+        if not args.summarize.is_file():
+            raise FileNotFoundError(f"--summarize {args.summarize} does not exist; expected a results file")
+        return args
+    unknown = [name for name in args.models if name != "tiny" and not timm.is_model(name)]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not a timm architecture (nor tiny)")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise UserError(f"--device {args.device!r}: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
+    check_output_file(args.out, "--out")
+    check_distinct_outputs({"--out": args.out, "its partial record": partial_path(args.out)})
+    steps(args)  # a bad --step fails here, before any model is built
     return args
+
+
+def partial_path(out: Path) -> Path:
+    """Where a run keeps what it has measured so far: ``throughput_gpu.partial.json`` for ``throughput_gpu.json``."""
+    return out.with_name(f"{out.stem}.partial{out.suffix or '.json'}")
 
 
 Step = tuple  # ("check", modes) or ("time", dtype, mode, batches, impl)
@@ -323,16 +355,17 @@ def steps(args: argparse.Namespace) -> list[Step]:
             and len(fields) == 3
             and fields[0] in MODES
             and fields[1].isdigit()
+            and int(fields[1]) > 0
             and fields[2] in dtypes
         ):
             out.append(("compile", fields[0], int(fields[1]), fields[2]))
             continue
         if kind == "time" and len(fields) in (3, 4) and fields[0] in dtypes and fields[1] in MODES:
             impl = fields[3] if len(fields) == 4 else args.impl
-            if impl in fused.IMPLS and all(b.isdigit() for b in fields[2].split(",")):
+            if impl in fused.IMPLS and all(b.isdigit() and int(b) > 0 for b in fields[2].split(",")):
                 out.append(("time", fields[0], fields[1], [int(b) for b in fields[2].split(",")], impl))
                 continue
-        raise SystemExit(
+        raise UserError(
             f"--step {spec!r}: expected check:MODE[,MODE...], time:DTYPE:MODE:BATCHES[:IMPL] or "
             f"compile:MODE:BATCH:DTYPE (modes {MODES}, impls {fused.IMPLS})"
         )
@@ -378,6 +411,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     }
     routings = {name: build_routings(make_model(name), args.ratio, args.tome_r) for name in args.models}
     result["routings"] = {m: {name: r.to_dict() for name, r in rs.items()} for m, rs in routings.items()}
+    partial = partial_path(args.out)
     print(HEADER)
     for step in plan:
         for model_name in args.models:
@@ -393,21 +427,19 @@ def main(argv: list[str] | None = None) -> dict | None:
                 torch._dynamo.reset()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            _write(args.out, result)  # after every step: a run cut short keeps what it measured
+            write_text_atomic(partial, json.dumps(result, indent=2))  # a run cut short keeps what it measured
     result["elapsed_s"] = time.perf_counter() - started
-    _write(args.out, result)
-    print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
-    if result["errors"]:
-        print(f"WARNING: {len(result['errors'])} steps failed (see 'errors' in {args.out})")
+    failed = [f"{len(result['errors'])} steps failed"] if result["errors"] else []
     if not all(check["ok"] for check in result["checks"]):
-        print(f"WARNING: some outputs differ from the PyTorch reference by more than {TOLERANCE:g} (or failed)")
+        failed.append(f"some outputs differ from the PyTorch reference by more than {TOLERANCE:g} (or failed)")
+    if failed:
+        write_text_atomic(partial, json.dumps(result, indent=2))
+        raise SystemExit(f"error: {'; '.join(failed)}: {args.out} not written, the run is in {partial}")
+    write_text_atomic(args.out, json.dumps(result, indent=2))
+    partial.unlink(missing_ok=True)
+    print(f"wrote {args.out} ({result['elapsed_s']:.0f} s)")
     return result
 
 
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,7 +24,16 @@ from attnprune.lit.backbone import Backbone
 # leaves the child waiting on it forever
 tqdm.monitor_interval = 0
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+
+
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a script run as a user runs it, offline: no W&B variables (no key), no traceback switch,
+    the hub and ``datasets`` offline, this checkout importable; ``extra`` added."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ATTNPRUNE_DEBUG"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), **extra)
+    return env
 
 
 def tiny_vit(seed: int = 0, **overrides) -> VisionTransformer:

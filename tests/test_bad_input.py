@@ -29,7 +29,7 @@ from attnprune.io import METADATA_KEY
 from attnprune.lit.data import ImageDataModule, ImageFolderDataModule, check_input_size
 from attnprune.lit.modules import PrunedClassifier
 from attnprune.search import search_routing
-from tests.conftest import TINY_BACKBONE, make_image_folder, tiny_backbone, tiny_vit
+from tests.conftest import TINY_BACKBONE, make_image_folder, script_env, tiny_backbone, tiny_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "vit_tiny_patch16_224"
@@ -630,13 +630,11 @@ SUBPROCESS_CASES = [
 
 @pytest.mark.parametrize("build,text", [c[1:] for c in SUBPROCESS_CASES], ids=[c[0] for c in SUBPROCESS_CASES])
 def test_command_line_exits_2_with_one_line(files, build, text):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ATTNPRUNE_DEBUG"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     script, *args = build(files)
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=files["root"],
-        env=env,
+        env=script_env(PYTHONWARNINGS="ignore"),
         capture_output=True,
         text=True,
         timeout=300,

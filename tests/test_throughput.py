@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from attnprune.errors import UserError
 from benchmarks import throughput
 
 ROW_KEYS = {"model", "dtype", "mode", "batch", "routing", "gflops", "ms", "speedup", "efficiency"}
@@ -15,6 +16,7 @@ def smoke(tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("throughput") / "throughput_gpu.json"
     argv = ["--smoke", "--modes", "eager", "--backend", "eager"]  # compiled modes: test_inference.py
     throughput.main([*argv, "--out", str(out)])
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no partial record left once it succeeded
     return json.loads(out.read_text()), out
 
 
@@ -94,17 +96,24 @@ def test_steps_parse_in_order_and_refuse_bad_specs():
         ("compile", "regional", 64, "bfloat16"),
     ]
     bad_specs = ("time:bfloat16:warp:1", "time:bfloat16:eager:1:triton", "check:fast", "compile:regional:64")
-    for bad in (*bad_specs, "time:float32:eager:x", "compile:full:1:float8"):
-        with pytest.raises(SystemExit):
-            throughput.steps(throughput.parse_args([f"--step={bad}"]))
+    for bad in (*bad_specs, "time:float32:eager:x", "time:float32:eager:0", "compile:full:1:float8"):
+        with pytest.raises(UserError, match="expected check:MODE"):  # when parsed, before any model is built
+            throughput.parse_args([f"--step={bad}"])
 
 
 def test_compile_times_and_a_failing_step_is_recorded_not_fatal(tmp_path, capsys):
     out = tmp_path / "run.json"
+    out.write_text("{}")  # an earlier run's results, which a failed run leaves as they are
     # a CUDA-graph step on the CPU fails at its first call: recorded, and the next step still runs
     steps = ["--step=check:cudagraph,eager", "--step=time:float32:cudagraph:1", "--step=compile:full:2:float32"]
-    throughput.main(["--smoke", "--backend", "eager", *steps, "--out", str(out)])
-    result = json.loads(out.read_text())
+    with pytest.raises(SystemExit) as info:
+        throughput.main(["--smoke", "--backend", "eager", *steps, "--out", str(out)])
+    assert str(info.value) == (
+        "error: 1 steps failed; some outputs differ from the PyTorch reference by more than 0.0001 (or failed): "
+        f"{out} not written, the run is in {tmp_path / 'run.partial.json'}"
+    )
+    assert out.read_text() == "{}"
+    result = json.loads((tmp_path / "run.partial.json").read_text())
     assert len(result["errors"]) == 1 and "CUDA" in result["errors"][0]["error"] and not result["rows"]
     checks = {(c["routing"], c["mode"]): c for c in result["checks"]}
     assert len(checks) == 8 and all(c["ok"] == (mode == "eager") for (_, mode), c in checks.items())
@@ -112,6 +121,4 @@ def test_compile_times_and_a_failing_step_is_recorded_not_fatal(tmp_path, capsys
     assert [r["routing"] for r in result["compile"]] == list(throughput.ROUTINGS)
     assert all(r["compile_s"] > 0 and r["mode"] == "full" for r in result["compile"])
     table = throughput.summarize({**result, "rows": []})
-    printed = capsys.readouterr().out
-    assert "| tiny | float32 | full | 2 | tome |" in table and "WARNING: 1 steps failed" in printed
-    assert "WARNING: some outputs differ" in printed
+    assert "| tiny | float32 | full | 2 | tome |" in table and "FAILED tiny" in capsys.readouterr().out

@@ -7,6 +7,10 @@ A user error is an :class:`attnprune.errors.UserError` raised by validation, an 
 Anything else is a bug and keeps its traceback. A user error that every rank of a data-parallel run raises
 (:class:`attnprune.errors.AllRanksError`) is printed once, by rank 0. ``--debug`` on the command line (removed before
 parsing) or ``ATTNPRUNE_DEBUG=1`` shows the traceback of user errors too.
+
+The argparse scripts (the quickstart, ``benchmarks/*.py``) build their parser with :class:`ArgumentParser` and
+check values as they are parsed, before any data or model is loaded, with the types :func:`fraction`,
+:func:`positive_int` and :func:`model_source`.
 """
 
 from __future__ import annotations
@@ -16,11 +20,24 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from attnprune.errors import AllRanksError, UserError
+from attnprune.io import WEIGHT_SUFFIXES
 
-__all__ = ["USER_ERRORS", "debug_requested", "is_user_error", "lightning_parser_kwargs", "one_line", "run_cli"]
+__all__ = [
+    "USER_ERRORS",
+    "ArgumentParser",
+    "debug_requested",
+    "fraction",
+    "is_user_error",
+    "lightning_parser_kwargs",
+    "model_source",
+    "one_line",
+    "positive_int",
+    "run_cli",
+]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
@@ -90,3 +107,44 @@ def lightning_parser_kwargs(subcommands: tuple[str, ...] = ("fit", "validate", "
     """``parser_kwargs`` for a LightningCLI whose argument errors :func:`run_cli` should report: jsonargparse raises
     them instead of printing its usage and exiting."""
     return {"exit_on_error": False, **{name: {"exit_on_error": False} for name in subcommands}}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser for the scripts that :func:`run_cli` runs (the quickstart, the benchmarks): every argument
+    error (an unknown or missing option, a value its type refuses) is raised, so it ends as one line and exit status 2
+    instead of argparse's usage text. The description is printed as written (``--help``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(exit_on_error=False, **kwargs)
+
+    def error(self, message: str) -> None:  # argparse calls it for missing and unknown options
+        raise UserError(message)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a fraction in (0, 1] (a FLOPs budget or ratio; NaN is refused)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a count of images, rounds, candidates)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer of at least 1, got {text}")
+    return value
+
+
+def model_source(text: str) -> str:
+    """An argparse type: a model as :func:`attnprune.load_model` takes it, checked before it is loaded: a file named
+    as weights or a checkpoint (``.safetensors``, ``.pth``, ``.pt``, ``.bin``, ``.ckpt``) must exist, and a folder is
+    refused; any other name is left to the hub."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; expected a weights file, checkpoint or hub name")
+    if path.suffix in (*WEIGHT_SUFFIXES, ".ckpt") and not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} does not exist; expected a weights file, checkpoint or hub name")
+    return text

@@ -24,7 +24,7 @@ import timm
 import torch
 
 from attnprune import Routing, count_flops, load_model, match_flops, prune
-from attnprune.cli import run_cli
+from attnprune.cli import ArgumentParser, run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.routing import baseline_layers
@@ -43,9 +43,7 @@ CASES = (
 
 def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     """The options, checked: a bad one is a ValueError/FileNotFoundError naming it (see :mod:`attnprune.cli`)."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False
-    )
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", help=f"weights file, hub name, or random-deit-s (default with --ratio: {SHIPPED})")
     parser.add_argument("--ratio", type=float, help="FLOPs budget as a fraction of the unpruned model (default 0.6)")
     parser.add_argument("--test_images", type=int, default=10_000)
