@@ -5,13 +5,22 @@ written."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-from attnprune import save_model
+from attnprune import load_model, save_model
 from attnprune.cli import run_cli
 from attnprune.errors import UserError
 from attnprune.lit.backbone import Backbone
+from attnprune.lit.data import ImageFolderDataModule
 from tests.conftest import tiny_backbone
-from tests.test_bad_input import _evaluate, _train, entry_point, files  # noqa: F401 (files: the fixture)
+from tests.test_bad_input import (  # noqa: F401 (files: the fixture)
+    _analyze,
+    _evaluate,
+    _search,
+    _train,
+    entry_point,
+    files,
+)
 
 OUTPUTS = ("out-analyze", "out-search", "out-evaluate", "out-train", "out-quickstart")
 
@@ -36,18 +45,66 @@ def _paradigm(f, given: str = "mae") -> str:
     )
 
 
+@pytest.fixture(scope="module")
+def more_files(files) -> None:  # noqa: F811
+    """Beside ``files``: a class map labelling the 3 class folders of ``files["data"]`` 0, 1 and 5 (the tiny model
+    has 3 classes), and a 10-class model (Fashion-MNIST's classes) whose logits overflow to inf."""
+    (files["root"] / "labels-beyond.json").write_text('{"class_0": 0, "class_1": 1, "class_2": 5}')
+    backbone = tiny_backbone(num_classes=10)
+    model = backbone.build()[0]
+    with torch.no_grad():
+        model.head.weight.fill_(3e38)
+        model.norm.bias.fill_(10.0)
+    save_model(model, files["root"] / "overflow10.safetensors", backbone.model, model_kwargs=backbone.model_kwargs)
+
+
+def _folder(f, **kwargs) -> ImageFolderDataModule:
+    return ImageFolderDataModule(str(f["data"]), cache_dir=str(f["root"] / "hf"), **kwargs)
+
+
+def _fewer_classes(f, head: int = 10) -> str:
+    return (
+        f"image folder {f['data']} has 3 classes but the model's head has {head}, and no class_map says which of the "
+        "model's classes they are (sorted folder names would be labels 0 to 2); give class_map: a .txt file of one "
+        "class per line or a .json file of folder name -> label"
+    )
+
+
+def _beyond_head(f) -> str:
+    return (
+        f"image folder {f['data']} has labels up to 5 but the model's head has 3 classes (0 to 2): labels 3 to 5 "
+        "are beyond it"
+    )
+
+
 API_CASES = [
     # (id, call, exception, the exact message)
     ("backbone-num-classes-replaces-head", lambda f: _checkpoint(f, num_classes=12).build(), UserError, _new_head),
     ("backbone-paradigm-not-the-checkpoints", lambda f: _checkpoint(f, paradigm="mae").build(), UserError, _paradigm),
+    ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
+    (
+        "folder-labels-beyond-the-head",
+        lambda f: _folder(f, class_map=str(f["root"] / "labels-beyond.json")).for_model(
+            load_model(f["tiny.safetensors"])
+        ),
+        UserError,
+        _beyond_head,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("call", "error", "message"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
-def test_api_refuses_bad_input(files, call, error, message):  # noqa: F811
+def test_api_refuses_bad_input(files, more_files, call, error, message):  # noqa: F811
     with pytest.raises(error) as info:
         call(files)
     assert str(info.value) == message(files)
+
+
+NEW_HEAD = ("--model.init_args.backbone.num_classes", "10", "--model.init_args.backbone.new_head", "true")
+
+
+def _class_map(f) -> tuple[str, str]:
+    return "--data.init_args.class_map", str(f["root"] / "labels-beyond.json")
 
 
 CLI_CASES = [
@@ -72,11 +129,30 @@ CLI_CASES = [
         lambda f: _train(f, "--model.init_args.backbone.paradigm", "distilled"),
         lambda f: _paradigm(f, "distilled"),
     ),
+    (
+        "evaluate-folder-fewer-classes-than-a-new-head",
+        lambda f: _evaluate(f, *NEW_HEAD),
+        _fewer_classes,
+    ),
+    ("train-folder-fewer-classes-than-a-new-head", lambda f: _train(f, *NEW_HEAD), _fewer_classes),
+    ("evaluate-labels-beyond-the-head", lambda f: _evaluate(f, *_class_map(f)), _beyond_head),
+    ("train-labels-beyond-the-head", lambda f: _train(f, *_class_map(f)), _beyond_head),
+    ("search-labels-beyond-the-head", lambda f: _search(f, "--budget", "0.5", *_class_map(f)), _beyond_head),
+    ("analyze-labels-beyond-the-head", lambda f: _analyze(f, *_class_map(f)), _beyond_head),
+    (
+        "quickstart-logits-overflow",
+        lambda f: ("quickstart", ["--model", str(f["root"] / "overflow10.safetensors"), "--test_images", "4"]),
+        lambda f: (
+            f"--model {f['root'] / 'overflow10.safetensors'}: the model's outputs on the first batch hold 40 "
+            "non-finite values (NaN or inf) of 40; expected finite logits (check the weights, the input scaling and "
+            "the precision)"
+        ),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("build", "message"), [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
-def test_entry_point_refuses_bad_input_in_one_line(files, capsys, monkeypatch, build, message):  # noqa: F811
+def test_entry_point_refuses_bad_input_in_one_line(files, more_files, capsys, monkeypatch, build, message):  # noqa: F811
     monkeypatch.delenv("ATTNPRUNE_DEBUG", raising=False)
     name, argv = build(files)
     with pytest.raises(SystemExit) as info:

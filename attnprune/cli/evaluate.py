@@ -237,6 +237,7 @@ def evaluate(cli: EvaluateCLI) -> list[dict[str, Any]]:
         if not datamodule.splits:
             datamodule.prepare_splits()  # a data source it cannot read fails here, before any pass or W&B run
         datamodule.check_split("test")
+        datamodule.check_classes(module.num_classes)
         check_unseen(config.routings, datamodule)
         if trainer.is_global_zero:
             print(f"evaluating on {datamodule.describe_split('test')}")

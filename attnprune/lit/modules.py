@@ -80,6 +80,11 @@ class _PrunedModule(ConfigurableOptimizers, L.LightningModule):
         """The (pruned) timm ViT."""
         return self.model
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the module predicts (those of its data's labels)."""
+        return self.model.num_classes
+
     def set_routing(self, routing: Routing) -> None:
         """Prune the backbone with ``routing`` (an empty one restores the unpruned model)."""
         self.routing = routing
@@ -263,6 +268,11 @@ class _FrozenBackbone(_PrunedModule):
         super().train(mode)
         self.model.eval()
         return self
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of the readout (the backbone is headless)."""
+        return self.hparams.num_classes
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:

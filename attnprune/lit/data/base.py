@@ -134,6 +134,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_transform = train_transform
         self.splits: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.origins: dict[str, Origin] = {}  # validation and test: the source split and positions of their images
+        # labels are the positions of the sorted class folder names, which no source or class map gave
+        self.labels_from_folder_names = False
 
     # -------------------------------------------------------------------------------------------- sources
     def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
@@ -152,6 +154,32 @@ class ImageDataModule(L.LightningDataModule):
     def layouts_hint(self) -> str:
         """What the error messages add about the layouts this module reads."""
         return ""
+
+    def check_classes(self, classes: int) -> None:
+        """Refuse labels a head of ``classes`` classes cannot be scored on (0: a headless model, whose labels go
+        unused): more classes than the head has, or fewer named only by their sorted folder names, which need not
+        be the model's first classes.
+
+        Raises:
+            UserError: naming the source and both class counts.
+        """
+        if not classes:
+            return
+        if not self.splits:
+            self.prepare_splits()
+        top = max(_top_label(split) for split in self.splits.values())
+        if top >= classes:
+            raise UserError(
+                f"{self.describe_source()} has labels up to {top} but the model's head has {classes} classes "
+                f"(0 to {classes - 1}): labels {classes} to {top} are beyond it"
+            )
+        found = self.num_classes
+        if found < classes and self.labels_from_folder_names:
+            raise UserError(
+                f"{self.describe_source()} has {found} classes but the model's head has {classes}, and no class_map "
+                f"says which of the model's classes they are (sorted folder names would be labels 0 to {found - 1}); "
+                "give class_map: a .txt file of one class per line or a .json file of folder name -> label"
+            )
 
     def validation_count(self, train_images: int | None) -> int:
         """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
@@ -268,6 +296,8 @@ class ImageDataModule(L.LightningDataModule):
             check_input_size(getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data")
         if not self.splits:
             self.prepare_splits()
+        if module is not None:
+            self.check_classes(getattr(module, "num_classes", 0))
         if stage == "fit" and "train" not in self.splits:
             raise UserError(
                 f"{self.describe_source()} has no training split, which `fit` needs; it has only the held-out split, "
@@ -350,11 +380,13 @@ class ImageDataModule(L.LightningDataModule):
         """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self.
 
         Raises:
-            ValueError: a given data config's ``input_size`` does not fit the model.
+            ValueError: a given data config's ``input_size`` does not fit the model, or the data's classes do not fit
+                its head (:meth:`check_classes`).
         """
         if self.hparams.data_config is None:
             self.hparams.data_config = resolve_model_data_config(model)
         check_input_size(model, self.resolved_data_config()["input_size"], "data_config")
+        self.check_classes(model.num_classes)
         return self
 
     def take(self, split: str, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -380,7 +412,12 @@ def _length(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
 
 def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
     """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
-    if not isinstance(data, datasets.Dataset) or len(data) == 0:
-        return True
-    top = pc.max(data.data.column("label")).as_py()
-    return top is not None and top >= 0
+    return not isinstance(data, datasets.Dataset) or len(data) == 0 or _top_label(data) >= 0
+
+
+def _top_label(data: datasets.Dataset | datasets.IterableDataset) -> int:
+    """The largest label of a split (-1 for none), or of its ``ClassLabel`` when streamed."""
+    if not isinstance(data, datasets.Dataset):
+        return data.features["label"].num_classes - 1
+    top = pc.max(data.data.column("label")).as_py() if len(data) else None
+    return -1 if top is None else top

@@ -158,6 +158,7 @@ class ImageFolderDataModule(ImageDataModule):
         Raises:
             UserError: a class the class map does not have.
         """
+        self.labels_from_folder_names = self.class_map is None
         if self.class_map is None:
             return {name: i for i, name in enumerate(sorted(found))}
         index = read_class_map(self.class_map)
