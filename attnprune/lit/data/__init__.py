@@ -2,6 +2,8 @@
 
 - :mod:`~attnprune.lit.data.base`: :class:`ImageDataModule`, what every source shares (splits, timm transforms,
   loaders) and the batch collation.
+- :mod:`~attnprune.lit.data.checks`: what the data must share with the model (input size, labels within its head),
+  checked before any image is read.
 - :mod:`~attnprune.lit.data.splits`: the split protocol: carve-outs (``val_size``, ``search_split``) and the record
   of which source images a search read.
 - :mod:`~attnprune.lit.data.folders`: :class:`ImageFolderDataModule`, any folder of class subfolders.
@@ -12,7 +14,8 @@
 Configs name the modules by their package path (``class_path: attnprune.lit.data.FashionMNISTDataModule``).
 """
 
-from attnprune.lit.data.base import ImageDataModule, check_input_size, collate_images
+from attnprune.lit.data.base import ImageDataModule, collate_images
+from attnprune.lit.data.checks import check_input_size
 from attnprune.lit.data.fashion_mnist import FASHION_MNIST_DIR, FashionMNISTDataModule, read_idx
 from attnprune.lit.data.folders import ImageFolderDataModule
 from attnprune.lit.data.imagenet import ImageNetDataModule

@@ -18,7 +18,6 @@ from typing import Any
 import datasets
 import lightning as L
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from PIL import Image
@@ -32,9 +31,10 @@ from timm.data import (
 from torch.utils.data import DataLoader
 
 from attnprune.errors import UserError
+from attnprune.lit.data.checks import check_input_size, check_labels, top_label
 from attnprune.lit.data.splits import Origin, carve, searched_overlap, split_count, split_record
 
-__all__ = ["ImageDataModule", "check_input_size", "collate_images"]
+__all__ = ["ImageDataModule", "collate_images"]
 
 NO_VALIDATION = (
     "{source} has no training split to carve the validation split out of (what search.py, analyze.py and `validate` "
@@ -70,28 +70,6 @@ def _to_pil(image: Any, mode: str) -> Image.Image:
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     return image if image.mode == mode else image.convert(mode)  # grayscale, CMYK, RGBA, palette -> the model's
-
-
-def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str) -> None:
-    """Refuse an input size (``(C, H, W)`` of a timm data config) that a ViT with a fixed input size cannot take
-    (timm would fail mid-run with a bare AssertionError); models with ``dynamic_img_size`` take any size.
-
-    Raises:
-        ValueError: naming ``where``, the size and the size the model takes.
-    """
-    embed = getattr(model, "patch_embed", None)
-    proj = getattr(embed, "proj", None)
-    if embed is None or getattr(embed, "img_size", None) is None or not isinstance(proj, torch.nn.Conv2d):
-        return
-    channels, size = int(input_size[0]), tuple(int(v) for v in input_size[-2:])
-    expected = tuple(int(v) for v in embed.img_size)
-    fixed = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
-    if channels != proj.in_channels or (fixed and size != expected):
-        raise UserError(
-            f"{where}: input_size {[channels, *size]} does not fit the model, which takes "
-            f"{[proj.in_channels, *expected]} (channels, height, width); leave data_config out to use the model's "
-            "own preprocessing, or give its input_size"
-        )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -156,30 +134,15 @@ class ImageDataModule(L.LightningDataModule):
         return ""
 
     def check_classes(self, classes: int) -> None:
-        """Refuse labels a head of ``classes`` classes cannot be scored on (0: a headless model, whose labels go
-        unused): more classes than the head has, or fewer named only by their sorted folder names, which need not
-        be the model's first classes.
+        """Refuse labels a head of ``classes`` classes cannot be scored on, before any image is read (0: a headless
+        model, whose labels go unused; see :func:`~attnprune.lit.data.checks.check_labels`).
 
         Raises:
-            UserError: naming the source and both class counts.
+            UserError: a label beyond the head, or fewer classes than it has named only by their sorted folders.
         """
-        if not classes:
-            return
-        if not self.splits:
+        if classes and not self.splits:
             self.prepare_splits()
-        top = max(_top_label(split) for split in self.splits.values())
-        if top >= classes:
-            raise UserError(
-                f"{self.describe_source()} has labels up to {top} but the model's head has {classes} classes "
-                f"(0 to {classes - 1}): labels {classes} to {top} are beyond it"
-            )
-        found = self.num_classes
-        if found < classes and self.labels_from_folder_names:
-            raise UserError(
-                f"{self.describe_source()} has {found} classes but the model's head has {classes}, and no class_map "
-                f"says which of the model's classes they are (sorted folder names would be labels 0 to {found - 1}); "
-                "give class_map: a .txt file of one class per line or a .json file of folder name -> label"
-            )
+        check_labels(self.splits, classes, self.describe_source(), self.labels_from_folder_names)
 
     def validation_count(self, train_images: int | None) -> int:
         """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
@@ -412,12 +375,4 @@ def _length(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
 
 def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
     """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
-    return not isinstance(data, datasets.Dataset) or len(data) == 0 or _top_label(data) >= 0
-
-
-def _top_label(data: datasets.Dataset | datasets.IterableDataset) -> int:
-    """The largest label of a split (-1 for none), or of its ``ClassLabel`` when streamed."""
-    if not isinstance(data, datasets.Dataset):
-        return data.features["label"].num_classes - 1
-    top = pc.max(data.data.column("label")).as_py() if len(data) else None
-    return -1 if top is None else top
+    return not isinstance(data, datasets.Dataset) or len(data) == 0 or top_label(data) >= 0
