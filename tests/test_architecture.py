@@ -14,7 +14,14 @@ PACKAGE = ROOT / "attnprune"
 
 # Lowest first: a module may import modules of its own layer or of a lower one, never of a higher one.
 LAYERS = [
-    ["attnprune.errors", "attnprune.atomic", "attnprune.timing", "attnprune.fidelity", "attnprune.paradigms"],
+    [
+        "attnprune.errors",
+        "attnprune.atomic",
+        "attnprune.timing",
+        "attnprune.fidelity",
+        "attnprune.paradigms",
+        "attnprune.strict_yaml",
+    ],
     ["attnprune.scoring", "attnprune.reduction", "attnprune.fused"],
     ["attnprune.routing"],
     ["attnprune.vit", "attnprune.blocks"],

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnprune import load_model, save_model
+from attnprune import Routing, load_model, prune, save_model
 from attnprune.cli import run_cli
 from attnprune.errors import UserError
 from attnprune.lit.backbone import Backbone
 from attnprune.lit.data import ImageFolderDataModule
-from tests.conftest import tiny_backbone
+from tests.conftest import tiny_backbone, tiny_vit
 from tests.test_bad_input import (  # noqa: F401 (files: the fixture)
     _analyze,
     _evaluate,
@@ -56,6 +56,22 @@ def more_files(files) -> None:  # noqa: F811
         model.head.weight.fill_(3e38)
         model.norm.bias.fill_(10.0)
     save_model(model, files["root"] / "overflow10.safetensors", backbone.model, model_kwargs=backbone.model_kwargs)
+    for name, text in YAML_FILES.items():
+        (files["root"] / name).write_text(text)
+
+
+RULE = "{layer: 1, score: l2_norm, keep: 0.5}"
+YAML_FILES = {
+    "rules-mapping.yaml": "name: x\nrules: {}\n",
+    "rules-empty.yaml": "name: x\nrules:\n",
+    "rules-twice.yaml": f"name: x\nrules:\n  - {RULE}\nrules:\n  - {{layer: 2, score: std, keep: 0.5}}\n",
+    "layer-twice.yaml": "rules:\n  - {layer: 1, layer: 2, score: l2_norm, keep: 0.5}\n",
+    "trainer-twice.yaml": "trainer:\n  max_epochs: 1\nmodel:\n  init_args: {lr: 0.1}\ntrainer:\n  max_epochs: 2\n",
+}
+
+
+def _yaml(f, name: str, error: str) -> str:
+    return f"{f['root'] / name}: {error}"
 
 
 def _folder(f, **kwargs) -> ImageFolderDataModule:
@@ -77,10 +93,48 @@ def _beyond_head(f) -> str:
     )
 
 
+RULES_LIST = "routing field 'rules' must be a list of rules ([] for none)"
+
 API_CASES = [
     # (id, call, exception, the exact message)
     ("backbone-num-classes-replaces-head", lambda f: _checkpoint(f, num_classes=12).build(), UserError, _new_head),
     ("backbone-paradigm-not-the-checkpoints", lambda f: _checkpoint(f, paradigm="mae").build(), UserError, _paradigm),
+    (
+        "routing-yaml-rules-a-mapping",
+        lambda f: Routing.from_yaml(f["root"] / "rules-mapping.yaml"),
+        UserError,
+        lambda f: _yaml(f, "rules-mapping.yaml", f"{RULES_LIST}, got dict {{}}"),
+    ),
+    (
+        "routing-yaml-rules-empty",
+        lambda f: Routing.from_yaml(f["root"] / "rules-empty.yaml"),
+        UserError,
+        lambda f: _yaml(f, "rules-empty.yaml", f"{RULES_LIST}, got nothing (an empty 'rules:')"),
+    ),
+    (
+        "routing-yaml-rules-twice",
+        lambda f: Routing.from_yaml(f["root"] / "rules-twice.yaml"),
+        UserError,
+        lambda f: _yaml(f, "rules-twice.yaml", "key 'rules' is given twice (lines 2 and 4)"),
+    ),
+    (
+        "routing-yaml-key-twice-in-a-rule",
+        lambda f: prune(tiny_vit(), f["root"] / "layer-twice.yaml"),
+        UserError,
+        lambda f: _yaml(f, "layer-twice.yaml", "key 'layer' is given twice (lines 2 and 2)"),
+    ),
+    (
+        "routing-dict-rules-none",
+        lambda f: prune(tiny_vit(), {"rules": None}),
+        UserError,
+        lambda f: f"{RULES_LIST}, got nothing (an empty 'rules:')",
+    ),
+    (
+        "preset-argument-twice",
+        lambda f: Routing.parse("tome:r=2,r=3", 4),
+        UserError,
+        lambda f: "routing preset 'tome:r=2,r=3': argument 'r' is given twice (tome:r=<tokens merged per block>)",
+    ),
     ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
     (
         "folder-labels-beyond-the-head",
@@ -139,6 +193,19 @@ CLI_CASES = [
     ("train-labels-beyond-the-head", lambda f: _train(f, *_class_map(f)), _beyond_head),
     ("search-labels-beyond-the-head", lambda f: _search(f, "--budget", "0.5", *_class_map(f)), _beyond_head),
     ("analyze-labels-beyond-the-head", lambda f: _analyze(f, *_class_map(f)), _beyond_head),
+    (
+        "evaluate-routing-rules-twice",
+        lambda f: _evaluate(f, "--routings", f"[{f['root'] / 'rules-twice.yaml'}]"),
+        lambda f: (
+            f"routing {str(f['root'] / 'rules-twice.yaml')!r} does not fit the model: "
+            + _yaml(f, "rules-twice.yaml", "key 'rules' is given twice (lines 2 and 4)")
+        ),
+    ),
+    (
+        "train-config-key-twice",
+        lambda f: _train(f, "--config", str(f["root"] / "trainer-twice.yaml")),
+        lambda f: "Problems parsing config: trainer-twice.yaml: key 'trainer' is given twice (lines 1 and 5)",
+    ),
     (
         "quickstart-logits-overflow",
         lambda f: ("quickstart", ["--model", str(f["root"] / "overflow10.safetensors"), "--test_images", "4"]),

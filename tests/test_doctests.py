@@ -21,6 +21,7 @@ MODULES = [
     "attnprune.routing.core",
     "attnprune.routing.baselines",
     "attnprune.selectivity.transition",
+    "attnprune.strict_yaml",
 ]
 
 

@@ -94,7 +94,7 @@ def test_default_routing_and_from_dict_defaults():
     empty = Routing()
     assert (empty.rules, empty.name, empty.prop_attn, empty.seed, len(empty)) == ((), "unpruned", True, 0, 0)
     assert empty.resolve(2, 5) == [] and empty.token_counts(2, 5) == [5, 5, 5]
-    for d in ({}, {"rules": None}, {"rules": []}):
+    for d in ({}, {"rules": []}):
         loaded = Routing.from_dict(d)
         assert (loaded.rules, loaded.name, loaded.prop_attn, loaded.seed) == ((), "routing", True, 0)
 
@@ -419,8 +419,12 @@ def test_bad_routing_fields():
         ([], "a routing must be a mapping with fields ('name', 'rules', 'prop_attn', 'seed'), got list"),
         (None, "a routing must be a mapping with fields ('name', 'rules', 'prop_attn', 'seed'), got NoneType"),
         ({"zz": 1, "rule": []}, "routing field 'rule' is unknown (expected one of name, rules, prop_attn, seed)"),
-        ({"rules": {"layer": 0}}, "routing field 'rules' must be a list of rules, got dict"),
-        ({"rules": "abc"}, "routing field 'rules' must be a list of rules, got str"),
+        ({"rules": {"layer": 0}}, "routing field 'rules' must be a list of rules ([] for none), got dict {'layer': 0}"),
+        ({"rules": "abc"}, "routing field 'rules' must be a list of rules ([] for none), got str 'abc'"),
+        (
+            {"rules": None},
+            "routing field 'rules' must be a list of rules ([] for none), got nothing (an empty 'rules:')",
+        ),
     ],
 )
 def test_bad_routing_field_messages(d, message):

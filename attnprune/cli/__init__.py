@@ -25,6 +25,7 @@ from typing import Any
 
 from attnprune.errors import AllRanksError, UserError
 from attnprune.io import WEIGHT_SUFFIXES
+from attnprune.strict_yaml import refuse_duplicate_keys_in_configs
 
 __all__ = [
     "USER_ERRORS",
@@ -90,6 +91,7 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     """Call ``main(argv)`` (``argv`` default ``sys.argv[1:]``, without ``--debug``); on a user error write
     ``error: <message>`` to stderr and exit with status 2, unless debugging was asked for (then re-raise)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_duplicate_keys_in_configs()  # a --config file with a key twice: an error, not the last one winning
     debug = debug_requested(argv)
     argv = [arg for arg in argv if arg != "--debug"]
     try:

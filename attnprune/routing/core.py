@@ -22,6 +22,7 @@ from attnprune.atomic import write_text_atomic
 from attnprune.errors import UserError, UserTypeError
 from attnprune.routing.presets import RoutingPresets, baseline_layers
 from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, plan_rule
+from attnprune.strict_yaml import load_yaml
 
 __all__ = ["Routing", "PRESETS"]
 
@@ -88,9 +89,10 @@ class Routing(RoutingPresets):
         unknown = sorted(set(d) - set(_ROUTING_FIELDS))
         if unknown:
             raise UserError(f"routing field '{unknown[0]}' is unknown (expected one of {', '.join(_ROUTING_FIELDS)})")
-        rules = d.get("rules") or []
+        rules = d.get("rules", [])
         if not isinstance(rules, (list, tuple)):
-            raise UserError(f"routing field 'rules' must be a list of rules, got {type(rules).__name__}")
+            got = "nothing (an empty 'rules:')" if rules is None else f"{type(rules).__name__} {rules!r}"
+            raise UserError(f"routing field 'rules' must be a list of rules ([] for none), got {got}")
         return cls(
             rules=tuple(rules),
             name=str(d.get("name", "routing")),
@@ -105,7 +107,7 @@ class Routing(RoutingPresets):
         if not path.is_file():
             raise FileNotFoundError(f"routing file {path} does not exist")
         try:
-            return cls.from_dict(yaml.safe_load(path.read_text()))
+            return cls.from_dict(load_yaml(path.read_text()))
         except (ValueError, yaml.YAMLError) as err:
             raise UserError(f"{path}: {err}") from err
 

@@ -28,6 +28,7 @@ from attnprune.lit.data.folders import (
     is_image,
 )
 from attnprune.lit.data.imagenet_labels import DEVKIT, VAL_SOLUTION, find_val_labels
+from attnprune.strict_yaml import load_yaml
 
 __all__ = ["IMAGENET_LAYOUTS", "ImageNetDataModule", "imagenet_index"]
 
@@ -273,7 +274,10 @@ def _card_class_names(readme: Path) -> list[str] | None:
     text = readme.read_text()
     if not text.startswith("---"):
         return None
-    header = yaml.safe_load(text.split("---", 2)[1]) or {}
+    try:
+        header = load_yaml(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{readme}: its YAML header cannot be read: {err}") from err
     infos = header.get("dataset_info", [])
     for info in infos if isinstance(infos, list) else [infos]:
         for feature in info.get("features", []):
