@@ -8,6 +8,8 @@ Python errors keeps working.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ __all__ = [
     "UserTypeError",
     "HubUnavailableError",
     "check_finite",
+    "check_number",
     "check_finite_outputs",
 ]
 
@@ -47,6 +50,44 @@ class AllRanksError(UserError):
 
 class HubUnavailableError(UserError, OSError):
     """A hub name could not be loaded (offline, no cache): the user's to fix, by passing a local file."""
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> None:
+    """Refuse a setting that is not a number (an integer with ``integer``; never a bool, never NaN) within
+    ``low``..``high`` (each bound included unless open; None: unbounded).
+
+    Raises:
+        UserError: ``{name} must be {the range}, got {value!r}``.
+
+    Example:
+        >>> check_number("hflip", 5, 0, 1)
+        Traceback (most recent call last):
+        ...
+        attnprune.errors.UserError: hflip must be a number in [0, 1], got 5
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if ok:
+        return
+    what = "an integer" if integer else "a number"
+    if low is not None and high is not None:
+        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        span = f"{'above' if low_open else 'of at least'} {low:g}"
+    else:
+        span = f"{'below' if high_open else 'of at most'} {high:g}"
+    raise UserError(f"{name} must be {what} {span}, got {value!r}")
 
 
 def check_finite(state: dict[str, Any], source: str) -> None:

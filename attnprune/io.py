@@ -25,10 +25,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from attnprune.atomic import atomic_path
-from attnprune.errors import HubUnavailableError, UserError, check_finite
+from attnprune.errors import HubUnavailableError, UserError, check_finite, check_number
 from attnprune.paradigms import get_paradigm
 
-__all__ = ["build_model", "build_from_spec", "model_spec", "load_model", "save_model", "hub_reachable"]
+__all__ = [
+    "build_model",
+    "build_from_spec",
+    "check_model_kwargs",
+    "model_spec",
+    "load_model",
+    "save_model",
+    "hub_reachable",
+]
 
 METADATA_KEY = "attnprune"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -37,8 +45,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 def build_model(
     architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None, **model_kwargs: Any
 ) -> nn.Module:
-    """A randomly initialised timm model with the paradigm's readout, in eval mode."""
+    """A randomly initialised timm model with the paradigm's readout, in eval mode.
+
+    Raises:
+        UserError: an unknown architecture, or a ``depth`` in ``model_kwargs`` below 1 (a ViT without blocks).
+    """
     kwargs = {**get_paradigm(paradigm).model_kwargs, **model_kwargs}
+    check_model_kwargs(architecture, kwargs)
     try:
         model = timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
     except RuntimeError as err:
@@ -46,6 +59,16 @@ def build_model(
             raise UserError(f"unknown timm architecture {architecture!r}") from err
         raise
     return model.eval()
+
+
+def check_model_kwargs(architecture: str, model_kwargs: dict[str, Any]) -> None:
+    """Refuse ``create_model`` arguments that build a model without work to do: a ``depth`` below 1 (no blocks).
+
+    Raises:
+        UserError: naming the architecture, the argument and its value.
+    """
+    if "depth" in model_kwargs:
+        check_number(f"{architecture} model_kwargs depth", model_kwargs["depth"], 1, integer=True)
 
 
 def model_spec(

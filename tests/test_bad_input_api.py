@@ -12,7 +12,9 @@ from attnprune.cli import run_cli
 from attnprune.errors import UserError
 from attnprune.lit.backbone import Backbone
 from attnprune.lit.data import ImageFolderDataModule
-from tests.conftest import tiny_backbone, tiny_vit
+from attnprune.lit.modules import LinearProbe, PrunedClassifier
+from attnprune.lit.pretraining import MAEPretraining
+from tests.conftest import TINY_BACKBONE, tiny_backbone, tiny_vit
 from tests.test_bad_input import (  # noqa: F401 (files: the fixture)
     _analyze,
     _evaluate,
@@ -135,6 +137,36 @@ API_CASES = [
         UserError,
         lambda f: "routing preset 'tome:r=2,r=3': argument 'r' is given twice (tome:r=<tokens merged per block>)",
     ),
+    (
+        "train-mixup-negative",
+        lambda f: PrunedClassifier(tiny_backbone(), mixup=-1.0),
+        UserError,
+        lambda f: "PrunedClassifier mixup must be a number of at least 0, got -1.0",
+    ),
+    (
+        "train-layer-decay-zero",
+        lambda f: PrunedClassifier(tiny_backbone(), layer_decay=0.0),
+        UserError,
+        lambda f: "PrunedClassifier layer_decay must be a number in (0, 1], got 0.0",
+    ),
+    (
+        "probe-momentum-one",
+        lambda f: LinearProbe(3, _checkpoint(f), momentum=1.0),
+        UserError,
+        lambda f: "LinearProbe momentum must be a number in [0, 1), got 1.0",
+    ),
+    (
+        "pretraining-weight-decay-negative",
+        lambda f: MAEPretraining(TINY_BACKBONE["model"], TINY_BACKBONE["model_kwargs"], weight_decay=-0.05),
+        UserError,
+        lambda f: "MAEPretraining weight_decay must be a number of at least 0, got -0.05",
+    ),
+    (
+        "depth-zero",
+        lambda f: tiny_backbone(model_kwargs={**TINY_BACKBONE["model_kwargs"], "depth": 0}).build(),
+        UserError,
+        lambda f: f"{TINY_BACKBONE['model']} model_kwargs depth must be an integer of at least 1, got 0",
+    ),
     ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
     (
         "folder-labels-beyond-the-head",
@@ -159,6 +191,25 @@ NEW_HEAD = ("--model.init_args.backbone.num_classes", "10", "--model.init_args.b
 
 def _class_map(f) -> tuple[str, str]:
     return "--data.init_args.class_map", str(f["root"] / "labels-beyond.json")
+
+
+TRAINING_RANGES = {
+    "mixup": "a number of at least 0",
+    "cutmix": "a number of at least 0",
+    "warmup_epochs": "a number of at least 0",
+    "weight_decay": "a number of at least 0",
+    "layer_decay": "a number in (0, 1]",
+    "label_smoothing": "a number in [0, 1)",
+    "lr": "a number of at least 0",
+}
+
+
+def _training_option(option: str, value: str):
+    return lambda f: _train(f, f"--model.init_args.{option}", value)
+
+
+def _training_range(option: str, value: str):
+    return lambda f: f"PrunedClassifier {option} must be {TRAINING_RANGES[option]}, got {float(value)!r}"
 
 
 CLI_CASES = [
@@ -205,6 +256,26 @@ CLI_CASES = [
         "train-config-key-twice",
         lambda f: _train(f, "--config", str(f["root"] / "trainer-twice.yaml")),
         lambda f: "Problems parsing config: trainer-twice.yaml: key 'trainer' is given twice (lines 1 and 5)",
+    ),
+    *[
+        (f"train-{option.replace('_', '-')}-{value}", _training_option(option, value), _training_range(option, value))
+        for option, value in (
+            ("mixup", "-1"),
+            ("cutmix", "-0.5"),
+            ("warmup_epochs", "-1"),
+            ("weight_decay", "-0.1"),
+            ("layer_decay", "5"),
+            ("label_smoothing", "1"),
+            ("lr", "-0.001"),
+        )
+    ],
+    (
+        "train-depth-zero",
+        lambda f: _train(f, "--model.init_args.backbone.model_kwargs", "{depth: 0}"),
+        lambda f: (
+            f"checkpoint {f['tiny.safetensors']}: vit_tiny_patch16_224 model_kwargs depth must be an integer "
+            "of at least 1, got 0"
+        ),
     ),
     (
         "quickstart-logits-overflow",

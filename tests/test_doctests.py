@@ -12,6 +12,7 @@ import attnprune
 
 MODULES = [
     "attnprune.atomic",
+    "attnprune.errors",
     "attnprune.vit",
     "attnprune.flops",
     "attnprune.inference",

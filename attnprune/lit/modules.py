@@ -64,6 +64,7 @@ class _PrunedModule(ConfigurableOptimizers, L.LightningModule):
 
     def __init__(self, backbone: Backbone | dict[str, Any], model_spec: dict[str, Any] | None) -> None:
         super().__init__()
+        self.check_hyperparameters()  # the subclass saved its arguments: checked before the network is built
         self.backbone_config = Backbone.coerce(backbone)
         # Checkpoints and loggers hold the backbone as a plain mapping, which load_from_checkpoint hands back.
         self.save_hyperparameters({"backbone": self.backbone_config.as_dict()})

@@ -22,10 +22,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import instantiate_class
 
-from attnprune.errors import UserError
+from attnprune.errors import UserError, check_number
 
 __all__ = [
     "GROUPS",
+    "RANGES",
     "WARMUP_COSINE",
     "ConfigurableOptimizers",
     "FromArgument",
@@ -38,6 +39,31 @@ __all__ = [
 
 GROUPS = ("optimizer", "lr_scheduler")
 WARMUP_COSINE = f"{__name__}.WarmupCosine"
+_POSITIVE, _AT_LEAST_ZERO, _COUNT = {"low": 0, "low_open": True}, {"low": 0}, {"low": 1, "integer": True}
+_FRACTION = {"low": 0, "high": 1, "high_open": True}
+RANGES: dict[str, dict[str, Any]] = {
+    "lr": _AT_LEAST_ZERO,  # 0 trains nothing, as a test of the loop may want
+    "weight_decay": _AT_LEAST_ZERO,
+    "warmup_epochs": _AT_LEAST_ZERO,
+    "mixup": _AT_LEAST_ZERO,
+    "cutmix": _AT_LEAST_ZERO,
+    "layer_decay": {"low": 0, "high": 1, "low_open": True},
+    "label_smoothing": _FRACTION,
+    "momentum": _FRACTION,
+    "mask_ratio": _FRACTION,
+    "center_momentum": {"low": 0, "high": 1},
+    "ema_momentum": {"low": 0, "high": 1},
+    "temperature": _POSITIVE,
+    "student_temp": _POSITIVE,
+    "teacher_temp": _POSITIVE,
+    "warmup_teacher_temp": _POSITIVE,
+    "warmup_teacher_temp_epochs": {"low": 0, "integer": True},
+    "num_classes": _COUNT,
+    "n_last_blocks": _COUNT,
+    "k": _COUNT,
+}
+"""The range of each module argument of that name (:func:`~attnprune.errors.check_number`'s bounds; None, where an
+argument may be None, is left to the module)."""
 
 
 def cosine(step: float, total: float, start: float, end: float) -> float:
@@ -134,6 +160,17 @@ class ConfigurableOptimizers:
 
     optimization: ClassVar[dict[str, dict[str, Any]] | None] = None
     _chosen: dict[str, dict[str, Any] | None] | None = None
+
+    def check_hyperparameters(self) -> None:
+        """Refuse a saved hyper-parameter outside its :data:`RANGES` (a negative weight decay, a layer decay above
+        1, ...), before any network is built.
+
+        Raises:
+            UserError: ``<Module> <argument> must be <range>, got <value>``.
+        """
+        for name, value in self.hparams.items():
+            if name in RANGES and value is not None:
+                check_number(f"{type(self).__name__} {name}", value, **RANGES[name])
 
     @classmethod
     def default_optimization(cls, arguments: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:

@@ -128,6 +128,7 @@ class DINOPretraining(ConfigurableOptimizers, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_hyperparameters()
         backbone = create_vit(model, model_kwargs, pretrained_cfg, dynamic_img_size=True)
         self.data_config = resolve_model_data_config(backbone)
         head = DINOHead(backbone.num_features, out_dim, head_hidden, head_bottleneck)
@@ -258,6 +259,7 @@ class MAEPretraining(ConfigurableOptimizers, L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_hyperparameters()
         encoder = create_vit(model, model_kwargs, pretrained_cfg)
         self.data_config = resolve_model_data_config(encoder)
         self.mae = MaskedAutoencoder(encoder, mask_ratio, decoder_dim, decoder_depth, decoder_heads, norm_pix_loss)

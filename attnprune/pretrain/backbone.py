@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from attnprune.errors import UserTypeError
-from attnprune.io import build_model, save_model
+from attnprune.io import build_model, check_model_kwargs, save_model
 
 __all__ = ["create_vit", "export_backbone"]
 
@@ -29,8 +29,10 @@ def create_vit(
 
     Raises:
         TypeError: ``model`` is not a timm ``VisionTransformer``.
+        UserError: a ``depth`` below 1.
     """
     kwargs = {**(model_kwargs or {}), "num_classes": 0, **overrides}
+    check_model_kwargs(model, kwargs)
     vit = timm.create_model(model, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
     if not isinstance(vit, VisionTransformer):
         raise UserTypeError(f"pretraining expects a timm VisionTransformer, {model!r} is a {type(vit).__name__}")
