@@ -27,12 +27,14 @@ from torch.optim import Optimizer
 
 from attnprune.errors import UserError
 from attnprune.lit.callbacks import FlopsModelSummary
+from attnprune.lit.data import ImageDataModule
 from attnprune.lit.optim import GROUPS, ConfigurableOptimizers, class_of
+from attnprune.lit.resume import LatestCheckpoint, continue_csv_logs
+from attnprune.lit.seeding import SeededBatches
 from attnprune.routing import Routing
 
 __all__ = [
     "AttnpruneCLI",
-    "LastEpochCheckpoint",
     "RunConfigCallback",
     "discard_failed_run",
     "existing_folders",
@@ -124,36 +126,6 @@ def prepare_wandb(trainer: L.Trainer) -> None:
             init.pop("anonymous", None)
         if logger.save_dir:
             Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
-
-
-class LastEpochCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` (``save_last=True``) holds the latest epoch.
-
-    Since Lightning 2.6, ``last.ckpt`` is rewritten only when a top-k checkpoint is saved, that is when the
-    monitored metric improves, so resuming from it can go back several epochs. Here it is also written at every
-    epoch end where no top-k checkpoint was (at the end of validation, or of the training epoch when validation does
-    not run every epoch, as Lightning decides where to save). ``save_last='link'`` keeps Lightning's behaviour.
-    """
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_stale(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_stale(trainer)
-
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_saved_at = (trainer.current_epoch, trainer.global_step)
-
-    def _save_last_if_stale(self, trainer: L.Trainer) -> None:
-        if self.save_last is not True or self._should_skip_saving_checkpoint(trainer):
-            return
-        if getattr(self, "_last_saved_at", None) != (trainer.current_epoch, trainer.global_step):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class LoggedLearningRateMonitor(LearningRateMonitor):
@@ -368,6 +340,13 @@ class AttnpruneCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a run that fails before saving a checkpoint leaves no logger folders (:func:`discard_failed_run`)."""
         existed = existing_folders(self.trainer)
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "fit" else None
+        if ckpt_path:
+            existed |= continue_csv_logs(self.trainer, ckpt_path)
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")  # its own
+            # attnprune's data modules resume their training order themselves (their state_dict), unless streamed
+            if isinstance(self.datamodule, ImageDataModule) and not getattr(self.datamodule, "streaming", False):
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
         prepare_wandb(self.trainer)
         try:
             super()._run_subcommand(subcommand)
@@ -376,10 +355,13 @@ class AttnpruneCLI(LightningCLI):
             raise
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming), a learning-rate monitor, and
-        LightningCLI's ``optimizer`` and ``lr_scheduler`` groups (applied by the module, not by LightningCLI)."""
-        parser.add_lightning_class_args(LastEpochCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        """Checkpointing (``--checkpoint.*``, keeps ``last.ckpt`` for resuming, rewritten every 200 steps and at every
+        epoch end), seeded training steps (``--seeding.*``: a resumed run draws what an uninterrupted one draws), a
+        learning-rate monitor, and LightningCLI's ``optimizer`` and ``lr_scheduler`` groups (applied by the module,
+        not by LightningCLI)."""
+        parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.last_every_n_steps": 200})
+        parser.add_lightning_class_args(SeededBatches, "seeding")
         parser.add_lightning_class_args(LoggedLearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_optimizer_args((Optimizer,))

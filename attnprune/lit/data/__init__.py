@@ -6,6 +6,8 @@
   checked before any image is read.
 - :mod:`~attnprune.lit.data.splits`: the split protocol: carve-outs (``val_size``, ``search_split``) and the record
   of which source images a search read.
+- :mod:`~attnprune.lit.data.sampling`: the training order and augmentations, seeded by the epoch and the image, so a
+  resumed run draws them again exactly.
 - :mod:`~attnprune.lit.data.folders`: :class:`ImageFolderDataModule`, any folder of class subfolders.
 - :mod:`~attnprune.lit.data.imagenet`: :class:`ImageNetDataModule`, ImageNet-1k in every layout users have it;
   :mod:`~attnprune.lit.data.imagenet_labels` the flat validation folder's labels (Kaggle's CSV, the devkit).

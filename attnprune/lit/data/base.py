@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from attnprune.errors import UserError
 from attnprune.lit.data.checks import check_input_size, check_labels, top_label
+from attnprune.lit.data.sampling import AugmentedSplit, EpochSampler, resume_point, training_position
 from attnprune.lit.data.splits import Origin, carve, searched_overlap, split_count, split_record
 
 __all__ = ["ImageDataModule", "collate_images"]
@@ -81,7 +82,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         val_size: images (int) or fraction (float) of the source's training split held out as ``validation``; at
             least one image must stay on each side.
-        seed: seed of the carve-outs (``val_size``, ``search_split``) and of the training shuffle.
+        seed: seed of the carve-outs (``val_size``, ``search_split``), of the training order and of the training
+            augmentations (each epoch's drawn from the seed and the epoch alone: :mod:`~attnprune.lit.data.sampling`).
         search_split: images (int) or fraction (float) of the source's held-out split (ImageNet's 50,000 validation
             images) carved out, seeded by ``seed``, as the ``validation`` split that search.py and analyze.py read;
             the rest is the ``test`` split that evaluate.py reports on, so the two share no image. For sources without
@@ -114,6 +116,7 @@ class ImageDataModule(L.LightningDataModule):
         self.origins: dict[str, Origin] = {}  # validation and test: the source split and positions of their images
         # labels are the positions of the sorted class folder names, which no source or class map gave
         self.labels_from_folder_names = False
+        self._position: dict[str, Any] = {}  # where a resumed training stands (training_position), from its checkpoint
 
     # -------------------------------------------------------------------------------------------- sources
     def load_source(self) -> dict[str, datasets.Dataset | datasets.IterableDataset]:
@@ -301,43 +304,53 @@ class ImageDataModule(L.LightningDataModule):
             data = data.cast_column("image", datasets.Image(decode=False))  # decoded by _to_pil, naming the file
         if isinstance(data, datasets.IterableDataset):
             return data.map(apply, batched=True, batch_size=self.hparams.batch_size)
-        return data.with_transform(apply)
+        return AugmentedSplit(data, transform) if split == "train" else data.with_transform(apply)
 
     def describe_source(self) -> str:
         """How error messages name the data source."""
         return type(self).__name__
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str) -> DataLoader:
         data = self._dataset(split)
         streaming = isinstance(data, datasets.IterableDataset)
         batch = self.hparams.batch_size if split == "train" else self.hparams.eval_batch_size or self.hparams.batch_size
         generator = torch.Generator().manual_seed(self.hparams.seed)
         sampler = None
-        if split != "train" and not streaming and self.trainer is not None and self.trainer.world_size > 1:
+        world = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if split == "train" and not streaming:
+            epoch, done = resume_point(self._position)
+            sampler = EpochSampler(data, self.hparams.seed, *world, epoch=epoch, start=done * batch)
+        elif split != "train" and not streaming and world[0] > 1:
             # Evaluate every image exactly once across processes: the default sampler pads the last shard with
             # repeated images, which changes the top-1 of a DDP run.
-            sampler = UnrepeatedDistributedSampler(
-                data, self.trainer.world_size, self.trainer.global_rank, shuffle=False
-            )
+            sampler = UnrepeatedDistributedSampler(data, *world, shuffle=False)
         return DataLoader(
             data,
             batch_size=batch,
             sampler=sampler,
-            shuffle=shuffle and not streaming,
             num_workers=self.hparams.num_workers,
             collate_fn=collate_images,
             generator=generator,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoints keep of the data module: where training stands in its epoch, so that a run resumed from
+        one goes on at the first batch not yet trained on (:func:`~attnprune.lit.data.sampling.training_position`)."""
+        return training_position(self.trainer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (Lightning calls it before any dataloader is made)."""
+        self._position = dict(state_dict)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
+        return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
     def for_model(self, model: torch.nn.Module) -> ImageDataModule:
         """Use ``model``'s preprocessing (its timm data config) unless a data config was given; returns self.
@@ -366,7 +379,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def bank_dataloader(self) -> DataLoader:
         """The training split with evaluation transforms, in order (k-NN memory banks, feature statistics)."""
-        return self._loader("bank", shuffle=False)
+        return self._loader("bank")
 
 
 def _length(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
