@@ -1,5 +1,7 @@
-"""attnprune: per-layer static token pruning for timm Vision Transformers."""
+"""attnprune: per-layer static token pruning for timm Vision Transformers (and the transformers and open_clip ViTs
+:func:`convert` makes timm ViTs)."""
 
+from attnprune.adapters import convert
 from attnprune.flops import count_flops
 from attnprune.inference import compile
 from attnprune.io import load_model, save_model
@@ -18,6 +20,7 @@ __all__ = [
     "Routing",
     "Rule",
     "compile",
+    "convert",
     "count_flops",
     "load_model",
     "match_flops",

@@ -7,14 +7,13 @@ work; element-wise work outside them (norms, activations, softmax) is not counte
 
 from __future__ import annotations
 
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from attnprune.errors import UserError
 from attnprune.reduction import REDUCERS
 from attnprune.routing import LayerPlan, Routing
 from attnprune.scoring import SCORERS
-from attnprune.vit import check_prunable, num_patch_tokens, routing_of
+from attnprune.vit import check_prunable, find_vit, num_patch_tokens, routing_of
 
 __all__ = ["count_flops", "linear_macs", "reducer_flops"]
 
@@ -44,12 +43,13 @@ def _lookahead_attention_flops(attn: nn.Module, t_in: int, t_out: int) -> int:
 
 
 def count_flops(
-    model: VisionTransformer, routing: Routing | dict | str | None = None, img_size: int | tuple[int, int] | None = None
+    model: nn.Module, routing: Routing | dict | str | None = None, img_size: int | tuple[int, int] | None = None
 ) -> int:
     """Multiply-accumulates per image of ``model`` under ``routing``, computed on paper.
 
     Args:
-        model: a timm ``VisionTransformer`` (need not be pruned: the routing is applied on paper).
+        model: a timm ``VisionTransformer`` (need not be pruned: the routing is applied on paper), converted ones
+            included, or a model whose ``visual`` is one (an open_clip CLIP model with its tower converted).
         routing: the routing, anything :meth:`Routing.parse` reads; default the one :func:`attnprune.prune`
             attached, else none.
         img_size: input side (or ``(h, w)``); default the model's own input size.
@@ -63,6 +63,7 @@ def count_flops(
         >>> count_flops(model), count_flops(model, "tome:r=8")
         (8958816, 6595424)
     """
+    model = find_vit(model)
     routing = routing_of(model, routing)
     check_prunable(model, routing)
     if model.attn_pool is not None:

@@ -1,31 +1,28 @@
 """Loading and saving models whose preprocessing travels with their weights.
 
 A model comes from a timm hub name, a local weights file (safetensors with our metadata, or a state dict with the
-architecture given), or a Lightning checkpoint of one of our modules. Every loaded model is in eval mode and its
+architecture given), a Lightning checkpoint of one of our modules, or another library (``hf:``, ``open_clip:``),
+converted to a timm ViT by :mod:`attnprune.adapters`. Every loaded model is in eval mode and its
 ``pretrained_cfg`` carries its input size, mean and std, so ``timm.data.resolve_model_data_config`` builds the right
 transforms.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import socket
-import urllib.parse
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub
 import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from attnprune.adapters import ARCHITECTURES, LIBRARY_PREFIXES, build_architecture, load_library_model
 from attnprune.atomic import atomic_path
 from attnprune.errors import HubUnavailableError, UserError, check_finite, check_number
+from attnprune.hub import hub_reachable, offline_unless_hub_reachable
 from attnprune.paradigms import get_paradigm
 
 __all__ = [
@@ -45,13 +42,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 def build_model(
     architecture: str, paradigm: str = "supervised", pretrained_cfg: dict | None = None, **model_kwargs: Any
 ) -> nn.Module:
-    """A randomly initialised timm model with the paradigm's readout, in eval mode.
+    """A randomly initialised timm model with the paradigm's readout, in eval mode: ``architecture`` is a timm name,
+    or one of :data:`attnprune.adapters.ARCHITECTURES` (the class of a model converted from another library).
 
     Raises:
         UserError: an unknown architecture, or a ``depth`` in ``model_kwargs`` below 1 (a ViT without blocks).
     """
     kwargs = {**get_paradigm(paradigm).model_kwargs, **model_kwargs}
     check_model_kwargs(architecture, kwargs)
+    if architecture in ARCHITECTURES:  # a model converted from another library: timm's class by name
+        return build_architecture(architecture, pretrained_cfg, **kwargs)
     try:
         model = timm.create_model(architecture, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)
     except RuntimeError as err:
@@ -182,18 +182,25 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
     Args:
         spec: a timm hub name (``deit_small_patch16_224.fb_in1k``), a local weights file (``.safetensors`` with our
             metadata, or ``.pth``/``.bin`` state dict with ``architecture``), or a Lightning ``.ckpt`` of one of
-            attnprune's classification modules.
-        architecture: the timm architecture, required for a weights file that does not name its own.
-        **model_kwargs: timm ``create_model`` arguments; they complete (or override) those a file records.
+            attnprune's classification modules; or a model of another library, converted to the timm ViT that
+            computes the same (:mod:`attnprune.adapters`): ``hf:<hub id or save_pretrained folder>`` (transformers'
+            ViT, DeiT, DINOv2) or ``open_clip:<arch>[:<checkpoint file or pretrained tag>]`` (the image tower).
+        architecture: the timm architecture, required for a weights file that does not name its own (hub names
+            and models of other libraries name their own).
+        **model_kwargs: timm ``create_model`` arguments; they complete (or override) those a file records
+            (``open_clip:``: ``open_clip.create_model`` arguments).
 
     Returns:
-        The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std.
+        The model in eval mode; ``model.pretrained_cfg`` holds its input size, mean and std (for ``hf:`` and
+        ``open_clip:``, those of the library's image processor or transforms).
 
     Example:
         >>> model = load_model("checkpoints/fmnist_supervised.safetensors")  # from the repository's root
         >>> model.pretrained_cfg["input_size"], model.num_classes, model.training
         ([1, 32, 32], 10, False)
     """
+    if str(spec).startswith(LIBRARY_PREFIXES):
+        return load_library_model(str(spec), **model_kwargs)
     path = Path(spec)
     if path.suffix == ".ckpt" or path.suffix in WEIGHT_SUFFIXES:
         if path.is_dir():
@@ -217,7 +224,7 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
     if path.is_dir():
         raise IsADirectoryError(f"model {str(spec)!r} is a directory; expected a weights file, checkpoint or hub name")
     try:
-        with _offline_unless_hub_reachable():
+        with offline_unless_hub_reachable():
             model = timm.create_model(str(spec), pretrained=True, **model_kwargs).eval()
     except RuntimeError as err:
         if "Unknown model" in str(err):
@@ -229,33 +236,6 @@ def load_model(spec: str | Path, architecture: str | None = None, **model_kwargs
         raise _offline_error(spec, err) from err
     check_finite(model.state_dict(), f"timm weights {str(spec)!r}")
     return model
-
-
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hugging Face hub's endpoint opens within ``timeout`` seconds (asked once per
-    process). Without one, the hub client would retry each file for about a minute before failing."""
-    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _offline_unless_hub_reachable() -> Iterator[None]:
-    """Hub offline mode (``HF_HUB_OFFLINE``: the local cache only, no retries) while the hub cannot be reached."""
-    constants = huggingface_hub.constants
-    if constants.HF_HUB_OFFLINE or hub_reachable():
-        yield
-        return
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = False
 
 
 def _offline_error(spec: str | Path, err: Exception) -> OSError:

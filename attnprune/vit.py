@@ -27,6 +27,7 @@ from attnprune.scoring import SCORERS, ScoreContext
 __all__ = [
     "prune",
     "unprune",
+    "find_vit",
     "num_patch_tokens",
     "forward_tokens",
     "embed",
@@ -68,7 +69,25 @@ def num_patch_tokens(model: VisionTransformer, img_size: int | tuple[int, int] |
 
 def _check_vit(model: nn.Module) -> None:
     if not isinstance(model, VisionTransformer):
-        raise UserTypeError(f"attnprune.prune expects a timm VisionTransformer, got {type(model).__name__}")
+        raise UserTypeError(
+            f"attnprune.prune expects a timm VisionTransformer, got {type(model).__name__}; convert a transformers "
+            "or open_clip model first: model = attnprune.convert(model) (open_clip: model.visual = "
+            "attnprune.convert(model.visual))"
+        )
+
+
+def find_vit(model: nn.Module) -> VisionTransformer:
+    """The timm ViT that ``model`` is, or the one in its ``visual`` attribute (an open_clip model whose image tower
+    :func:`attnprune.convert` converted).
+
+    Raises:
+        UserTypeError: neither (the message says how to convert a transformers or open_clip model).
+    """
+    visual = getattr(model, "visual", None)
+    if not isinstance(model, VisionTransformer) and isinstance(visual, VisionTransformer):
+        return visual
+    _check_vit(model)
+    return model
 
 
 def routing_of(model: VisionTransformer, routing: Routing | dict | str | Path | None) -> Routing:
@@ -110,17 +129,20 @@ def check_prunable(model: nn.Module, routing: Routing) -> list[LayerPlan]:
     return plans
 
 
-def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None = None) -> VisionTransformer:
+def prune(model: nn.Module, routing: Routing | dict | str | Path | None = None) -> nn.Module:
     """Apply a static routing to a timm ViT, in place.
 
     Args:
         model: a timm ``VisionTransformer`` (DeiT-distilled, register tokens, average pooling, ``num_classes=0``,
-            layer scale and qk-norm included).
+            layer scale and qk-norm included; models :func:`attnprune.convert` or :func:`attnprune.load_model`
+            converted from transformers or open_clip), or a model whose ``visual`` is one (an open_clip CLIP
+            model with its tower converted: its tower is pruned, so ``encode_image`` prunes).
         routing: the per-layer rules, anything :meth:`Routing.parse` reads (a Routing, a dict, a preset spec such
             as ``"tome:r=13"`` or a routing YAML path); None or an empty routing restores timm's forward.
 
     Returns:
-        The same model: ``model(x)`` now prunes, ``model.routing`` holds the routing.
+        The same model: ``model(x)`` now prunes, ``model.routing`` (of a CLIP model: ``model.visual.routing``)
+        holds the routing.
 
     Example:
         >>> import torch
@@ -132,21 +154,23 @@ def prune(model: VisionTransformer, routing: Routing | dict | str | Path | None 
         >>> model(torch.randn(2, 3, 32, 32)).shape
         torch.Size([2, 10])
     """
+    vit = find_vit(model)
     if routing is None:
         return unprune(model)
-    routing = routing_of(model, routing)
+    routing = routing_of(vit, routing)
     if len(routing) == 0:
         return unprune(model)
-    plans = check_prunable(model, routing)
-    model.routing = routing
-    model._attnprune_plans = {num_patch_tokens(model): {plan.rule.layer: plan for plan in plans}}
-    model.forward_features = MethodType(_forward_features, model)
-    model.forward = MethodType(_forward, model)
+    plans = check_prunable(vit, routing)
+    vit.routing = routing
+    vit._attnprune_plans = {num_patch_tokens(vit): {plan.rule.layer: plan for plan in plans}}
+    vit.forward_features = MethodType(_forward_features, vit)
+    vit.forward = MethodType(_forward, vit)
     return model
 
 
-def unprune(model: VisionTransformer) -> VisionTransformer:
-    """Restore timm's forward on a model :func:`prune` patched (its ``state_dict`` never changed).
+def unprune(model: nn.Module) -> nn.Module:
+    """Restore timm's forward on a model :func:`prune` patched (its ``state_dict`` never changed); a model whose
+    ``visual`` is a timm ViT has its tower restored.
 
     Example:
         >>> from timm.models.vision_transformer import VisionTransformer
@@ -154,8 +178,9 @@ def unprune(model: VisionTransformer) -> VisionTransformer:
         >>> hasattr(unprune(model), "routing")
         False
     """
+    vit = find_vit(model)
     for name in (*_PATCHED, "routing", "_attnprune_plans"):
-        model.__dict__.pop(name, None)
+        vit.__dict__.pop(name, None)
     return model
 
 
@@ -281,6 +306,8 @@ def head(model: VisionTransformer, x: Tensor, size: Tensor | None, pre_logits: b
     pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
     if model.global_pool == "avgmax":
         pooled = 0.5 * (pooled + tokens.amax(dim=1))
+    if getattr(model, "pool_class_token", False):  # the class token beside the mean: DINOv2's linear classifier
+        pooled = torch.cat([x[:, 0], pooled], dim=-1)
     features = model.head_drop(model.fc_norm(pooled))
     return features if pre_logits else model.head(features)
 

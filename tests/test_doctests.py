@@ -17,6 +17,8 @@ MODULES = [
     "attnprune.flops",
     "attnprune.inference",
     "attnprune.io",
+    "attnprune.adapters",
+    "attnprune.adapters.architectures",
     "attnprune.fidelity",
     "attnprune.routing.rules",
     "attnprune.routing.core",

@@ -298,7 +298,8 @@ def test_prune_refuses_models_it_cannot_prune(images):
     from timm.models.vision_transformer import ResPostBlock
 
     routing = Routing.topk_attention(0.5, (1,))
-    with pytest.raises(TypeError, match="^attnprune.prune expects a timm VisionTransformer, got Linear$"):
+    expected = "^attnprune.prune expects a timm VisionTransformer, got Linear; convert a transformers or open_clip"
+    with pytest.raises(TypeError, match=expected):
         prune(torch.nn.Linear(2, 2), routing)
 
     model = tiny_vit()
