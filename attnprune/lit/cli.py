@@ -1,5 +1,6 @@
 """The LightningCLI behind ``train.py`` and ``evaluate.py``: YAML configs, W&B by default (offline without an API
-key), checkpoints (``last.ckpt`` for ``--ckpt_path`` resuming), learning-rate monitor and progress bar.
+key or a server that answers: :mod:`~attnprune.lit.wandb_setup`), checkpoints (``last.ckpt`` for ``--ckpt_path``
+resuming: :mod:`~attnprune.lit.resume`), learning-rate monitor and progress bar.
 
 The resolved config (model, data, trainer, callbacks, with every routing written out as its rules) is each run's
 hyper-parameters in every logger (the W&B run's config), and is saved as ``lightning_config.yaml`` inside the run's
@@ -8,8 +9,6 @@ own folder (the W&B run's ``files/``, synced with it), never over another run's.
 from __future__ import annotations
 
 import logging
-import netrc
-import os
 import shutil
 import sys
 import warnings
@@ -31,6 +30,7 @@ from attnprune.lit.data import ImageDataModule
 from attnprune.lit.optim import GROUPS, ConfigurableOptimizers, class_of
 from attnprune.lit.resume import LatestCheckpoint, continue_csv_logs
 from attnprune.lit.seeding import SeededBatches
+from attnprune.lit.wandb_setup import prepare_wandb, wandb_offline
 from attnprune.routing import Routing
 
 __all__ = [
@@ -114,20 +114,6 @@ class RunConfigCallback(SaveConfigCallback):
         self.saved_path = path
 
 
-def prepare_wandb(trainer: L.Trainer) -> None:
-    """Before a run (after :func:`existing_folders`, so a failed run still removes them), settle what wandb would warn
-    about as its run starts: the run's folder exists (wandb looks for the git repository from it, and warns that a
-    folder not yet made does not exist), and Lightning's ``anonymous=None``, a setting wandb dropped, is left out."""
-    for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger) or logger._experiment is not None:
-            continue
-        init = logger._wandb_init  # Lightning keeps wandb.init's arguments here until the run starts
-        if init.get("anonymous") is None:
-            init.pop("anonymous", None)
-        if logger.save_dir:
-            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
-
-
 class LoggedLearningRateMonitor(LearningRateMonitor):
     """Lightning's ``LearningRateMonitor``, idle without a logger (``--trainer.logger false``) instead of failing
     the run: there is nothing to log the learning rate to."""
@@ -198,21 +184,6 @@ def discard_failed_run(trainer: L.Trainer, existed: set[Path]) -> list[Path]:
             removed.append(parent)
             parent = parent.parent
     return removed
-
-
-def wandb_offline() -> bool:
-    """True unless W&B can log online: an API key in ``WANDB_API_KEY`` or ``~/.netrc`` and no ``WANDB_MODE=offline``.
-
-    No network probe is made: with a key but no network, set ``WANDB_MODE=offline``.
-    """
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return False
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return True
 
 
 def trainer_defaults(project: str = "attnprune") -> dict[str, Any]:
