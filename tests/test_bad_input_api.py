@@ -4,6 +4,8 @@ written."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from attnprune import Routing, load_model, prune, save_model
 from attnprune.cli import run_cli
 from attnprune.errors import UserError
 from attnprune.lit.backbone import Backbone
-from attnprune.lit.data import ImageFolderDataModule
+from attnprune.lit.data import FashionMNISTDataModule, ImageDataModule, ImageFolderDataModule
 from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import MAEPretraining
 from tests.conftest import TINY_BACKBONE, tiny_backbone, tiny_vit
@@ -212,6 +214,14 @@ def _training_range(option: str, value: str):
     return lambda f: f"PrunedClassifier {option} must be {TRAINING_RANGES[option]}, got {float(value)!r}"
 
 
+SHIPPED = str(Path(__file__).resolve().parents[1] / "checkpoints" / "fmnist_supervised.safetensors")
+
+
+def _beyond(option: str, asked: int, data: ImageDataModule, split: str, available: int) -> str:
+    data.prepare_splits()
+    return f"{option} is {asked:,} but {data.describe_split(split)} holds {available:,}; give at most {available:,}"
+
+
 CLI_CASES = [
     # (id, builder of (entry point, argv), the exact message after "error: ")
     (
@@ -276,6 +286,35 @@ CLI_CASES = [
             f"checkpoint {f['tiny.safetensors']}: vit_tiny_patch16_224 model_kwargs depth must be an integer "
             "of at least 1, got 0"
         ),
+    ),
+    (
+        "quickstart-ratio-no-baseline-reaches",
+        lambda f: ("quickstart", ["--model", SHIPPED, "--ratio", "0.01"]),
+        lambda f: (
+            "--ratio 0.01: not every routing comes within 2 points of 1% of the FLOPs (the closest: tome 21.4%, evit "
+            "38.2%, topk_attention 37.2%, pitome 18.5%, layerwise 40.6%), so the table would compare them at "
+            "different FLOPs; give a --ratio from 0.41 to 1"
+        ),
+    ),
+    (
+        "quickstart-test-images-beyond-the-data",
+        lambda f: ("quickstart", ["--model", SHIPPED, "--test_images", "1000000"]),
+        lambda f: _beyond("--test_images", 1_000_000, FashionMNISTDataModule(), "test", 10_000),
+    ),
+    (
+        "search-val-images-beyond-the-data",
+        lambda f: _search(f, "--budget", "0.5", "--val_images", "1000000"),
+        lambda f: _beyond("--val_images", 1_000_000, _folder(f), "validation", 1),
+    ),
+    (
+        "analyze-num-images-beyond-the-data",
+        lambda f: _analyze(f, "--num_images", "1000000"),
+        lambda f: _beyond("--num_images", 1_000_000, _folder(f), "validation", 1),
+    ),
+    (
+        "analyze-token-map-images-beyond-the-batch",
+        lambda f: _analyze(f, "--num_images", "1", "--token_map_images", "4"),
+        lambda f: "--token_map_images is 4 but the first batch (of 64 images) holds 1; give at most 1",
     ),
     (
         "quickstart-logits-overflow",

@@ -119,7 +119,7 @@ def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, layout, image
     split += ["--data.init_args.search_split", "0.4"]
     out = workdir / layout / "routing.yaml"
     model = str(workdir / "model.safetensors")
-    search_main(["--model", model, *split, "--budget", "0.8", "--val_images", "100", "--output", str(out)])
+    search_main(["--model", model, *split, "--budget", "0.8", "--output", str(out)])  # the split's images
     assert f"searching on the first {searched} images of the validation split ({searched} images of the validation" in (
         capsys.readouterr().out
     )
@@ -136,10 +136,12 @@ def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, layout, image
     assert report["images"] + report["check"]["holdout_images"] == searched
     Routing.from_yaml(out)
 
-    analysis = ["--num_images", "5", "--oracle", "false", "--output_dir", str(workdir / layout / "analysis")]
-    analyze_main(["--model", model, *split, *analysis])
     analysed = min(5, searched)
-    assert f"analysing the first 5 images of the validation split ({searched} images" in capsys.readouterr().out
+    analysis = ["--num_images", str(analysed), "--oracle", "false", "--output_dir", str(workdir / layout / "analysis")]
+    analyze_main(["--model", model, *split, *analysis])
+    assert (
+        f"analysing the first {analysed} images of the validation split ({searched} images" in capsys.readouterr().out
+    )
     assert json.loads((workdir / layout / "analysis" / "selectivity.json").read_text())["meta"]["images"] == analysed
 
     results = workdir / layout / "results"

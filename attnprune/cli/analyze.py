@@ -27,6 +27,7 @@ from attnprune.atomic import check_output_dir, safe_file_names, staged_dir
 from attnprune.cli import run_cli
 from attnprune.errors import UserError, check_finite_outputs
 from attnprune.lit.data import ImageDataModule
+from attnprune.lit.data.checks import check_count, resolve_count, split_size
 from attnprune.report import plot_reliability, plot_selectivity, plot_token_maps, write_tables
 from attnprune.selectivity import SelectivityAnalyzer
 from attnprune.selectivity.transition import attention_transition_depth, informative_layers
@@ -37,11 +38,11 @@ def analyze(
     data: ImageDataModule,
     *,
     output_dir: str = "results/selectivity",
-    num_images: int = 512,
+    num_images: int | None = None,
     oracle: bool = True,
     keep: float = 0.5,
     routings: list[str] | None = None,
-    token_map_images: int = 4,
+    token_map_images: int | None = None,
     architecture: str | None = None,
 ) -> dict:
     """Run the analysis (see the module docstring).
@@ -51,18 +52,19 @@ def analyze(
         data: the data module; its ``validation`` split is analysed (never the test split; on val-only ImageNet,
             ``search_split`` carves it out of the held-out split).
         output_dir: where the tables and plots go.
-        num_images: validation images analysed.
+        num_images: validation images analysed (default: as many as the split holds, at most 512); more than it
+            holds is an error.
         oracle: measure scorer reliability against the leave-one-out oracle (the costly part).
         keep: fraction of tokens of the top-k overlap.
         routings: routings whose token maps are drawn: presets such as ``tome:r=4`` or routing YAML files.
-        token_map_images: images per token map.
+        token_map_images: images per token map, of the first batch (default: 4, or fewer if it holds fewer).
         architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).
     """
-    if num_images < 1:
+    if num_images is not None and num_images < 1:
         raise UserError(f"--num_images must be at least 1, got {num_images}")
     if not (0 < keep <= 1):
         raise UserError(f"--keep must be a fraction in (0, 1] (of the tokens in the top-k overlap), got {keep}")
-    if token_map_images < 1:
+    if token_map_images is not None and token_map_images < 1:
         raise UserError(f"--token_map_images must be at least 1, got {token_map_images}")
     check_output_dir(output_dir, "--output_dir")
     network = load_model(model, architecture)
@@ -74,10 +76,17 @@ def analyze(
         except (ValueError, FileNotFoundError, TypeError) as err:
             raise type(err)(f"--routings entry {spec!r}: {err}") from err
     data.for_model(network).setup("validate")
+    where, asked = data.describe_split("validation"), num_images
+    num_images = resolve_count("--num_images", num_images, 512, split_size(data.splits["validation"]), where)
+    batch = data.hparams.eval_batch_size or data.hparams.batch_size  # the token maps are of the first batch's images
+    first_batch = f"the first batch (of {batch} images)"
+    token_map_images = resolve_count("--token_map_images", token_map_images, 4, min(num_images, batch), first_batch)
     print(f"analysing the first {num_images:,} images of {data.describe_split('validation')}")
     analyzer = SelectivityAnalyzer(len(network.blocks), network.has_class_token, oracle=oracle, keep=keep)
     start = time.perf_counter()
     seen, first = _analyse(analyzer, network, data, num_images, model)
+    if asked is not None:  # a stream holds what it holds
+        check_count("--num_images", num_images, seen, where)
     seconds = time.perf_counter() - start
     results = analyzer.compute()
     depth = attention_transition_depth(results, informative=informative_layers(network)) if oracle else None

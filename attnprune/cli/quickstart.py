@@ -34,6 +34,7 @@ from attnprune.timing import time_interleaved
 # relative to the repository root, where the quickstart runs
 SHIPPED = Path("checkpoints") / "fmnist_supervised.safetensors"
 SEARCHED = Path("benchmarks") / "results" / "routings"
+MATCH_TOLERANCE = 0.02  # of the unpruned FLOPs: how far a matched routing may be from the budget
 # the default tables: (model, FLOPs budget, the routings shown: None for all)
 CASES = (
     (SHIPPED, 0.6, None),
@@ -46,7 +47,7 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--model", help=f"weights file, hub name, or random-deit-s (default with --ratio: {SHIPPED})")
     parser.add_argument("--ratio", type=float, help="FLOPs budget as a fraction of the unpruned model (default 0.6)")
-    parser.add_argument("--test_images", type=int, default=10_000)
+    parser.add_argument("--test_images", type=int, help="test images (default: all 10,000)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds for images/s")
     args = parser.parse_args(args)
     args.default_cases = args.model is None and args.ratio is None
@@ -54,7 +55,7 @@ def parse_args(args: list[str] | None = None) -> argparse.Namespace:
     args.ratio = 0.6 if args.ratio is None else args.ratio
     if not (0 < args.ratio <= 1):  # also refuses nan
         raise UserError(f"--ratio must be a FLOPs fraction in (0, 1], got {args.ratio}")
-    if args.test_images < 1:
+    if args.test_images is not None and args.test_images < 1:
         raise UserError(f"--test_images must be at least 1, got {args.test_images}")
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}")
@@ -84,19 +85,18 @@ def evaluate_case(model_path: str, ratio: float, shown: tuple[str, ...] | None, 
     shipped = model_path != "random-deit-s" and (Path(model_path).is_file() or not model_path.endswith(".safetensors"))
     if shipped:
         model = load_model(model_path)
-        batches = FashionMNISTDataModule(batch_size=500).for_model(model).take("test", args.test_images)
-        check_finite_outputs(model(batches[0][0]), f"--model {model_path}")  # NaN logits: no top-1 to print
     else:
         print("no shipped checkpoint found: pruning a randomly initialised DeiT-S (cost only, no accuracy)")
         torch.manual_seed(0)
         model = timm.create_model("deit_small_patch16_224").eval()
-        batches = [(torch.randn(8, 3, 224, 224), None)]
     base, depth = count_flops(model), len(model.blocks)
-    routings = {"unpruned": Routing(), **matched_baselines(model, ratio * base)}
-    routings.pop("random")
-    routings["layerwise"] = match_flops(
-        model, lambda k: Routing.layerwise(k, baseline_layers(depth)), [k / 100 for k in range(20, 91)], ratio
-    )
+    routings = {"unpruned": Routing(), **matched_routings(model, ratio)}
+    if shipped:
+        data = FashionMNISTDataModule(batch_size=500).for_model(model)
+        batches = data.take("test", args.test_images, "--test_images", default=10_000)
+        check_finite_outputs(model(batches[0][0]), f"--model {model_path}")  # NaN logits: no top-1 to print
+    else:
+        batches = [(torch.randn(8, 3, 224, 224), None)]
     searched = SEARCHED / f"{Path(model_path).stem}-{ratio:g}.yaml"
     if shipped and searched.is_file():  # found on validation images by benchmarks/pareto.py
         routings["searched"] = Routing.from_yaml(searched)
@@ -132,6 +132,36 @@ def evaluate_case(model_path: str, ratio: float, shown: tuple[str, ...] | None, 
         )
     if "searched" in top1:
         print(f"searched: {searched} (benchmarks/pareto.py, validation images): {_verdict(routings['searched'], top1)}")
+
+
+def matched_routings(model: torch.nn.Module, ratio: float) -> dict[str, Routing]:
+    """The baselines (without the random control) and a layer-wise routing, each tuned to ``ratio`` of the FLOPs.
+
+    Raises:
+        UserError: one of them cannot come within :data:`MATCH_TOLERANCE` of ``ratio`` (a table at "matched FLOPs"
+            would compare routings far apart); the message gives what each reaches and the lowest ratio all do.
+    """
+    depth, base = len(model.blocks), count_flops(model)
+
+    def tuned(fraction: float) -> dict[str, Routing]:
+        routings = matched_baselines(model, fraction * base)
+        routings.pop("random")
+        layers = baseline_layers(depth)
+        knobs = [k / 100 for k in range(20, 101)]
+        return {**routings, "layerwise": match_flops(model, lambda k: Routing.layerwise(k, layers), knobs, fraction)}
+
+    routings = tuned(ratio)
+    reached = {name: count_flops(model, routing) / base for name, routing in routings.items()}
+    off = {name: value for name, value in reached.items() if abs(value - ratio) > MATCH_TOLERANCE}
+    if off:
+        lowest = max(count_flops(model, routing) / base for routing in tuned(0.0).values())
+        closest = ", ".join(f"{name} {value:.1%}" for name, value in off.items())
+        raise UserError(
+            f"--ratio {ratio:g}: not every routing comes within {100 * MATCH_TOLERANCE:g} points of {ratio:.0%} of "
+            f"the FLOPs (the closest: {closest}), so the table would compare them at different FLOPs; give a --ratio "
+            f"from {lowest:.2f} to 1"
+        )
+    return routings
 
 
 def _verdict(searched: Routing, top1: dict[str, float]) -> str:

@@ -99,7 +99,7 @@ def search(
     budget: float,
     *,
     strategy: str = "beam",
-    val_images: int = 5000,
+    val_images: int | None = None,
     state_path: str | None = None,
     output: str = "routing.yaml",
     beam_width: int = 2,
@@ -118,7 +118,8 @@ def search(
             ``search_split``, a seeded part of the source's held-out split; see :class:`ImageDataModule`).
         budget: FLOPs budget as a fraction of the unpruned model.
         strategy: ``beam``, ``transition``, ``label_free`` or ``diffrate`` (DiffRate's differentiable rate search).
-        val_images: validation images used.
+        val_images: validation images searched on (default: as many as the split holds, at most 5,000); more than
+            it holds is an error.
         state_path: resumable search state.
         output: routing YAML written (the report goes to the same name with ``.json``).
         beam_width: partial routings kept per layer.
@@ -135,12 +136,12 @@ def search(
             nccl between them; ``--strategy diffrate`` runs on the CPU only).
     """
     with ranks(device) as target:
-        if val_images < 1:
+        if val_images is not None and val_images < 1:
             raise UserError(f"--val_images must be at least 1, got {val_images}")
         check_outputs(output, state_path)
         first = world()[0] == 0
         network = load_model(model, architecture).to(target)
-        batches = data.for_model(network).take("validation", val_images)
+        batches = data.for_model(network).take("validation", val_images, "--val_images", default=5000)
         read = sum(len(labels) for _, labels in batches)
         if first:
             print(f"searching on the first {read:,} images of {data.describe_split('validation')}")

@@ -31,7 +31,7 @@ from timm.data import (
 from torch.utils.data import DataLoader
 
 from attnprune.errors import UserError
-from attnprune.lit.data.checks import check_input_size, check_labels, top_label
+from attnprune.lit.data import checks
 from attnprune.lit.data.sampling import AugmentedSplit, EpochSampler, resume_point, training_position
 from attnprune.lit.data.splits import Origin, carve, searched_overlap, split_count, split_record
 
@@ -145,7 +145,7 @@ class ImageDataModule(L.LightningDataModule):
         """
         if classes and not self.splits:
             self.prepare_splits()
-        check_labels(self.splits, classes, self.describe_source(), self.labels_from_folder_names)
+        checks.check_labels(self.splits, classes, self.describe_source(), self.labels_from_folder_names)
 
     def validation_count(self, train_images: int | None) -> int:
         """Images of the training split held out as ``validation`` (``val_size`` resolved and checked)."""
@@ -164,9 +164,9 @@ class ImageDataModule(L.LightningDataModule):
         """
         source = self.load_source()
         self.splits, self.origins = {}, {}
-        held = next((name for name in self.HELD_OUT if name in source and _labelled(source[name])), None)
+        held = next((name for name in self.HELD_OUT if name in source and checks.labelled(source[name])), None)
         if held is not None:
-            size = _length(source[held])
+            size = checks.split_size(source[held])
             self.splits["test"], self.origins["test"] = (
                 source[held],
                 (held, range(sys.maxsize if size is None else size)),
@@ -179,14 +179,14 @@ class ImageDataModule(L.LightningDataModule):
                     f"has none with labels (found: {', '.join(source) or 'none'})"
                 )
             what = f"images of the {held} split of {self.describe_source()}"
-            count = split_count(self.hparams.search_split, _length(source[held]), "search_split", what)
+            count = split_count(self.hparams.search_split, checks.split_size(source[held]), "search_split", what)
             self.splits["validation"], self.splits["test"], self.origins["validation"], self.origins["test"] = carve(
                 source[held], count, seed, held
             )
             if train is not None:
                 self.splits["train"] = train
         elif train is not None:
-            count = self.validation_count(_length(train))
+            count = self.validation_count(checks.split_size(train))
             parts = carve(train, count, seed, "train")
             self.splits["validation"], self.splits["train"], self.origins["validation"] = parts[:3]
         if not self.splits:
@@ -259,7 +259,9 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is not None:  # before any image is read: a size the model cannot take fails here, in one line
-            check_input_size(getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data")
+            checks.check_input_size(
+                getattr(module, "backbone", None), self.resolved_data_config()["input_size"], "data"
+            )
         if not self.splits:
             self.prepare_splits()
         if module is not None:
@@ -361,13 +363,24 @@ class ImageDataModule(L.LightningDataModule):
         """
         if self.hparams.data_config is None:
             self.hparams.data_config = resolve_model_data_config(model)
-        check_input_size(model, self.resolved_data_config()["input_size"], "data_config")
+        checks.check_input_size(model, self.resolved_data_config()["input_size"], "data_config")
         self.check_classes(model.num_classes)
         return self
 
-    def take(self, split: str, images: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The first ``images`` preprocessed images of ``split`` as ``(images, labels)`` batches, in order."""
+    def take(
+        self, split: str, images: int | None, option: str = "images", default: int = 5000
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``images`` preprocessed images of ``split`` (None: ``default``, or all if fewer) as
+        ``(images, labels)`` batches, in order.
+
+        Raises:
+            UserError: ``images`` given, and ``split`` holds fewer (``option`` names the count); before any is read
+                (after, for a stream).
+        """
         self.setup()
+        self.check_split(split)
+        asked, where = images, self.describe_split(split)
+        images = checks.resolve_count(option, images, default, checks.split_size(self.splits[split]), where)
         loader = {"validation": self.val_dataloader, "test": self.test_dataloader}[split]()
         batches, seen = [], 0
         for x, y in loader:
@@ -375,17 +388,10 @@ class ImageDataModule(L.LightningDataModule):
             seen += len(batches[-1][1])
             if seen >= images:
                 break
+        if asked is not None:
+            checks.check_count(option, images, seen, where)
         return batches
 
     def bank_dataloader(self) -> DataLoader:
         """The training split with evaluation transforms, in order (k-NN memory banks, feature statistics)."""
         return self._loader("bank")
-
-
-def _length(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
-    return None if isinstance(data, datasets.IterableDataset) else len(data)
-
-
-def _labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
-    """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
-    return not isinstance(data, datasets.Dataset) or len(data) == 0 or top_label(data) >= 0

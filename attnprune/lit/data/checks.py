@@ -11,7 +11,7 @@ import torch
 
 from attnprune.errors import UserError
 
-__all__ = ["check_input_size", "check_labels", "top_label"]
+__all__ = ["check_count", "check_input_size", "check_labels", "labelled", "resolve_count", "split_size", "top_label"]
 
 
 def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str) -> None:
@@ -73,3 +73,32 @@ def top_label(data: datasets.Dataset | datasets.IterableDataset) -> int:
         return data.features["label"].num_classes - 1
     top = pc.max(data.data.column("label")).as_py() if len(data) else None
     return -1 if top is None else top
+
+
+def resolve_count(option: str, images: int | None, default: int, available: int | None, where: str) -> int:
+    """The images to read of a split holding ``available`` (None: a stream): ``images`` as asked, refused above what
+    the split holds (:func:`check_count`), or without a count the ``default``, as many as the split holds up to it."""
+    if images is None:
+        return default if available is None else min(default, available)
+    check_count(option, images, available, where)
+    return images
+
+
+def check_count(option: str, images: int, available: int | None, where: str) -> None:
+    """Refuse a count of images (``option``) above the ``available`` images of a split (None: a stream, unknown).
+
+    Raises:
+        UserError: naming the option, both counts and the split (``where``), instead of taking fewer silently.
+    """
+    if available is not None and images > available:
+        raise UserError(f"{option} is {images:,} but {where} holds {available:,}; give at most {available:,}")
+
+
+def split_size(data: datasets.Dataset | datasets.IterableDataset) -> int | None:
+    """The images of a split; None for a stream."""
+    return None if isinstance(data, datasets.IterableDataset) else len(data)
+
+
+def labelled(data: datasets.Dataset | datasets.IterableDataset) -> bool:
+    """False for a split whose labels are all -1 (the hub's ImageNet test split)."""
+    return not isinstance(data, datasets.Dataset) or len(data) == 0 or top_label(data) >= 0
