@@ -17,6 +17,7 @@ is not part of the converted model, as timm drops the pre-logits layer of the or
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -240,11 +241,20 @@ def _hf_data_config(processor: Any, config: Any) -> dict[str, Any]:
     return {
         "input_size": (channels, *input_size),
         "interpolation": RESAMPLE.get(resample, "bilinear"),
-        "crop_pct": input_size[0] / resized[0],
+        "crop_pct": _crop_pct(input_size[0], resized[0]),
         "crop_mode": mode,
         "mean": tuple(cfg["image_mean"]) if normalize else (0.0,) * channels,
         "std": tuple(cfg["image_std"]) if normalize else (1.0,) * channels,
     }
+
+
+def _crop_pct(crop: int, resized: int) -> float:
+    """``crop / resized``, rounded down where needed so that timm's ``floor(crop / crop_pct)`` gives ``resized`` back
+    (32 / (32 / 36) is 35.99...)."""
+    pct = crop / resized
+    while math.floor(crop / pct) < resized:
+        pct = math.nextafter(pct, 0.0)
+    return pct
 
 
 def load_hf(source: str, **model_kwargs: Any) -> VisionTransformer:
