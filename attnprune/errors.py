@@ -81,12 +81,13 @@ def check_number(
     if ok:
         return
     what = "an integer" if integer else "a number"
+    lo, hi = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))  # integer bounds in full
     if low is not None and high is not None:
-        span = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        span = f"in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
     elif low is not None:
-        span = f"{'above' if low_open else 'of at least'} {low:g}"
+        span = f"{'above' if low_open else 'of at least'} {lo}"
     else:
-        span = f"{'below' if high_open else 'of at most'} {high:g}"
+        span = f"{'below' if high_open else 'of at most'} {hi}"
     raise UserError(f"{name} must be {what} {span}, got {value!r}")
 
 

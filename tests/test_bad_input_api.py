@@ -4,12 +4,13 @@ written."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from attnprune import Routing, load_model, prune, save_model
+from attnprune import Routing, load_model, match_flops, prune, save_model
 from attnprune.cli import run_cli
 from attnprune.errors import UserError
 from attnprune.lit.backbone import Backbone
@@ -169,6 +170,39 @@ API_CASES = [
         UserError,
         lambda f: f"{TINY_BACKBONE['model']} model_kwargs depth must be an integer of at least 1, got 0",
     ),
+    (
+        "tome-depth-zero",
+        lambda f: Routing.tome(2, 0),
+        UserError,
+        lambda f: "ToMe's depth must be the model's number of blocks (an integer >= 1), got 0",
+    ),
+    (
+        "evit-no-layers",
+        lambda f: Routing.evit(0.7, layers=[]),
+        UserError,
+        lambda f: "EViT's layers must name at least one block, got []",
+    ),
+    (
+        "mctf-no-layers",
+        lambda f: Routing.mctf(4, layers=()),
+        UserError,
+        lambda f: "MCTF's layers must name at least one block, got []",
+    ),
+    *[
+        (
+            f"match-flops-ratio-{ratio}",
+            lambda f, ratio=ratio: match_flops(tiny_vit(), lambda r: Routing.tome(int(r), 4), range(1, 9), ratio),
+            UserError,
+            lambda f, ratio=ratio: f"match_flops ratio (of the unpruned FLOPs) must be a number in (0, 1], got {ratio}",
+        )
+        for ratio in (0, -1, math.nan, 5)
+    ],
+    (
+        "routing-seed-2-to-the-70",
+        lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "score": "random", "keep": 0.5}], "seed": 2**70}),
+        UserError,
+        lambda f: f"routing field 'seed' must be an integer in [0, 4294967295], got {2**70}",
+    ),
     ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
     (
         "folder-labels-beyond-the-head",
@@ -315,6 +349,14 @@ CLI_CASES = [
         "analyze-token-map-images-beyond-the-batch",
         lambda f: _analyze(f, "--num_images", "1", "--token_map_images", "4"),
         lambda f: "--token_map_images is 4 but the first batch (of 64 images) holds 1; give at most 1",
+    ),
+    (
+        "evaluate-routing-seed-2-to-the-70",
+        lambda f: _evaluate(f, "--routings", f'["random:keep=0.5,seed={2**70}"]'),
+        lambda f: (
+            f"routing 'random:keep=0.5,seed={2**70}' does not fit the model: routing field 'seed' must be an integer "
+            f"in [0, 4294967295], got {2**70}"
+        ),
     ),
     (
         "quickstart-logits-overflow",

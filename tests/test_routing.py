@@ -393,8 +393,9 @@ def test_duplicate_layer():
     [
         ({"prop_attn": "yes"}, "routing field 'prop_attn' must be true or false, got 'yes'"),
         ({"prop_attn": 1}, "routing field 'prop_attn' must be true or false, got 1"),
-        ({"seed": 1.5}, "routing field 'seed' must be an integer, got 1.5"),
-        ({"seed": True}, "routing field 'seed' must be an integer, got True"),
+        ({"seed": 1.5}, "routing field 'seed' must be an integer in [0, 4294967295], got 1.5"),
+        ({"seed": True}, "routing field 'seed' must be an integer in [0, 4294967295], got True"),
+        ({"seed": -1}, "routing field 'seed' must be an integer in [0, 4294967295], got -1"),
     ],
 )
 def test_bad_prop_attn_and_seed(fields, message):

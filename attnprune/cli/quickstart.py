@@ -141,20 +141,15 @@ def matched_routings(model: torch.nn.Module, ratio: float) -> dict[str, Routing]
         UserError: one of them cannot come within :data:`MATCH_TOLERANCE` of ``ratio`` (a table at "matched FLOPs"
             would compare routings far apart); the message gives what each reaches and the lowest ratio all do.
     """
-    depth, base = len(model.blocks), count_flops(model)
-
-    def tuned(fraction: float) -> dict[str, Routing]:
-        routings = matched_baselines(model, fraction * base)
-        routings.pop("random")
-        layers = baseline_layers(depth)
-        knobs = [k / 100 for k in range(20, 101)]
-        return {**routings, "layerwise": match_flops(model, lambda k: Routing.layerwise(k, layers), knobs, fraction)}
-
-    routings = tuned(ratio)
+    base, layers, knobs = count_flops(model), baseline_layers(len(model.blocks)), [k / 100 for k in range(20, 101)]
+    routings = {name: r for name, r in matched_baselines(model, ratio * base).items() if name != "random"}
+    routings["layerwise"] = match_flops(model, lambda k: Routing.layerwise(k, layers), knobs, ratio)
     reached = {name: count_flops(model, routing) / base for name, routing in routings.items()}
     off = {name: value for name, value in reached.items() if abs(value - ratio) > MATCH_TOLERANCE}
     if off:
-        lowest = max(count_flops(model, routing) / base for routing in tuned(0.0).values())
+        cheapest = [r for name, r in matched_baselines(model, 0.0).items() if name != "random"]
+        cheapest.append(Routing.layerwise(knobs[0], layers))
+        lowest = max(count_flops(model, routing) / base for routing in cheapest)
         closest = ", ".join(f"{name} {value:.1%}" for name, value in off.items())
         raise UserError(
             f"--ratio {ratio:g}: not every routing comes within {100 * MATCH_TOLERANCE:g} points of {ratio:.0%} of "

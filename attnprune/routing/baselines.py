@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from attnprune.errors import UserError
+from attnprune.errors import UserError, check_number
 from attnprune.flops import count_flops
 from attnprune.routing.core import Routing, baseline_layers
 from attnprune.scoring import SCORERS, ScoreContext
@@ -29,7 +29,8 @@ def match_flops(
     larger than bipartite matching can merge in the last blocks) are not candidates.
 
     Raises:
-        UserError: no knob gives a routing that fits the model (the message names the knobs and the last error).
+        UserError: ``ratio`` is not a fraction in (0, 1], or no knob gives a routing that fits the model (the message
+            names the knobs and the last error).
 
     Example:
         >>> from timm.models.vision_transformer import VisionTransformer
@@ -37,6 +38,7 @@ def match_flops(
         >>> match_flops(model, lambda r: Routing.tome(int(r), 4), range(1, 16), 0.7).name
         'tome-r9'
     """
+    check_number("match_flops ratio (of the unpruned FLOPs)", ratio, 0, 1, low_open=True)
     target = ratio * count_flops(model, Routing())
     candidates, error, knobs = [], None, list(knobs)
     for knob in knobs:

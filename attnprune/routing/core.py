@@ -19,14 +19,15 @@ from typing import Any
 import yaml
 
 from attnprune.atomic import write_text_atomic
-from attnprune.errors import UserError, UserTypeError
+from attnprune.errors import UserError, UserTypeError, check_number
 from attnprune.routing.presets import RoutingPresets, baseline_layers
-from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, is_int, plan_rule
+from attnprune.routing.rules import LayerPlan, Rule, check_rule, fail, plan_rule
 from attnprune.strict_yaml import load_yaml
 
 __all__ = ["Routing", "PRESETS"]
 
 _ROUTING_FIELDS = ("name", "rules", "prop_attn", "seed")
+MAX_SEED = 2**32 - 1  # the random scorer seeds a torch generator with seed * 1_000_003 + layer
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Routing(RoutingPresets):
         name: a label for tables and plots.
         prop_attn: add log(token size) to the attention logits once tokens have been averaged together
             (ToMe's proportional attention).
-        seed: seed of the ``random`` scorer.
+        seed: seed of the ``random`` scorer, an integer in [0, 2**32 - 1].
 
     Example:
         >>> routing = Routing.from_dict({"name": "mine", "rules": [
@@ -67,8 +68,7 @@ class Routing(RoutingPresets):
             seen[rule.layer] = i
         if not isinstance(self.prop_attn, bool):
             raise UserError(f"routing field 'prop_attn' must be true or false, got {self.prop_attn!r}")
-        if not is_int(self.seed):
-            raise UserError(f"routing field 'seed' must be an integer, got {self.seed!r}")
+        check_number("routing field 'seed'", self.seed, 0, MAX_SEED, integer=True)
         ordered = tuple(sorted(checked, key=lambda rule: rule.layer))
         object.__setattr__(self, "rules", ordered)
         object.__setattr__(self, "_by_layer", {rule.layer: rule for rule in ordered})

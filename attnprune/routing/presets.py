@@ -46,6 +46,8 @@ class RoutingPresets:
                 matching can merge there (:func:`max_merge`), as the official ToMe caps it, and the rules say the
                 capped values. Without it an r too large for the tokens left fails when the routing is applied.
         """
+        if not is_int(depth) or depth < 1:
+            raise UserError(f"ToMe's depth must be the model's number of blocks (an integer >= 1), got {depth!r}")
         schedule = list(r) if isinstance(r, (list, tuple)) else [r] * depth
         bad = [ri for ri in schedule if not is_int(ri) or ri < 0]
         if bad:
@@ -66,18 +68,21 @@ class RoutingPresets:
     @classmethod
     def evit(cls: type[R], keep: float = 0.7, layers: Sequence[int] = (3, 6, 9)) -> R:
         """EViT: keep the tokens the CLS token attends to most, fuse the rest into one token (no prop. attention)."""
+        layers = _pruning_layers("EViT", layers)
         rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="fuse") for i in layers)
         return cls(rules, name=f"evit-{keep:g}", prop_attn=False)
 
     @classmethod
     def topk_attention(cls: type[R], keep: float, layers: Sequence[int]) -> R:
         """Uniform attention top-k: keep the tokens the CLS token attends to most, drop the rest."""
+        layers = _pruning_layers("attention top-k", layers)
         rules = tuple(Rule(layer=i, score="cls_attention", keep=keep, reduce="drop") for i in layers)
         return cls(rules, name=f"topk-attention-{keep:g}")
 
     @classmethod
     def random(cls: type[R], keep: float, layers: Sequence[int], seed: int = 0) -> R:
         """Control: keep a seeded random subset of tokens at each layer."""
+        layers = _pruning_layers("the random control", layers)
         rules = tuple(Rule(layer=i, score="random", keep=keep, reduce="drop") for i in layers)
         return cls(rules, name=f"random-{keep:g}", seed=seed)
 
@@ -91,7 +96,7 @@ class RoutingPresets:
             layers: the pruning blocks, the first one scored by ``l2_norm``.
             first_keep: keep fraction of the first layer (default ``keep + 0.1``, at most 1).
         """
-        first, *deeper = layers
+        first, *deeper = _pruning_layers("the layer-wise routing", layers)
         first_keep = min(1.0, round(keep + 0.1, 3)) if first_keep is None else first_keep
         rules = [Rule(layer=first, score="l2_norm", keep=first_keep, reduce="drop")]
         rules += [Rule(layer=layer, score="cls_attention", keep=keep, reduce="fuse") for layer in deeper]
@@ -131,7 +136,7 @@ class RoutingPresets:
         """
         if not is_int(r) or r < 0:
             raise UserError(f"PPT's r must be an integer >= 0 (tokens removed per layer), got r={r!r}")
-        layers = list(layers)
+        layers = _pruning_layers("PPT", layers)
         schedule = _capped_schedule("PPT", r, layers, num_tokens, lambda n: min(r, max_merge(n)))
         rules = tuple(
             Rule(layer=layer, score="cls_value", r=schedule[layer], reduce="adaptive", threshold=threshold)
@@ -329,10 +334,18 @@ class RoutingPresets:
         """
         if not is_int(r) or r < 0:
             raise UserError(f"MCTF's r must be an integer >= 0 (tokens merged per layer), got r={r!r}")
-        layers = list(layers)
+        layers = _pruning_layers("MCTF", layers)
         schedule = _capped_schedule("MCTF", r, layers, num_tokens, lambda n: max(0, min(r, max_merge(n), n + 1 - 10)))
         rules = tuple(Rule(layer=layer, r=schedule[layer], reduce="mctf") for layer in layers if schedule[layer] > 0)
         return cls(rules, name=f"mctf-r{r}", prop_attn=True)
+
+
+def _pruning_layers(method: str, layers: Sequence[int]) -> list[int]:
+    """``layers`` as a list, refused when empty (a routing that prunes nothing under a method's name)."""
+    layers = list(layers)
+    if not layers:
+        raise UserError(f"{method}'s layers must name at least one block, got []")
+    return layers
 
 
 def _capped_schedule(
