@@ -456,3 +456,47 @@ def test_evaluate_runs_on_a_saved_transformers_model_with_the_columns_of_timm_mo
     for row in rows:
         assert (row["model"], row["checkpoint"], row["images"]) == ("VisionTransformer", f"hf:{folder}", 6)
         assert (row["img_size"], row["crop_pct"], row["interpolation"]) == (32, 1.0, "bilinear")
+
+
+def test_search_py_searches_a_saved_transformers_model(saved_vit, tmp_path):
+    folder, hf = saved_vit
+    make_image_folder(tmp_path / "data", train_per_class=4, test_per_class=2)
+    out = tmp_path / "search" / "routing.yaml"
+    data = ["--data.class_path", "attnprune.lit.data.ImageFolderDataModule", "--data.init_args.root", "data"]
+    data += ["--data.init_args.val_size", "6", "--data.init_args.cache_dir", str(tmp_path)]
+    args = ["--model", f"hf:{folder}", *data, "--budget", "0.7", "--val_images", "6", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "search.py"), *args],
+        cwd=tmp_path,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    model = convert(hf)
+    assert count_flops(model, Routing.from_yaml(out)) <= 0.7 * count_flops(model)
+
+
+def test_the_search_and_the_selectivity_analysis_run_on_converted_models():
+    """DINOv2's class+mean head, a CLIP tower (its embedding as output) and DeiT's two heads, in the API."""
+    from attnprune.search import search_routing
+    from attnprune.selectivity.analysis import SelectivityAnalyzer
+
+    models = [
+        convert(hf_model("Dinov2WithRegistersForImageClassification", num_register_tokens=2)),
+        convert(tiny_clip().visual),
+        convert(hf_model("DeiTForImageClassificationWithTeacher")),
+    ]
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 5, (8,))) for _ in range(2)]
+    for model in models:
+        result = search_routing(
+            model, batches, 0.7, progress=False, screen_images=8, finalists=2, beam_width=1, holdout=0.5
+        )
+        assert count_flops(model, result.routing) <= 0.7 * count_flops(model), type(model).__name__
+        analyzer = SelectivityAnalyzer(len(model.blocks), model.has_class_token)
+        analyzer.update(model, batches[0][0])
+        metrics = analyzer.compute()  # one value per layer; layer stability has none at the first layer
+        assert len(metrics["reliability_spearman_cls_attention"]) == len(model.blocks)
+        assert all(np.isfinite(per_layer[key == "layer_stability" :]).all() for key, per_layer in metrics.items())
