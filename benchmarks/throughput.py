@@ -17,6 +17,8 @@ leaving ``--out`` as it was and its record in the partial file.
 
     .venv/bin/python benchmarks/throughput.py                 # CPU, DeiT-S, float32, eager and compiled
     .venv/bin/python benchmarks/throughput.py --smoke         # a tiny model in seconds (what the tests run)
+    .venv/bin/python benchmarks/throughput.py --models deit_small_patch16_224 transformers_vit_s16 \
+        open_clip_vit_s16 --out benchmarks/results/throughput_libraries.json   # converted models beside DeiT-S
     bash benchmarks/gpu_session.sh                            # the CUDA run (see its header)
     .venv/bin/python benchmarks/throughput.py --summarize benchmarks/results/throughput_gpu.json
 """
@@ -34,7 +36,7 @@ import timm
 import torch
 from torch import nn
 
-from attnprune import Routing, count_flops, fused, match_flops, prune
+from attnprune import Routing, convert, count_flops, fused, load_model, match_flops, prune
 from attnprune.atomic import check_distinct_outputs, check_output_file, write_text_atomic
 from attnprune.cli import ArgumentParser, fraction, positive_int, run_cli
 from attnprune.errors import UserError
@@ -44,6 +46,9 @@ from attnprune.timing import device_name, synchronize, time_interleaved
 KNOBS = np.round(np.arange(0.30, 1.0, 0.01), 2).tolist()
 ROUTINGS = ("unpruned", "evit", "layerwise", "tome")
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+LIBRARY_MODELS = ("transformers_vit_s16", "open_clip_vit_s16")
+"""Models of other libraries at DeiT-S's size (ViT-S/16 in transformers, open_clip's ViT-S-16 image tower), random
+weights, converted to timm ViTs by attnprune.convert (the hf and clip extras)."""
 CHECK_BATCH = 4
 TOLERANCE = 1e-4
 
@@ -76,10 +81,18 @@ def build_routings(model: nn.Module, ratio: float, tome_r: int | None = None) ->
 
 
 def make_model(name: str, seed: int = 0) -> nn.Module:
-    """A seeded random-init timm model (offline: ``pretrained=False``); ``tiny``: a depth-4, width-32 ViT on 32 px."""
+    """A seeded random-init timm model (offline: ``pretrained=False``); ``tiny``: a depth-4, width-32 ViT on 32 px;
+    one of :data:`LIBRARY_MODELS`: that library's model of DeiT-S's size, random-init and converted."""
     torch.manual_seed(seed)
     if name == "tiny":
         return timm.models.vision_transformer.VisionTransformer(**TINY).eval()
+    if name == "transformers_vit_s16":
+        import transformers
+
+        config = transformers.ViTConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_labels=1000)
+        return convert(transformers.ViTForImageClassification(config).eval())
+    if name == "open_clip_vit_s16":
+        return load_model("open_clip:ViT-S-16")
     return timm.create_model(name, pretrained=False).eval()
 
 
@@ -278,7 +291,12 @@ def summarize(result: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, each checked before any model is built (see :mod:`attnprune.cli`)."""
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["deit_small_patch16_224"], help="timm architectures, or tiny")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["deit_small_patch16_224"],
+        help=f"timm architectures, tiny, or {', '.join(LIBRARY_MODELS)} (converted, DeiT-S's size)",
+    )
     parser.add_argument("--ratio", type=fraction, default=0.65, help="target FLOPs as a fraction of the unpruned model")
     parser.add_argument("--tome_r", type=positive_int, default=None, help="ToMe's r; the others match its FLOPs")
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 32])
@@ -311,9 +329,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.summarize.is_file():
             raise FileNotFoundError(f"--summarize {args.summarize} does not exist; expected a results file")
         return args
-    unknown = [name for name in args.models if name != "tiny" and not timm.is_model(name)]
+    unknown = [name for name in args.models if name not in ("tiny", *LIBRARY_MODELS) and not timm.is_model(name)]
     if unknown:
-        parser.error(f"--models: {', '.join(unknown)} not a timm architecture (nor tiny)")
+        parser.error(f"--models: {', '.join(unknown)} not a timm architecture (nor tiny, {', '.join(LIBRARY_MODELS)})")
     if args.warmup < 0:
         parser.error(f"--warmup must be at least 0, got {args.warmup}")
     try:

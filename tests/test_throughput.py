@@ -122,3 +122,17 @@ def test_compile_times_and_a_failing_step_is_recorded_not_fatal(tmp_path, capsys
     assert all(r["compile_s"] > 0 and r["mode"] == "full" for r in result["compile"])
     table = throughput.summarize({**result, "rows": []})
     assert "| tiny | float32 | full | 2 | tome |" in table and "FAILED tiny" in capsys.readouterr().out
+
+
+def test_the_models_of_other_libraries_are_converted_vits_of_deit_s_size(tmp_path):
+    """transformers' ViT-S/16 and open_clip's ViT-S-16 tower, random and converted, beside timm's DeiT-S (the
+    projection of the CLIP tower adds 0.15 MFLOPs)."""
+    import timm
+
+    from attnprune import count_flops
+
+    args = throughput.parse_args(["--models", *throughput.LIBRARY_MODELS, "--out", str(tmp_path / "t.json")])
+    assert args.models == list(throughput.LIBRARY_MODELS)
+    deit_s = count_flops(timm.create_model("deit_small_patch16_224"))
+    for name in throughput.LIBRARY_MODELS:
+        assert count_flops(throughput.make_model(name)) == pytest.approx(deit_s, rel=1e-3), name
