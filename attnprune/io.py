@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from attnprune.adapters import ARCHITECTURES, LIBRARY_PREFIXES, build_architecture, load_library_model
 from attnprune.atomic import atomic_path
-from attnprune.errors import HubUnavailableError, UserError, check_finite, check_number
+from attnprune.errors import HubUnavailableError, UserError, UserTypeError, check_finite, check_number
 from attnprune.hub import hub_reachable, offline_unless_hub_reachable
 from attnprune.paradigms import get_paradigm
 
@@ -118,6 +118,13 @@ def _parse_spec(text: str, where: str) -> dict[str, Any]:
 
 
 def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
+    _check_fits(model, state, source, architecture)
+    model.load_state_dict(state)
+
+
+def _check_fits(model: nn.Module, state: dict[str, Tensor], source: str, architecture: str) -> None:
+    """Refuse weights ``state`` that ``model`` cannot load: keys missing or unexpected, shapes that differ, values
+    that are not finite."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -132,7 +139,6 @@ def _load_state(model: nn.Module, state: dict[str, Tensor], source: str, archite
             f"{unexpected[:5]}, shape mismatch (checkpoint vs model) {mismatched[:5]}"
         )
     check_finite(state, source)
-    model.load_state_dict(state)
 
 
 def _load_weights_file(path: Path, architecture: str | None, model_kwargs: dict[str, Any]) -> nn.Module:
@@ -268,6 +274,12 @@ def save_model(
     Returns:
         ``path``.
 
+    Raises:
+        UserError: what :func:`load_model` would refuse, before anything is written: a path not ending in
+            ``.safetensors``, metadata that is not JSON, an unknown architecture or paradigm, weights that do not fit
+            the model the spec rebuilds (the architecture, paradigm or ``model_kwargs`` do not describe ``model``) or
+            that are not finite; a model that is not a timm model (``UserTypeError``).
+
     Example:
         >>> import tempfile, timm
         >>> kwargs = {"img_size": 32, "patch_size": 4, "depth": 2, "num_classes": 10}
@@ -278,9 +290,23 @@ def save_model(
         >>> len(loaded.blocks), loaded.num_classes
         (2, 10)
     """
-    meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
     path = Path(path)
+    if path.suffix != ".safetensors":  # load_model reads other suffixes as state dicts without our metadata
+        raise UserError(f"save_model writes safetensors files: {path} must end in .safetensors")
+    if not isinstance(model, nn.Module) or not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        raise UserTypeError(f"save_model saves timm models (with a pretrained_cfg), got {type(model).__name__}")
+    meta = {**model_spec(model, architecture, paradigm, model_kwargs), **extra}
+    try:
+        text = json.dumps(meta)
+    except TypeError as err:
+        raise UserError(f"save_model {path}: its metadata must be JSON (model_kwargs and extra fields): {err}") from err
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    # what load_model would refuse is not written: the spec must rebuild a model these weights fit
+    try:
+        rebuilt = build_from_spec(meta)
+    except UserError as err:
+        raise UserError(f"save_model {path}: {err}") from err
+    _check_fits(rebuilt, state, f"save_model {path}: the model given", architecture)
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+        save_file(state, str(tmp), metadata={METADATA_KEY: text})
     return path

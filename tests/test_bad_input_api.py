@@ -392,3 +392,63 @@ def test_what_the_refusals_leave_valid(files, tmp_path):  # noqa: F811
     network, spec = tiny_backbone(paradigm="mae").build()
     mae = save_model(network, tmp_path / "mae.safetensors", spec["architecture"], "mae", spec["model_kwargs"])
     assert Backbone(model="auto", checkpoint=str(mae)).build()[1]["paradigm"] == "mae"
+
+
+def _nan_model():
+    model = tiny_backbone().build()[0]
+    with torch.no_grad():
+        model.head.weight.fill_(math.nan)
+    return model
+
+
+SAVE_CASES = [
+    # (id, the file name, save_model's arguments but the path, the exact message with {path} for the file)
+    (
+        "unknown-paradigm",
+        "x.safetensors",
+        {"paradigm": "clip"},
+        "save_model {path}: unknown paradigm 'clip' (known: supervised, distilled, dino, mae)",
+    ),
+    (
+        "paradigm-not-the-models",
+        "x.safetensors",
+        {"paradigm": "mae"},
+        "save_model {path}: the model given does not fit architecture 'vit_tiny_patch16_224': missing "
+        "['fc_norm.weight', 'fc_norm.bias'], unexpected ['norm.weight', 'norm.bias'], shape mismatch (checkpoint vs "
+        "model) []",
+    ),
+    ("not-safetensors", "x.pth", {}, "save_model writes safetensors files: {path} must end in .safetensors"),
+    (
+        "non-finite-weights",
+        "x.safetensors",
+        {"model": _nan_model},
+        "save_model {path}: the model given: weight 'head.weight' holds 96 non-finite values (NaN or inf); expected "
+        "finite weights",
+    ),
+    (
+        "metadata-not-json",
+        "x.safetensors",
+        {"card": {"trained": object}},
+        "save_model {path}: its metadata must be JSON (model_kwargs and extra fields): Object of type type is not JSON "
+        "serializable",
+    ),
+    (
+        "not-a-timm-model",
+        "x.safetensors",
+        {"model": lambda: torch.nn.Linear(2, 2)},
+        "save_model saves timm models (with a pretrained_cfg), got Linear",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "arguments", "message"), [c[1:] for c in SAVE_CASES], ids=[c[0] for c in SAVE_CASES])
+def test_save_model_refuses_what_load_model_would(tmp_path, name, arguments, message):
+    """Each of these files, once written, was refused by load_model; now nothing is written."""
+    arguments = dict(arguments)
+    model = arguments.pop("model", lambda: tiny_backbone().build()[0])()
+    path = tmp_path / name
+    kwargs = {"architecture": TINY_BACKBONE["model"], "model_kwargs": TINY_BACKBONE["model_kwargs"], **arguments}
+    with pytest.raises(UserError) as info:
+        save_model(model, path, **kwargs)
+    assert str(info.value) == message.format(path=path)
+    assert list(tmp_path.iterdir()) == []
