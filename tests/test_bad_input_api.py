@@ -17,6 +17,8 @@ from attnprune.lit.backbone import Backbone
 from attnprune.lit.data import FashionMNISTDataModule, ImageDataModule, ImageFolderDataModule
 from attnprune.lit.modules import LinearProbe, PrunedClassifier
 from attnprune.lit.pretraining import MAEPretraining
+from attnprune.scoring import SCORERS
+from attnprune.selectivity import SelectivityAnalyzer, functional
 from tests.conftest import TINY_BACKBONE, tiny_backbone, tiny_vit
 from tests.test_bad_input import (  # noqa: F401 (files: the fixture)
     _analyze,
@@ -96,6 +98,12 @@ def _beyond_head(f) -> str:
         f"image folder {f['data']} has labels up to 5 but the model's head has 3 classes (0 to 2): labels 3 to 5 "
         "are beyond it"
     )
+
+
+def _rows(function: str, rows: list[list[float]]):
+    """A call of the selectivity function ``function`` on ``rows`` (twice for ``spearman``)."""
+    x = torch.tensor(rows)
+    return lambda f: getattr(functional, function)(*([x, x] if function == "spearman" else [x]))
 
 
 RULES_LIST = "routing field 'rules' must be a list of rules ([] for none)"
@@ -202,6 +210,45 @@ API_CASES = [
         lambda f: prune(tiny_vit(), {"rules": [{"layer": 1, "score": "random", "keep": 0.5}], "seed": 2**70}),
         UserError,
         lambda f: f"routing field 'seed' must be an integer in [0, 4294967295], got {2**70}",
+    ),
+    *[
+        (f"selectivity-{function}-{kind}", _rows(function, rows), UserError, lambda f, m=f"{function}: {message}": m)
+        for function, kind, rows, message in (
+            (
+                "normalized_entropy",
+                "row-sum-2",
+                [[0.5, 1.5]],
+                "attention rows must sum to 1 over the last dim, got a row summing to 2",
+            ),
+            ("gini", "negative", [[1.2, -0.2]], "attention weights must be non-negative, got -0.2"),
+            ("topk_mass", "nan", [[math.nan, 1.0]], "attention rows must be finite, got 1 NaN or inf values"),
+            (
+                "effective_share",
+                "row-sum-0.5",
+                [[0.25, 0.25]],
+                "attention rows must sum to 1 over the last dim, got a row summing to 0.5",
+            ),
+            ("max_weight", "negative", [[-1.0, 2.0]], "attention weights must be non-negative, got -1"),
+            ("spearman", "nan", [[1.0, math.nan]], "scores must be finite, got 1 NaN or inf values"),
+        )
+    ],
+    (
+        "analyzer-deeper-than-the-model",
+        lambda f: SelectivityAnalyzer(10, oracle=False).update(tiny_vit(), torch.zeros(1, 3, 32, 32)),
+        UserError,
+        lambda f: "SelectivityAnalyzer was built for 10 blocks but the model has 4; give depth=len(model.blocks)",
+    ),
+    (
+        "analyzer-model-with-fewer-blocks",
+        lambda f: SelectivityAnalyzer(4, oracle=False).update(tiny_vit(depth=2), torch.zeros(1, 3, 32, 32)),
+        UserError,
+        lambda f: "SelectivityAnalyzer was built for 4 blocks but the model has 2; give depth=len(model.blocks)",
+    ),
+    (
+        "analyzer-unknown-scorer",
+        lambda f: SelectivityAnalyzer(4, scorers=["l2_nrom"]),
+        UserError,
+        lambda f: f"SelectivityAnalyzer: unknown scorer 'l2_nrom' (known: {', '.join(sorted(SCORERS))})",
     ),
     ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
     (

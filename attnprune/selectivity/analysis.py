@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from attnprune.errors import UserError, check_number
 from attnprune.fidelity import output_change
 from attnprune.scoring import SCORERS, ScoreContext
 from attnprune.selectivity.metrics import (
@@ -144,6 +145,12 @@ class SelectivityAnalyzer(nn.Module):
         noise_std: float = 0.1,
     ) -> None:
         super().__init__()
+        check_number("SelectivityAnalyzer depth", depth, 1, integer=True)
+        check_number("SelectivityAnalyzer keep", keep, 0, 1, low_open=True)
+        check_number("SelectivityAnalyzer noise_std", noise_std, 0)
+        unknown = [name for name in scorers or () if name not in SCORERS]
+        if unknown:
+            raise UserError(f"SelectivityAnalyzer: unknown scorer {unknown[0]!r} (known: {', '.join(sorted(SCORERS))})")
         self.depth, self.class_token, self.oracle, self.noise_std = depth, class_token, oracle, noise_std
         names = scorers if scorers is not None else sorted(SCORERS)
         self.scorers = [s for s in names if class_token or not SCORERS[s].needs_class_token]
@@ -171,7 +178,19 @@ class SelectivityAnalyzer(nn.Module):
 
     @torch.no_grad()
     def update(self, model: VisionTransformer, images: Tensor) -> None:
-        """Analyse one batch of preprocessed images with the unpruned ``model``."""
+        """Analyse one batch of preprocessed images with the unpruned ``model``.
+
+        Raises:
+            UserError: ``model`` has another number of blocks than the analyzer's ``depth``, or no class token where
+                the analyzer reads one.
+        """
+        if len(model.blocks) != self.depth:
+            raise UserError(
+                f"SelectivityAnalyzer was built for {self.depth} blocks but the model has {len(model.blocks)}; give "
+                "depth=len(model.blocks)"
+            )
+        if self.class_token and not model.has_class_token:
+            raise UserError("SelectivityAnalyzer reads the class token (class_token=True), but the model has none")
         prefix = model.num_prefix_tokens
         states, output = layer_states(model, images)
         if self.class_token:

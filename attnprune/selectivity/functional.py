@@ -1,9 +1,11 @@
 """Attention selectivity as stateless functions: how concentrated and how stable attention rows are.
 
 Concentration metrics take attention rows ``attn[..., N]`` (non-negative, summing to 1 over the last dim) and return
-one value per row, ``[...]``. Ranking and stability metrics compare two scorings of the same ``N`` tokens with
-Spearman's rank correlation. Everything here is plain torch; :mod:`attnprune.selectivity.metrics` wraps each function
-in a ``torchmetrics.Metric`` that averages it over batches and DDP ranks.
+one value per row, ``[...]``; rows that are not attention weights (a NaN, a negative weight, a row not summing to 1)
+raise a ``UserError`` (:func:`check_attention`) rather than give NaN or values outside the metric's range. Ranking
+and stability metrics compare two scorings of the same ``N`` tokens with Spearman's rank correlation (NaN scores
+raise too). Everything here is plain torch; :mod:`attnprune.selectivity.metrics` wraps each function in a
+``torchmetrics.Metric`` that averages it over batches and DDP ranks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 from attnprune.errors import UserError
 
 __all__ = [
+    "check_attention",
     "normalized_entropy",
     "gini",
     "topk_mass",
@@ -27,6 +30,37 @@ __all__ = [
     "head_agreement",
     "rank_stability",
 ]
+
+
+def check_attention(attn: Tensor, name: str, normalized: bool = True) -> None:
+    """Refuse rows that are not attention weights: a NaN or infinity, a negative weight, or (``normalized``) a row
+    that does not sum to 1 over the last dim (within 1e-4, 1e-2 in 16-bit floats); the metrics would return NaN or
+    values outside their range.
+
+    Raises:
+        UserError: naming the metric (``name``) and the first offending value.
+    """
+    if not attn.is_floating_point():
+        raise UserError(f"{name}: attention rows must be floating point, got {attn.dtype}")
+    if attn.numel() == 0:
+        return
+    _check_finite(attn, name, "attention rows")
+    low = attn.min()
+    if low < 0:
+        raise UserError(f"{name}: attention weights must be non-negative, got {low.item():.4g}")
+    if normalized:
+        sums = attn.sum(dim=-1, dtype=torch.float64).flatten()
+        worst = (sums - 1).abs().argmax()
+        if (sums[worst] - 1).abs() > (1e-2 if attn.element_size() <= 2 else 1e-4):
+            raise UserError(
+                f"{name}: attention rows must sum to 1 over the last dim, got a row summing to {sums[worst]:.6g}"
+            )
+
+
+def _check_finite(x: Tensor, name: str, what: str = "scores") -> None:
+    """Refuse ``x`` holding NaN or infinity (a ranking of them is meaningless)."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise UserError(f"{name}: {what} must be finite, got {int((~torch.isfinite(x)).sum())} NaN or inf values")
 
 
 def _entropy(attn: Tensor) -> Tensor:
@@ -43,6 +77,7 @@ def normalized_entropy(attn: Tensor) -> Tensor:
     Returns:
         ``[...]`` in [0, 1]: 1 for uniform attention, 0 for one-hot; 0 when ``N == 1``.
     """
+    check_attention(attn, "normalized_entropy")
     n = attn.shape[-1]
     if n == 1:
         return attn.new_zeros(attn.shape[:-1])
@@ -60,6 +95,7 @@ def gini(attn: Tensor) -> Tensor:
     Returns:
         ``[...]``: 0 for uniform attention, ``(N - 1) / N`` for one-hot; 0 for an all-zero row.
     """
+    check_attention(attn, "gini", normalized=False)
     n = attn.shape[-1]
     ascending = attn.sort(dim=-1).values
     weights = 2 * torch.arange(1, n + 1, device=attn.device, dtype=attn.dtype) - n - 1
@@ -84,6 +120,7 @@ def topk_mass(attn: Tensor, fraction: float = 0.1) -> Tensor:
     Returns:
         ``[...]``: ``k / N`` for uniform attention, 1 for one-hot (``k = ceil(fraction * N)``).
     """
+    check_attention(attn, "topk_mass")
     k = _topk_count(fraction, attn.shape[-1])
     return attn.topk(k, dim=-1).values.sum(dim=-1)
 
@@ -99,6 +136,7 @@ def effective_share(attn: Tensor) -> Tensor:
     Returns:
         ``[...]`` in [1/N, 1]: 1 for uniform attention, ``1 / N`` for one-hot.
     """
+    check_attention(attn, "effective_share")
     return _entropy(attn).exp() / attn.shape[-1]
 
 
@@ -111,6 +149,7 @@ def max_weight(attn: Tensor) -> Tensor:
     Returns:
         ``[...]``: ``1 / N`` for uniform attention, 1 for one-hot.
     """
+    check_attention(attn, "max_weight")
     return attn.amax(dim=-1)
 
 
@@ -154,6 +193,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
         ``[...]`` in [-1, 1]: 1 for the same order, -1 for the reverse; 0 when either row is constant (the
         correlation is undefined there, and 0 keeps means over many rows finite).
     """
+    _check_finite(a, "spearman")
+    _check_finite(b, "spearman")
     return (_standardized_ranks(a) * _standardized_ranks(b)).sum(dim=-1)
 
 
@@ -173,6 +214,8 @@ def topk_overlap(a: Tensor, b: Tensor, k: int) -> Tensor:
     n = a.shape[-1]
     if not 1 <= k <= n:
         raise UserError(f"k must be in [1, {n}], got {k}")
+    _check_finite(a, "topk_overlap")
+    _check_finite(b, "topk_overlap")
     in_a = torch.zeros(a.shape, dtype=torch.bool, device=a.device).scatter_(-1, a.topk(k, dim=-1).indices, True)
     in_b = torch.zeros(b.shape, dtype=torch.bool, device=b.device).scatter_(-1, b.topk(k, dim=-1).indices, True)
     dtype = a.dtype if a.is_floating_point() else torch.get_default_dtype()
@@ -194,6 +237,7 @@ def head_agreement(attn_heads: Tensor, per_head: bool = False) -> Tensor:
     h = attn_heads.shape[-2]
     if h < 2:
         raise UserError(f"head agreement needs at least 2 heads, got {h}")
+    _check_finite(attn_heads, "head_agreement")
     z = _standardized_ranks(attn_heads)
     corr = z @ z.transpose(-1, -2)  # [..., H, H], Spearman between every pair of heads
     off_diagonal = corr.sum(dim=-1) - corr.diagonal(dim1=-2, dim2=-1)
