@@ -250,6 +250,25 @@ API_CASES = [
         UserError,
         lambda f: f"SelectivityAnalyzer: unknown scorer 'l2_nrom' (known: {', '.join(sorted(SCORERS))})",
     ),
+    *[
+        (f"data-{name.replace('_', '-')}-{value}", lambda f, o={name: value}: _folder(f, **o), UserError, message)
+        for name, value, message in (
+            (
+                "eval_batch_size",
+                0,
+                lambda f: "ImageFolderDataModule eval_batch_size must be an integer of at least 1, got 0",
+            ),
+            ("hflip", 5, lambda f: "ImageFolderDataModule hflip must be a number in [0, 1], got 5"),
+            (
+                "train_scale",
+                (2, 1),
+                lambda f: (
+                    "ImageFolderDataModule train_scale must be (low, high) with 0 < low <= high <= 1 "
+                    "(RandomResizedCrop's fractions of the image area), got (2, 1)"
+                ),
+            ),
+        )
+    ],
     ("folder-fewer-classes-than-the-head", lambda f: _folder(f).check_classes(10), UserError, _fewer_classes),
     (
         "folder-labels-beyond-the-head",
@@ -404,6 +423,16 @@ CLI_CASES = [
             f"routing 'random:keep=0.5,seed={2**70}' does not fit the model: routing field 'seed' must be an integer "
             f"in [0, 4294967295], got {2**70}"
         ),
+    ),
+    (
+        "evaluate-eval-batch-size-zero",
+        lambda f: _evaluate(f, "--data.init_args.eval_batch_size", "0"),
+        lambda f: "ImageFolderDataModule eval_batch_size must be an integer of at least 1, got 0",
+    ),
+    (
+        "train-hflip-5",
+        lambda f: _train(f, "--data.init_args.hflip", "5"),
+        lambda f: "ImageFolderDataModule hflip must be a number in [0, 1], got 5.0",
     ),
     (
         "quickstart-logits-overflow",

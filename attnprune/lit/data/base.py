@@ -111,6 +111,7 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_transform"])
+        checks.check_settings(type(self).__name__, self.hparams)
         self.train_transform = train_transform
         self.splits: dict[str, datasets.Dataset | datasets.IterableDataset] = {}
         self.origins: dict[str, Origin] = {}  # validation and test: the source split and positions of their images

@@ -3,15 +3,27 @@ labels its head has."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 import torch
 
-from attnprune.errors import UserError
+from attnprune.errors import UserError, check_number
+from attnprune.routing.core import MAX_SEED
 
-__all__ = ["check_count", "check_input_size", "check_labels", "labelled", "resolve_count", "split_size", "top_label"]
+__all__ = [
+    "SETTINGS",
+    "check_settings",
+    "check_count",
+    "check_input_size",
+    "check_labels",
+    "labelled",
+    "resolve_count",
+    "split_size",
+    "top_label",
+]
 
 
 def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str) -> None:
@@ -33,6 +45,39 @@ def check_input_size(model: torch.nn.Module | None, input_size: Any, where: str)
             f"{where}: input_size {[channels, *size]} does not fit the model, which takes "
             f"{[proj.in_channels, *expected]} (channels, height, width); leave data_config out to use the model's "
             "own preprocessing, or give its input_size"
+        )
+
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "batch_size": {"low": 1, "integer": True},
+    "eval_batch_size": {"low": 1, "integer": True},
+    "num_workers": {"low": 0, "integer": True},
+    "seed": {"low": 0, "high": MAX_SEED, "integer": True},
+    "hflip": {"low": 0, "high": 1},
+}
+"""The range of each data module setting of that name (None, where a setting may be None, is left to the module)."""
+
+
+def check_settings(owner: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a data module's settings outside their range (:data:`SETTINGS`; ``train_scale`` a pair ``low <= high``
+    in (0, 1]), before any data is read.
+
+    Raises:
+        UserError: ``<module> <setting> must be <range>, got <value>``.
+    """
+    for name, bounds in SETTINGS.items():
+        if settings.get(name) is not None:
+            check_number(f"{owner} {name}", settings[name], **bounds)
+    scale = settings.get("train_scale")
+    pair = (
+        isinstance(scale, (tuple, list))
+        and len(scale) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+    )
+    if scale is not None and not (pair and 0 < scale[0] <= scale[1] <= 1):
+        raise UserError(
+            f"{owner} train_scale must be (low, high) with 0 < low <= high <= 1 (RandomResizedCrop's fractions of the "
+            f"image area), got {scale!r}"
         )
 
 
