@@ -102,6 +102,18 @@ def assert_one_line(err: pytest.ExceptionInfo, text: str) -> None:
 
 # ------------------------------------------------------------------------------------------- the library's outputs
 @pytest.mark.parametrize("name, config", HF_CLASSES, ids=[name for name, _ in HF_CLASSES])
+def run_script(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """One of the repository's entry points run as a user runs it, from ``cwd``."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=script_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_a_converted_transformers_model_computes_what_the_library_computes(name, config, images):
     hf = hf_model(name, **config)
     expected = library_output(hf, images)
@@ -389,13 +401,8 @@ def test_a_hub_name_offline_fails_at_once(monkeypatch):
 
 
 def test_a_hub_name_offline_is_one_line_on_the_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "quickstart.py"), "--model", "hf:attnprune-tests/no-such-vit"],
-        cwd=tmp_path,
-        env=script_env(PYTHONWARNINGS="ignore"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_script(
+        "quickstart.py", ["--model", "hf:attnprune-tests/no-such-vit"], tmp_path, PYTHONWARNINGS="ignore"
     )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
@@ -433,14 +440,7 @@ def test_evaluate_runs_on_a_saved_transformers_model_with_the_columns_of_timm_mo
     }
     (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump(config))
     args = ["--config", "evaluate.yaml", "--output_dir", "out", "--routings", '[unpruned, "tome:r=2"]']
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), *args, "--throughput_repeats", "1"],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_script("evaluate.py", [*args, "--throughput_repeats", "1"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -465,14 +465,7 @@ def test_search_py_searches_a_saved_transformers_model(saved_vit, tmp_path):
     data = ["--data.class_path", "attnprune.lit.data.ImageFolderDataModule", "--data.init_args.root", "data"]
     data += ["--data.init_args.val_size", "6", "--data.init_args.cache_dir", str(tmp_path)]
     args = ["--model", f"hf:{folder}", *data, "--budget", "0.7", "--val_images", "6", "--output", str(out)]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "search.py"), *args],
-        cwd=tmp_path,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_script("search.py", args, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     model = convert(hf)
     assert count_flops(model, Routing.from_yaml(out)) <= 0.7 * count_flops(model)
