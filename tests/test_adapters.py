@@ -439,7 +439,7 @@ def test_evaluate_runs_on_a_saved_transformers_model_with_the_columns_of_timm_mo
         },
     }
     (tmp_path / "evaluate.yaml").write_text(yaml.safe_dump(config))
-    args = ["--config", "evaluate.yaml", "--output_dir", "out", "--routings", '[unpruned, "tome:r=2"]']
+    args = ["--config", "evaluate.yaml", "--output_dir", "out", "--routings", '[unpruned, "tome:r=4"]']
     result = run_script("evaluate.py", [*args, "--throughput_repeats", "1"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
@@ -449,9 +449,9 @@ def test_evaluate_runs_on_a_saved_transformers_model_with_the_columns_of_timm_mo
     assert all(row[c] != "" for row in table for c in filled)
     rows = json.loads((tmp_path / "out" / "results.json").read_text())
     model = convert(hf)
-    assert [row["routing"] for row in rows] == ["unpruned", "tome-r2"]
+    assert [row["routing"] for row in rows] == ["unpruned", "tome-r4"]
     assert [row["gflops"] for row in rows] == pytest.approx(
-        [count_flops(model, s) / 1e9 for s in ("unpruned", "tome:r=2")]
+        [count_flops(model, s) / 1e9 for s in ("unpruned", "tome:r=4")]
     )
     for row in rows:
         assert (row["model"], row["checkpoint"], row["images"]) == ("VisionTransformer", f"hf:{folder}", 6)
