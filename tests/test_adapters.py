@@ -100,8 +100,6 @@ def assert_one_line(err: pytest.ExceptionInfo, text: str) -> None:
     assert "\n" not in message and text in message, message
 
 
-# ------------------------------------------------------------------------------------------- the library's outputs
-@pytest.mark.parametrize("name, config", HF_CLASSES, ids=[name for name, _ in HF_CLASSES])
 def run_script(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """One of the repository's entry points run as a user runs it, from ``cwd``."""
     return subprocess.run(
@@ -114,6 +112,8 @@ def run_script(script: str, args: list[str], cwd: Path, **env: str) -> subproces
     )
 
 
+# ------------------------------------------------------------------------------------------- the library's outputs
+@pytest.mark.parametrize("name, config", HF_CLASSES, ids=[name for name, _ in HF_CLASSES])
 def test_a_converted_transformers_model_computes_what_the_library_computes(name, config, images):
     hf = hf_model(name, **config)
     expected = library_output(hf, images)
