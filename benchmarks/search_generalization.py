@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -288,6 +289,43 @@ def _print_against_diffrate(result: dict) -> None:
     print("\n".join(lines))
 
 
+def _print_per_method(result: dict) -> None:
+    """Per budget: what the held-out check returned, and the searched routing's mean lead over each baseline (mean
+    over models of the mean over split seeds, test top-1 points); per (model, budget): the most accurate baseline and,
+    where DiffRate ran, the default search minus DiffRate's with the standard error of that mean (paired SEs of the
+    seeds combined)."""
+    rows = [r for r in result["rows"] if r["method"] == "searched"]
+    cells: dict[tuple[str, float], list[dict[str, float]]] = {}
+    for (model, budget, _), values in sorted(by_draw(result).items()):
+        cells.setdefault((model, budget), []).append(values)
+    print("\nper budget: routings the check returned; the searched routing's mean lead over each baseline")
+    for budget in sorted({b for _, b in cells}, reverse=True):
+        returned = Counter(r["returned"] for r in rows if r["budget"] == budget)
+        leads = []
+        for method in BASELINES:
+            per_model = [
+                statistics.mean(100 * (v["searched"] - v[method]) for v in draws)
+                for (_, b), draws in cells.items()
+                if b == budget and all(method in v for v in draws)
+            ]
+            if per_model:
+                leads.append(f"{method} {statistics.mean(per_model):+.2f} ({len(per_model)})")
+        print(f"  {budget:.0%}: returned {dict(returned.most_common())}; lead over {', '.join(leads)}")
+    print("\nper (model, budget): the most accurate baseline (mean over seeds); default - DiffRate ± SE of the mean")
+    se = {(r["model"], r["budget"]): [] for r in rows}
+    for r in rows:
+        if "diffrate" in r.get("paired_se", {}):
+            se[(r["model"], r["budget"])].append(100 * r["paired_se"]["diffrate"])
+    for (model, budget), draws in cells.items():
+        means = {m: statistics.mean(v[m] for v in draws) for m in BASELINES if m != "random" and m in draws[0]}
+        line = f"  {model} at {budget:.0%}: {max(means, key=means.get)}"
+        if se[(model, budget)]:
+            gap = statistics.mean(100 * (v["searched"] - v["diffrate"]) for v in draws)
+            error = sum(e * e for e in se[(model, budget)]) ** 0.5 / len(se[(model, budget)])
+            line += f"; default - DiffRate {gap:+.2f} ± {error:.2f}{' (below -2 SE)' if gap < -2 * error else ''}"
+        print(line)
+
+
 def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -308,6 +346,7 @@ def summarize(result: dict, out_dir: Path) -> None:
         _print_resolution(result, before_check)
     _print_flops_match(result)
     _print_against_diffrate(result)
+    _print_per_method(result)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^vP*X"
