@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from attnprune.adapters import ARCHITECTURES, LIBRARY_PREFIXES, build_architecture, load_library_model
 from attnprune.atomic import atomic_path
 from attnprune.errors import HubUnavailableError, UserError, UserTypeError, check_finite, check_number
-from attnprune.hub import hub_reachable, offline_unless_hub_reachable
+from attnprune.hub import offline_unless_hub_reachable
 from attnprune.paradigms import get_paradigm
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "model_spec",
     "load_model",
     "save_model",
-    "hub_reachable",
 ]
 
 METADATA_KEY = "attnprune"

@@ -660,7 +660,7 @@ def test_a_hub_name_offline_fails_at_once(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     from attnprune.errors import HubUnavailableError
-    from attnprune.io import hub_reachable
+    from attnprune.hub import hub_reachable
 
     env = _unreachable_hub(tmp_path)
     monkeypatch.setattr(constants, "ENDPOINT", env["HF_ENDPOINT"])

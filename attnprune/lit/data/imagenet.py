@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.data import ImageNetInfo
 
 from attnprune.errors import UserError
-from attnprune.io import hub_reachable
+from attnprune.hub import hub_reachable
 from attnprune.lit.data.folders import (
     SPLIT_FOLDERS,
     ImageFolderDataModule,
