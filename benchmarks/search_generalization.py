@@ -20,6 +20,8 @@ each search resumes from its state file), then one table and a figure of the mar
     .venv/bin/python benchmarks/search_generalization.py --summarize   # table, README table and figure only
 
 Runs on several cores at once write to their own ``--out_dir``; ``--merge OTHER.json ...`` folds their rows in.
+``--reuse EARLIER.json`` takes DiffRate's rows from an earlier run on the same draws instead of rerunning its rate
+search (3-4 minutes a draw); it refuses a draw where the default search now finds another routing than then.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def run(args: argparse.Namespace) -> None:
     wanted = {"pitome"} | ({"diffrate"} if args.diffrate else set())
     done = {(r["model"], r["budget"], r["split_seed"]) for r in result["rows"] if _complete(r, wanted)}
     result["rows"] = [r for r in result["rows"] if (r["model"], r["budget"], r["split_seed"]) in done]
+    reuse = _reusable(args.reuse) if args.reuse else {}
     loaded = {}
     for budget in args.budgets:
         for path in args.models:
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> None:
                 calibration = torch.cat([x for x, _ in validation_draws[seed]])[:256]  # PPT's threshold
                 # the most FLOPs within budget
                 within = matched_baselines(model, budget * unpruned, within=True, calibration=calibration)
-                if args.diffrate and model.has_class_token:  # DiffRate's own rate search on the same draw
+                reused = reuse.get((name, budget, seed), {})
+                if args.diffrate and model.has_class_token and "diffrate" not in reused:  # DiffRate's own rate search
                     rates = search_routing(
                         model,
                         validation_draws[seed],
@@ -129,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
                     if key(routing) not in scored:
                         scored[key(routing)] = test.per_image(test.initial(), routing, 0)
                 returned = scored[key(found.routing)]
+                _check_reused(reused, scored[key(before_check)], (name, budget, seed))
                 for method, routing in contenders.items():
                     row = {
                         "model": name,
@@ -152,16 +157,48 @@ def run(args: argparse.Namespace) -> None:
                                 m: standard_error(routing_scores["top1"] - scored[key(r)]["top1"])
                                 for m, r in within.items()
                             }
+                        if "diffrate" in reused:  # the routing found is the one scored then, so its errors hold
+                            se = reused["searched"]["found_paired_se"]["diffrate"]
+                            row["found_paired_se"]["diffrate"] = se
+                            if row["returned"] == "searched":
+                                row["paired_se"]["diffrate"] = se
                         row["routing"] = routing.to_dict()
                     if method in reports:  # what each search cost, in the same run on the same cores
                         row["search_cost"] = {field: reports[method][field] for field in COST}
                     result["rows"].append(row)
+                if "diffrate" in reused:
+                    result["rows"].append(reused["diffrate"])
                 print(
                     f"{name} budget {budget:g} seed {seed}: searched {returned['top1'].mean().item():.2%} "
                     f"(returned {found.report['check']['returned']}, {seconds:.0f} s)",
                     flush=True,
                 )
                 write_text_atomic(out, json.dumps(result, indent=1))
+
+
+def _reusable(path: Path) -> dict[tuple, dict[str, dict]]:
+    """Per (model, budget, split seed) of an earlier results file, its searched row and DiffRate's, where it has
+    both: DiffRate's rate search does not depend on the default search, so its row can be taken over."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for row in json.loads(path.read_text())["rows"]:
+        if row["method"] in ("searched", "diffrate"):
+            rows.setdefault((row["model"], row["budget"], row["split_seed"]), {})[row["method"]] = row
+    return {cell: methods for cell, methods in rows.items() if len(methods) == 2}
+
+
+def _check_reused(reused: dict[str, dict], found: dict, cell: tuple) -> None:
+    """Refuse to take over DiffRate's row when the routing found now is not the one scored then (same test top-1 and
+    KL): its paired errors against DiffRate, image by image, would not be this routing's."""
+    if "diffrate" in reused:
+        then = reused["searched"]
+        if (
+            abs(found["top1"].mean().item() - then["found_top1"]) > 1e-9
+            or abs(found["kl"].mean().item() - then["found_test_kl"]) > 1e-9
+        ):
+            raise UserError(
+                f"--reuse: the search found another routing for {cell} than the earlier run (test top-1 "
+                f"{found['top1'].mean().item():.4f} against {then['found_top1']:.4f}); rerun DiffRate without --reuse"
+            )
 
 
 def _complete(row: dict, wanted: set[str]) -> bool:
@@ -424,14 +461,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summarize", action="store_true", help="only print the table and draw the figure")
     parser.add_argument("--diffrate", action="store_true", help="also run DiffRate's rate search on every draw")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], help="fold these results files' rows in first")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        help="take DiffRate's rows from this earlier results file of the same draws instead of rerunning its search",
+    )
     args = parser.parse_args(argv)
     if min(args.split_seeds) < 0 or len(set(args.split_seeds)) < len(args.split_seeds):
         parser.error(f"--split_seeds must be distinct integers of at least 0 (each a draw), got {args.split_seeds}")
     for option in ("out_dir", "state_dir"):
         check_output_dir(getattr(args, option), f"--{option}")
-    for path in args.merge:
+    for option, path in [*(("--merge", p) for p in args.merge), *([("--reuse", args.reuse)] if args.reuse else [])]:
         if not path.is_file():
-            raise FileNotFoundError(f"--merge {path} does not exist; expected a search_generalization.json")
+            raise FileNotFoundError(f"{option} {path} does not exist; expected a search_generalization.json")
     if not args.summarize and not args.models:
         parser.error("--models is required unless --summarize is given")
     torch.set_grad_enabled(False)

@@ -19,6 +19,12 @@ NOT_FOUND = f"{MISSING} does not exist; expected a weights file, checkpoint or h
 
 CASES = [
     # (script, arguments, the error line without its "error: " and its debugging hint)
+    ("check_policy.py", ["--confidences", "0.3"], "search confidence must be in [0.5, 1), got 0.3"),
+    (
+        "check_policy.py",
+        ["--models", SHIPPED, "--search_seed", "1"],
+        "--search_seed 1 is also in --judge_seeds: judge on draws not searched on",
+    ),
     ("claims.py", ["--models", f"[{MISSING}]"], f"--models: {NOT_FOUND}"),
     (
         "frozen_features.py",
@@ -40,6 +46,11 @@ CASES = [
         "search_generalization.py",
         ["--models", SHIPPED, "--split_seeds", "-1"],
         "--split_seeds must be distinct integers of at least 0 (each a draw), got [-1]",
+    ),
+    (
+        "search_generalization.py",
+        ["--models", SHIPPED, "--reuse", "earlier.json"],
+        "--reuse earlier.json does not exist; expected a search_generalization.json",
     ),
     (
         "search_moves.py",

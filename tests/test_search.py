@@ -593,10 +593,10 @@ def test_progress_bar_counts_the_layers_and_stays_silent_when_off(model, data, c
 def test_a_default_search_uses_the_documented_settings(model, data, tmp_path):
     """A search state resumes only under the very settings that made it: the finished default search reruns, with no
     new work, when its settings are spelled out as documented (beam width 2, screening on 256 images, 4 finalists,
-    30% held out, checked at 95%), and refuses a rerun with any one of them changed."""
+    30% held out, checked at confidence 0.5), and refuses a rerun with any one of them changed."""
     path = tmp_path / "state.json"
     first = search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False)
-    assert first.report["check"]["confidence"] == 0.95 and first.report["images"] == round(0.7 * 24)
+    assert first.report["check"]["confidence"] == 0.5 and first.report["images"] == round(0.7 * 24)
     documented = {"beam_width": 2, "screen_images": 256, "finalists": 4, "holdout": 0.3, "objective": "fidelity"}
     again = search_routing(model, data, 0.7, space=SMALL, state_path=path, progress=False, **documented)
     assert again.routing == first.routing
@@ -716,8 +716,8 @@ def test_check_keeps_the_routing_found_only_when_a_paired_test_says_it_is_better
     assert decisions == {0.95: "searched", 1 - 1e-12: best}  # the data make the two levels disagree
     assert "with 100% confidence" in check["note"] and f"so {best} is returned" in check["note"]
     assert check["note"].endswith("the routing found is in searched_routing") and check["confidence"] == 1 - 1e-12
-    default = check_against_baselines(model, held_out, Routing(), target)[1]  # 95% by default
-    assert default["confidence"] == 0.95 and default["returned"] == "searched" and "note" not in default
+    default = check_against_baselines(model, held_out, Routing(), target)[1]  # 0.5 by default: the means decide
+    assert default["confidence"] == 0.5 and default["returned"] == "searched" and "note" not in default
     same, tie = check_against_baselines(model, held_out, baselines["tome"], target, 0.5)
     assert tie["paired"]["tome"]["upper_bound"] == 0 and tie["returned"] != "searched"
     with pytest.raises(ValueError, match="search confidence must be in \\[0.5, 1\\), got 1"):

@@ -1,7 +1,15 @@
 """benchmarks/search_generalization.py: the margins over the best baseline, of the routing returned and of the one
-found before the held-out check, in test top-1 and test KL, with their paired standard errors, on hand-built rows."""
+found before the held-out check, in test top-1 and test KL, with their paired standard errors, on hand-built rows;
+DiffRate's rows taken over from an earlier run (``--reuse``); and benchmarks/check_policy.py's decision at each
+confidence and its judged margins."""
+
+import json
+from pathlib import Path
 
 import pytest
+import torch
+
+from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -59,3 +67,52 @@ def test_resolution_pairs_each_margin_with_its_paired_error_against_the_best_bas
     assert (margin, error) == (pytest.approx(1.0), pytest.approx(0.15))
     found = benchmark.resolution({"rows": rows}, before_check=True)[("m", 0.5)]
     assert [pytest.approx(pair) for pair in found] == [(1.0, 0.15), (1.0, 0.2)]
+
+
+def test_reuse_takes_diffrate_rows_only_for_the_routing_scored_then(benchmark, tmp_path: Path):
+    cell = {"model": "m", "budget": 0.6, "split_seed": 1}
+    searched = {**cell, "method": "searched", "found_top1": 0.75, "found_test_kl": 0.02, "found_paired_se": {}}
+    diffrate = {**cell, "method": "diffrate", "top1": 0.74}
+    lone = {**cell, "split_seed": 2, "method": "searched", "found_top1": 0.7, "found_test_kl": 0.03}
+    earlier = {"rows": [searched, diffrate, {**cell, "method": "tome", "top1": 0.73}, lone]}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    reusable = benchmark._reusable(path)
+    assert reusable == {("m", 0.6, 1): {"searched": searched, "diffrate": diffrate}}  # seed 2 has no DiffRate row
+    same = {"top1": torch.tensor([1.0, 1.0, 1.0, 0.0]), "kl": torch.tensor([0.02, 0.02, 0.02, 0.02])}
+    benchmark._check_reused(reusable[("m", 0.6, 1)], same, ("m", 0.6, 1))  # the same routing: taken over
+    other = {**same, "top1": torch.tensor([1.0, 1.0, 0.0, 0.0])}
+    with pytest.raises(ValueError, match=r"--reuse: the search found another routing for \('m', 0.6, 1\) than the "):
+        benchmark._check_reused(reusable[("m", 0.6, 1)], other, ("m", 0.6, 1))
+
+
+def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired_differences(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as a script, it imports search_generalization beside it
+    from benchmarks import check_policy
+
+    # against ToMe the routing found is 0.002 lower with standard error 0.0015: z = 1.33 keeps it below 0 (at 0.9,
+    # z = 1.28), not z = 1.64 (0.95), where the baseline with the lowest held-out loss (tome, not pitome) is returned
+    check = {
+        "paired": {
+            "tome": {"difference": -0.002, "standard_error": 0.0015},
+            "pitome": {"difference": -0.05, "standard_error": 0.01},
+        },
+        "holdout": {"searched": {"loss": 0.018}, "tome": {"loss": 0.020}, "pitome": {"loss": 0.068}},
+    }
+    assert [check_policy.returned_at(check, c) for c in (0.5, 0.9, 0.95)] == ["searched", "searched", "tome"]
+    row = {
+        "model": "m",
+        "budget": 0.6,
+        "returned": {"0.5": "searched", "0.95": "tome"},
+        "judged": {
+            "searched": {"top1": 0.81, "kl": 0.010},
+            "tome": {"top1": 0.80, "kl": 0.015},
+            "pitome": {"top1": 0.78, "kl": 0.030},
+        },
+    }
+    check_policy.summarize({"rows": [row]}, [0.5, 0.95])
+    lines = capsys.readouterr().out.splitlines()
+    # judged against the best baseline (tome): +1.00 point and -5 10^-3 nats when the routing found is returned
+    assert lines[-3].split() == ["0.5", "+1.00", "/", "-5.00", "(1/1)"]
+    assert lines[-2].split() == ["0.95", "+0.00", "/", "+0.00", "(0/1)"]
+    assert lines[-1].split() == ["found", "+1.00", "/", "-5.00", "(1/1)"]

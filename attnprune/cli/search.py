@@ -105,7 +105,7 @@ def search(
     beam_width: int = 2,
     objective: str = "fidelity",
     holdout: float = 0.3,
-    confidence: float = 0.95,
+    confidence: float = 0.5,
     rates: RateOptions | None = None,
     architecture: str | None = None,
     device: str = "cpu",
@@ -128,7 +128,8 @@ def search(
         holdout: fraction of the validation images kept out of the search to check the routing found against the
             baselines within budget; 0 checks nothing.
         confidence: the routing found is kept only if it beats every baseline on the held-out images with this
-            confidence (one-sided paired test); otherwise the best baseline there is returned.
+            confidence (one-sided paired test); otherwise the best baseline there is returned. At the default 0.5
+            the lowest mean held-out loss decides.
         rates: settings of ``--strategy diffrate`` (``--rates.steps 300 --rates.batch_size 128 ...``, see
             :class:`~attnprune.search.strategy.RateOptions`).
         architecture: the timm architecture of a weights file that does not name its own (a plain timm ``.pth``).

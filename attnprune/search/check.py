@@ -1,5 +1,6 @@
 """The held-out check: the routing the search found against the baselines within budget, on validation images the
-search never saw, returned only when a paired test says it is better."""
+search never saw, returned only when its mean loss there is lower than every baseline's (or, at a confidence above
+0.5, when a paired test says so)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def check_held_out(
 
 
 def check_against_baselines(
-    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float, confidence: float = 0.95
+    model: VisionTransformer, held_out: Evaluator, routing: Routing, target: float, confidence: float = 0.5
 ) -> tuple[Routing, dict[str, Any]]:
     """The routing found against the baselines within budget (ToMe and PiToMe, and EViT, attention top-k and PPT where
     the model has a class token), measured on the held-out images by the search's objective.
@@ -82,7 +83,10 @@ def check_against_baselines(
     The routing found is returned only when it beats every baseline with ``confidence`` by a one-sided paired test of
     the per-image losses (the upper confidence bound of its mean loss minus the baseline's is below 0); otherwise
     the baseline with the lowest held-out loss is. A routing picked among hundreds of candidates looks better on the
-    images it was picked on than it is, and a difference within the noise of a few hundred images is no lead.
+    images it was picked on than it is, but not on held-out ones, so by default (0.5, where the bound is the mean
+    difference) the contender with the lowest held-out loss is returned: on validation images neither the search nor
+    the check saw, asking for 90% or 95% confidence returned ToMe where the routing found was better
+    (``benchmarks/check_policy.py``).
     """
     check_confidence(confidence)
     calibration = held_out.first_images(256)  # PPT's variance threshold
