@@ -32,19 +32,10 @@ from attnprune.errors import UserError
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search import search_routing
-from attnprune.search.check import check_confidence, split_holdout
+from attnprune.search.check import check_confidence, decide, split_holdout
 from attnprune.search.evaluator import Evaluator
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def returned_at(check: dict, confidence: float) -> str:
-    """The contender the held-out ``check`` returns at ``confidence``."""
-    z = statistics.NormalDist().inv_cdf(confidence)
-    paired = check["paired"]
-    if all(p["difference"] + z * p["standard_error"] < 0 for p in paired.values()):
-        return "searched"
-    return min(paired, key=lambda method: check["holdout"][method]["loss"])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -71,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
                 progress=False,
             )
             check = found.report["check"]
+            losses = {method: values["loss"] for method, values in check["holdout"].items()}
             held_out = split_holdout(cut[args.search_seed], 0.3)[1]
             calibration = torch.cat([x for x, _ in held_out])[:256]  # PPT's threshold, as the check calibrated it
             contenders = {
@@ -86,7 +78,7 @@ def run(args: argparse.Namespace) -> None:
                 {
                     "model": name,
                     "budget": budget,
-                    "returned": {f"{c:g}": returned_at(check, c) for c in args.confidences},
+                    "returned": {f"{c:g}": decide(check["paired"], losses, c) for c in args.confidences},
                     "judged": judged,
                     "judge_images": judge.images,
                     "check": {"holdout": check["holdout"], "paired": check["paired"]},

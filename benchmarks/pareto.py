@@ -12,10 +12,15 @@ done: a run that fails leaves the results there as they were.
 
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
+
+``--summarize ... --confidence C`` retakes each held-out check's decision at a lower confidence than it ran at, from
+the paired differences its report holds (:func:`attnprune.search.check.decide`): where the routing found is now
+returned, its row takes the test top-1 and FLOPs the run measured for it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from argparse import Namespace
@@ -30,9 +35,11 @@ import torch  # noqa: E402
 from attnprune import Routing, count_flops, load_model, prune, unprune  # noqa: E402
 from attnprune.atomic import atomic_path, check_output_dir, staged_files  # noqa: E402
 from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli  # noqa: E402
+from attnprune.errors import UserError  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import InfeasibleBudget, SearchSpace, cheapest_flops, search_routing  # noqa: E402
+from attnprune.search.check import check_confidence, decide  # noqa: E402
 from attnprune.search.core import STRATEGIES  # noqa: E402
 
 SEARCHED_ROUTINGS = Path(__file__).parent / "results" / "routings"
@@ -87,7 +94,14 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
         metavar="JSON",
         help="instead of running: combine earlier results into one table and figure (pareto_all.png)",
     )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        help="with --summarize: retake each held-out check's decision at this confidence (at most the one it ran at)",
+    )
     args = parser.parse_args(argv)
+    if args.confidence is not None:
+        check_confidence(args.confidence)
     for option in ("out_dir", "routing_dir", "state_dir"):
         check_output_dir(getattr(args, option), f"--{option}")
     if args.summarize:
@@ -119,7 +133,7 @@ def check_budgets(model: torch.nn.Module, budgets: list[float]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
-        summarize(args.summarize, args.out_dir / "pareto_all.png")
+        summarize(args.summarize, args.out_dir / "pareto_all.png", args.confidence)
         return
 
     torch.set_grad_enabled(False)
@@ -293,9 +307,38 @@ def plot(result: dict, ax: plt.Axes) -> None:
     ax.grid(alpha=0.3)
 
 
-def summarize(paths: list[Path], out: Path) -> None:
-    """Several models' results: print the README table and write one figure with a panel per model."""
+def at_confidence(result: dict, confidence: float) -> dict:
+    """``result`` as the held-out checks would have returned at ``confidence``: each searched row's stored check
+    decides again, and where the routing found is now returned, the row takes the test top-1 and FLOPs measured for it
+    (``unchecked``). A lower confidence only ever returns the routing found more often; a higher one would need the
+    test top-1 of a baseline the check returns, which the run did not measure, so it is refused."""
+    result = copy.deepcopy(result)
+    for row in result["results"]:
+        check = row.get("search", {}).get("check")
+        if row["method"] != "searched" or check is None:
+            continue
+        losses = {method: values["loss"] for method, values in check["holdout"].items()}
+        method = decide(check["paired"], losses, confidence)
+        if method != check["returned"]:
+            if method != "searched":
+                raise UserError(
+                    f"--confidence {confidence:g}: the check of {result['model']} at {row['budget']:g}, run at "
+                    f"{check['confidence']:g}, would return {method}, whose test top-1 the run did not measure"
+                )
+            found = row.pop("unchecked")
+            gflops = found["flops_ratio"] * result["unpruned"]["gflops"]
+            row.update(top1=found["top1"], flops_ratio=found["flops_ratio"], gflops=gflops)
+            row["routing"], check["returned"] = check["searched_routing"], "searched"
+        check["confidence"] = confidence
+    return result
+
+
+def summarize(paths: list[Path], out: Path, confidence: float | None = None) -> None:
+    """Several models' results: print the README table and write one figure with a panel per model; with
+    ``confidence``, as the held-out checks would have returned at it (:func:`at_confidence`)."""
     results = [json.loads(p.read_text()) for p in paths]
+    if confidence is not None:
+        results = [at_confidence(result, confidence) for result in results]
     cols = min(2, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)

@@ -41,6 +41,11 @@ CASES = [
         ["--model", SHIPPED, "--budgets", "0.9", "1.5"],
         "argument --budgets: expected a fraction in (0, 1], got 1.5",
     ),
+    (
+        "pareto.py",
+        ["--summarize", str(ROOT / "benchmarks/results/pareto_fmnist_mae.json"), "--confidence", "1"],
+        "search confidence must be in [0.5, 1), got 1.0",
+    ),
     ("search_cost.py", ["--model", MISSING], f"argument --model: {NOT_FOUND}"),
     (
         "search_generalization.py",

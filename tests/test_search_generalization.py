@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnprune.search.check import decide
 from tests.conftest import ROOT
 
 
@@ -99,7 +100,8 @@ def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired
         },
         "holdout": {"searched": {"loss": 0.018}, "tome": {"loss": 0.020}, "pitome": {"loss": 0.068}},
     }
-    assert [check_policy.returned_at(check, c) for c in (0.5, 0.9, 0.95)] == ["searched", "searched", "tome"]
+    losses = {method: values["loss"] for method, values in check["holdout"].items()}
+    assert [decide(check["paired"], losses, c) for c in (0.5, 0.9, 0.95)] == ["searched", "searched", "tome"]
     row = {
         "model": "m",
         "budget": 0.6,

@@ -17,7 +17,14 @@ from attnprune.routing import Routing
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search.evaluator import Evaluator
 
-__all__ = ["split_holdout", "check_against_baselines", "check_held_out", "check_confidence", "standard_error"]
+__all__ = [
+    "split_holdout",
+    "check_against_baselines",
+    "check_held_out",
+    "check_confidence",
+    "decide",
+    "standard_error",
+]
 
 
 def split_holdout(batches: list, holdout: float) -> tuple[list, list]:
@@ -100,9 +107,7 @@ def check_against_baselines(
         difference = values["searched"]["loss"] - values[method]["loss"]
         mean, error = difference.mean().item(), standard_error(difference)
         paired[method] = {"difference": mean, "standard_error": error, "upper_bound": mean + z * error}
-    method = "searched"  # also when no baseline gets within the budget
-    if not all(p["upper_bound"] < 0 for p in paired.values()):
-        method = min(paired, key=lambda m: results[m]["loss"])
+    method = decide(paired, {m: r["loss"] for m, r in results.items()}, confidence)
     check = {
         "holdout_images": held_out.images,
         "objective": held_out.objective,
@@ -121,6 +126,17 @@ def check_against_baselines(
             "returned; the routing found is in searched_routing"
         )
     return contenders[method], check
+
+
+def decide(paired: dict[str, dict[str, float]], losses: dict[str, float], confidence: float) -> str:
+    """What the held-out check returns at ``confidence``: ``"searched"`` when the upper bound ``difference + z *
+    standard_error`` of the routing found against every baseline in ``paired`` is below 0 (also when ``paired`` is
+    empty), otherwise the baseline with the lowest held-out ``losses``. A stored ``report["check"]`` holds both, so
+    its decision can be retaken at another confidence."""
+    z = statistics.NormalDist().inv_cdf(confidence)
+    if all(p["difference"] + z * p["standard_error"] < 0 for p in paired.values()):
+        return "searched"
+    return min(paired, key=losses.__getitem__)
 
 
 def standard_error(values: Tensor) -> float:
