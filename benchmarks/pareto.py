@@ -15,7 +15,8 @@ done: a run that fails leaves the results there as they were.
 
 ``--summarize ... --confidence C`` retakes each held-out check's decision at a lower confidence than it ran at, from
 the paired differences its report holds (:func:`attnprune.search.check.decide`): where the routing found is now
-returned, its row takes the test top-1 and FLOPs the run measured for it.
+returned, its row takes the test top-1 and FLOPs the run measured for it; ``--rewrite`` also writes the results files
+and the searched routings (``--routing_dir``) as retaken.
 """
 
 from __future__ import annotations
@@ -99,9 +100,16 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
         type=float,
         help="with --summarize: retake each held-out check's decision at this confidence (at most the one it ran at)",
     )
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="with --summarize --confidence: write the results files and searched routings as retaken",
+    )
     args = parser.parse_args(argv)
     if args.confidence is not None:
         check_confidence(args.confidence)
+    if args.rewrite and (args.confidence is None or not args.summarize):
+        parser.error("--rewrite needs --summarize and --confidence")
     for option in ("out_dir", "routing_dir", "state_dir"):
         check_output_dir(getattr(args, option), f"--{option}")
     if args.summarize:
@@ -133,6 +141,8 @@ def check_budgets(model: torch.nn.Module, budgets: list[float]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
+        if args.rewrite:
+            rewrite(args.summarize, args.confidence, args.routing_dir)
         summarize(args.summarize, args.out_dir / "pareto_all.png", args.confidence)
         return
 
@@ -199,10 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     path = args.out_dir / f"pareto_{name}.json"
     print_table(result)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    plot(result, ax)
-    ax.legend()
-    fig.tight_layout()
+    fig = figure(result)
     with staged_files() as stage:  # every file or none
         for budget, routing in searched.items():
             routing.to_yaml(stage(args.routing_dir / f"{name}-{budget:g}.yaml"))
@@ -291,6 +298,15 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def figure(result: dict) -> plt.Figure:
+    """One model's plot of :func:`plot`, with its legend."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot(result, ax)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def plot(result: dict, ax: plt.Axes) -> None:
     """Test top-1 against GFLOPs, one line per method, the unpruned model as a dotted line."""
     for method in present([result]):
@@ -331,6 +347,23 @@ def at_confidence(result: dict, confidence: float) -> dict:
             row["routing"], check["returned"] = check["searched_routing"], "searched"
         check["confidence"] = confidence
     return result
+
+
+def rewrite(paths: list[Path], confidence: float, routing_dir: Path) -> None:
+    """Write each results file and its figure as its held-out checks return at ``confidence``
+    (:func:`at_confidence`), and the searched routing of every budget whose decision changed to ``routing_dir``, all
+    files or none."""
+    with staged_files() as stage:
+        for path in paths:
+            before = json.loads(path.read_text())
+            after = at_confidence(before, confidence)
+            for old, new in zip(before["results"], after["results"], strict=True):
+                if new["method"] == "searched" and new["routing"] != old["routing"]:
+                    routing = Routing.from_dict(new["routing"])
+                    routing.to_yaml(stage(routing_dir / f"{after['model']}-{new['budget']:g}.yaml"))
+                    print(f"{after['model']} at {new['budget']:g}: now the routing found, {new['top1']:.2%}")
+            stage(path).write_text(json.dumps(after, indent=2))
+            figure(after).savefig(stage(path.with_suffix(".png")), dpi=120)
 
 
 def summarize(paths: list[Path], out: Path, confidence: float | None = None) -> None:

@@ -37,3 +37,30 @@ def test_a_lower_confidence_returns_the_routing_found_with_its_measured_top1():
 def test_a_decision_that_would_need_an_unmeasured_baseline_is_refused():
     with pytest.raises(ValueError, match="^--confidence 0.99: the check of m at 0.6, run at 0.95, would return tome, "):
         pareto.at_confidence(_result("searched"), 0.99)
+
+
+def test_rewrite_writes_the_results_and_the_routing_whose_decision_changed(tmp_path, capsys):
+    import json
+
+    path, routings = tmp_path / "pareto_m.json", tmp_path / "routings"
+    path.write_text(json.dumps(_result("tome")))
+    pareto.main(
+        [
+            "--summarize",
+            str(path),
+            "--confidence",
+            "0.5",
+            "--rewrite",
+            "--routing_dir",
+            str(routings),
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
+    row = json.loads(path.read_text())["results"][0]
+    assert row["top1"] == 0.81 and row["search"]["check"] == {**_result("tome")["results"][0]["search"]["check"]} | {
+        "returned": "searched",
+        "confidence": 0.5,
+    }
+    assert (routings / "m-0.6.yaml").read_text().startswith("name: searched")
+    assert "m at 0.6: now the routing found, 81.00%" in capsys.readouterr().out
