@@ -118,6 +118,15 @@ def summarize(result: dict, confidences: list[float]) -> None:
             cells.append(f"{statistics.mean(top1):+.2f} / {statistics.mean(kl):+.2f} ({returned}/{len(top1)})")
         label = "found" if confidence is None else f"{confidence:g}"
         print(f"{label:>10} " + "".join(f"{cell:>24}" for cell in cells))
+    for confidence in confidences:
+        swaps = [(r["judged"]["searched"], r["judged"][r["returned"][f"{confidence:g}"]]) for r in result["rows"]]
+        swaps = [(found, baseline) for found, baseline in swaps if found is not baseline]
+        closer = sum(found["kl"] < baseline["kl"] for found, baseline in swaps)
+        better = sum(found["top1"] > baseline["top1"] for found, baseline in swaps)
+        print(
+            f"at {confidence:g} a baseline was returned in {len(swaps)} of {len(result['rows'])} searches; the routing "
+            f"found was closer to the unpruned model in {closer} of them and more accurate in {better}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
