@@ -13,10 +13,10 @@ done: a run that fails leaves the results there as they were.
     .venv/bin/python benchmarks/pareto.py --model checkpoints/fmnist_supervised.safetensors
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
 
-``--summarize ... --confidence C`` retakes each held-out check's decision at a lower confidence than it ran at, from
-the paired differences its report holds (:func:`attnprune.search.check.decide`): where the routing found is now
-returned, its row takes the test top-1 and FLOPs the run measured for it; ``--rewrite`` also writes the results files
-and the searched routings (``--routing_dir``) as retaken.
+``--summarize ... --recheck C`` retakes each held-out check's decision at a lower confidence than it ran at, from the
+paired differences its report holds (:func:`attnprune.search.check.decide`): where the routing found is now returned,
+its row takes the test top-1 and FLOPs the run measured for it, and the baselines there are tuned to its FLOPs and
+scored again, as the run does; the results files, figures and searched routings (``--routing_dir``) are rewritten.
 """
 
 from __future__ import annotations
@@ -65,6 +65,18 @@ def top1(model: torch.nn.Module, routing: Routing, batches: list) -> float:
     return correct / sum(len(y) for _, y in batches)
 
 
+def calibration(val: list) -> torch.Tensor:
+    """PPT's variance threshold is calibrated on the first 256 validation images."""
+    return torch.cat([x for x, _ in val])[:256]
+
+
+def scored_row(model: torch.nn.Module, method: str, budget: float, routing: Routing, test: list) -> dict:
+    """A method's row at ``budget``: its FLOPs, test top-1 and routing."""
+    flops, unpruned = count_flops(model, routing), count_flops(model)
+    row = {"method": method, "budget": budget, "gflops": flops / 1e9, "flops_ratio": flops / unpruned}
+    return row | {"top1": top1(model, routing, test), "routing": routing.to_dict()}
+
+
 def parse_args(argv: list[str] | None = None) -> Namespace:
     """The options, each checked as it is parsed (see :mod:`attnprune.cli`)."""
     parser = ArgumentParser(description=__doc__)
@@ -96,20 +108,17 @@ def parse_args(argv: list[str] | None = None) -> Namespace:
         help="instead of running: combine earlier results into one table and figure (pareto_all.png)",
     )
     parser.add_argument(
-        "--confidence",
+        "--recheck",
         type=float,
-        help="with --summarize: retake each held-out check's decision at this confidence (at most the one it ran at)",
-    )
-    parser.add_argument(
-        "--rewrite",
-        action="store_true",
-        help="with --summarize --confidence: write the results files and searched routings as retaken",
+        metavar="CONFIDENCE",
+        help="with --summarize: retake each held-out check at this confidence (at most the one it ran at), tune the "
+        "baselines again where the routing returned changes, and write the results files and searched routings",
     )
     args = parser.parse_args(argv)
-    if args.confidence is not None:
-        check_confidence(args.confidence)
-    if args.rewrite and (args.confidence is None or not args.summarize):
-        parser.error("--rewrite needs --summarize and --confidence")
+    if args.recheck is not None:
+        check_confidence(args.recheck)
+        if not args.summarize:
+            parser.error("--recheck needs --summarize (the results files to recheck)")
     for option in ("out_dir", "routing_dir", "state_dir"):
         check_output_dir(getattr(args, option), f"--{option}")
     if args.summarize:
@@ -141,9 +150,9 @@ def check_budgets(model: torch.nn.Module, budgets: list[float]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.summarize:
-        if args.rewrite:
-            rewrite(args.summarize, args.confidence, args.routing_dir)
-        summarize(args.summarize, args.out_dir / "pareto_all.png", args.confidence)
+        if args.recheck is not None:
+            recheck(args.summarize, args.recheck, args.routing_dir)
+        summarize(args.summarize, args.out_dir / "pareto_all.png")
         return
 
     torch.set_grad_enabled(False)
@@ -158,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint": args.model,
         "strategy": args.strategy,
         "unpruned": {"gflops": unpruned / 1e9, "top1": top1(model, Routing(), test)},
+        "val_images": args.val_images,
+        "test_images": args.test_images,
         "results": [],
     }
     searched = {}  # budget -> the routing found, written with the results at the end
@@ -172,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             state_path=args.state_dir / f"{name}-{args.strategy}-{budget:g}.json",
         )
         searched[budget] = found.routing
-        calibration = torch.cat([x for x, _ in val])[:256]  # PPT's variance threshold
-        matched = matched_baselines(model, count_flops(model, found.routing), calibration=calibration)
+        matched = matched_baselines(model, count_flops(model, found.routing), calibration=calibration(val))
         routings = {"searched": found.routing, **matched}
         if args.diffrate:  # DiffRate's own rate search at the same budget on the same images: the schedule it found,
             # before the held-out check (which would return a baseline in its place)
@@ -187,15 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             routings["diffrate"] = Routing.from_dict(rates.report["check"]["searched_routing"])
         for method, routing in routings.items():
-            flops = count_flops(model, routing)
-            row = {
-                "method": method,
-                "budget": budget,
-                "gflops": flops / 1e9,
-                "flops_ratio": flops / unpruned,
-                "top1": top1(model, routing, test),
-                "routing": routing.to_dict(),
-            }
+            row = scored_row(model, method, budget, routing, test)
             if method == "searched":
                 row["search"] = found.report
                 if returned(row) != "searched":  # what the search alone would have scored: does the check help?
@@ -338,7 +340,7 @@ def at_confidence(result: dict, confidence: float) -> dict:
         if method != check["returned"]:
             if method != "searched":
                 raise UserError(
-                    f"--confidence {confidence:g}: the check of {result['model']} at {row['budget']:g}, run at "
+                    f"--recheck {confidence:g}: the check of {result['model']} at {row['budget']:g}, run at "
                     f"{check['confidence']:g}, would return {method}, whose test top-1 the run did not measure"
                 )
             found = row.pop("unchecked")
@@ -349,29 +351,49 @@ def at_confidence(result: dict, confidence: float) -> dict:
     return result
 
 
-def rewrite(paths: list[Path], confidence: float, routing_dir: Path) -> None:
+def retune(result: dict, budgets: set[float]) -> None:
+    """Tune the baselines again to the searched routing's FLOPs at ``budgets`` and score them on the test images, as
+    the run does: after :func:`at_confidence` the searched routing there is another one, with other FLOPs. DiffRate's
+    schedule, found for the budget, stays, and a baseline the results lack is not added. Runs where the results were
+    made (their checkpoint, image counts)."""
+    model = load_model(result["checkpoint"])
+    data = FashionMNISTDataModule(batch_size=500).for_model(model)
+    val = data.take("validation", min(256, result.get("val_images", 5000)))
+    test = data.take("test", result.get("test_images", 10000))
+    for budget in budgets:
+        searched = next(r for r in result["results"] if r["budget"] == budget and r["method"] == "searched")
+        target = count_flops(model, Routing.from_dict(searched["routing"]))
+        present = {r["method"] for r in result["results"] if r["budget"] == budget}  # older runs lack the peers
+        matched = {
+            m: r for m, r in matched_baselines(model, target, calibration=calibration(val)).items() if m in present
+        }
+        result["results"] = [r for r in result["results"] if r["budget"] != budget or r["method"] not in matched]
+        result["results"] += [scored_row(model, m, budget, routing, test) for m, routing in matched.items()]
+
+
+def recheck(paths: list[Path], confidence: float, routing_dir: Path) -> None:
     """Write each results file and its figure as its held-out checks return at ``confidence``
-    (:func:`at_confidence`), and the searched routing of every budget whose decision changed to ``routing_dir``, all
-    files or none."""
+    (:func:`at_confidence`, the baselines tuned again where the searched routing changed: :func:`retune`), and the
+    searched routing of every budget whose decision changed to ``routing_dir``, all files or none."""
     with staged_files() as stage:
         for path in paths:
             before = json.loads(path.read_text())
-            after = at_confidence(before, confidence)
+            after, changed = at_confidence(before, confidence), set()
             for old, new in zip(before["results"], after["results"], strict=True):
                 if new["method"] == "searched" and new["routing"] != old["routing"]:
                     routing = Routing.from_dict(new["routing"])
                     routing.to_yaml(stage(routing_dir / f"{after['model']}-{new['budget']:g}.yaml"))
                     print(f"{after['model']} at {new['budget']:g}: now the routing found, {new['top1']:.2%}")
+                    changed.add(new["budget"])
+            if changed:
+                retune(after, changed)
             stage(path).write_text(json.dumps(after, indent=2))
             figure(after).savefig(stage(path.with_suffix(".png")), dpi=120)
 
 
-def summarize(paths: list[Path], out: Path, confidence: float | None = None) -> None:
-    """Several models' results: print the README table and write one figure with a panel per model; with
-    ``confidence``, as the held-out checks would have returned at it (:func:`at_confidence`)."""
+def summarize(paths: list[Path], out: Path) -> None:
+    """Several models' results: print the README table and write one figure with a panel per model."""
     results = [json.loads(p.read_text()) for p in paths]
-    if confidence is not None:
-        results = [at_confidence(result, confidence) for result in results]
     cols = min(2, len(results))
     rows = -(-len(results) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)

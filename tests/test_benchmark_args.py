@@ -43,7 +43,7 @@ CASES = [
     ),
     (
         "pareto.py",
-        ["--summarize", str(ROOT / "benchmarks/results/pareto_fmnist_mae.json"), "--confidence", "1"],
+        ["--summarize", str(ROOT / "benchmarks/results/pareto_fmnist_mae.json"), "--recheck", "1"],
         "search confidence must be in [0.5, 1), got 1.0",
     ),
     ("search_cost.py", ["--model", MISSING], f"argument --model: {NOT_FOUND}"),

@@ -1,8 +1,15 @@
-"""benchmarks/pareto.py: the held-out checks of a run retaken at a lower confidence, on a hand-built result."""
+"""benchmarks/pareto.py: the held-out checks of a run retaken at a lower confidence, on hand-built results (the last
+one on the shipped supervised model, its baselines tuned again and scored)."""
+
+import json
 
 import pytest
 
+from attnprune import Routing, count_flops, load_model
 from benchmarks import pareto
+from tests.conftest import ROOT
+
+SHIPPED = str(ROOT / "checkpoints" / "fmnist_supervised.safetensors")
 
 
 def _result(returned: str) -> dict:
@@ -35,32 +42,30 @@ def test_a_lower_confidence_returns_the_routing_found_with_its_measured_top1():
 
 
 def test_a_decision_that_would_need_an_unmeasured_baseline_is_refused():
-    with pytest.raises(ValueError, match="^--confidence 0.99: the check of m at 0.6, run at 0.95, would return tome, "):
+    with pytest.raises(ValueError, match="^--recheck 0.99: the check of m at 0.6, run at 0.95, would return tome, "):
         pareto.at_confidence(_result("searched"), 0.99)
 
 
-def test_rewrite_writes_the_results_and_the_routing_whose_decision_changed(tmp_path, capsys):
-    import json
-
-    path, routings = tmp_path / "pareto_m.json", tmp_path / "routings"
-    path.write_text(json.dumps(_result("tome")))
-    pareto.main(
-        [
-            "--summarize",
-            str(path),
-            "--confidence",
-            "0.5",
-            "--rewrite",
-            "--routing_dir",
-            str(routings),
-            "--out_dir",
-            str(tmp_path),
-        ]
-    )
-    row = json.loads(path.read_text())["results"][0]
-    assert row["top1"] == 0.81 and row["search"]["check"] == {**_result("tome")["results"][0]["search"]["check"]} | {
-        "returned": "searched",
-        "confidence": 0.5,
-    }
-    assert (routings / "m-0.6.yaml").read_text().startswith("name: searched")
-    assert "m at 0.6: now the routing found, 81.00%" in capsys.readouterr().out
+def test_recheck_tunes_the_baselines_again_and_writes_the_routing_whose_decision_changed(tmp_path, capsys):
+    """The shipped supervised model, its routing found ToMe with r=4: after the recheck every baseline is tuned to
+    its FLOPs (within 1%) and scored on the run's 200 test images, and the routing is written beside."""
+    model = load_model(SHIPPED)
+    found = Routing.parse("tome:r=4", len(model.blocks))
+    result = _result("tome")
+    result |= {"model": "fmnist_supervised", "checkpoint": SHIPPED, "val_images": 300, "test_images": 200}
+    result["results"][0]["search"]["check"]["searched_routing"] = found.to_dict()
+    result["results"][0]["unchecked"]["flops_ratio"] = count_flops(model, found) / count_flops(model)
+    path, routings = tmp_path / "pareto_fmnist_supervised.json", tmp_path / "routings"
+    path.write_text(json.dumps(result))
+    argv = ["--summarize", str(path), "--recheck", "0.5", "--routing_dir", str(routings), "--out_dir", str(tmp_path)]
+    pareto.main(argv)
+    rows = {row["method"]: row for row in json.loads(path.read_text())["results"]}
+    assert rows["searched"]["top1"] == 0.81 and rows["searched"]["search"]["check"]["returned"] == "searched"
+    assert set(rows) == {"searched", "tome", "evit", "topk_attention", "pitome", "ppt", "random"}
+    for method, row in rows.items():
+        assert abs(row["flops_ratio"] / rows["searched"]["flops_ratio"] - 1) < 0.01, method
+        if method != "searched":  # scored again, on the 200 test images: a multiple of 1/200
+            assert round(row["top1"] * 200, 6) == int(round(row["top1"] * 200)) and row["top1"] > 0.5
+    assert Routing.from_yaml(routings / "fmnist_supervised-0.6.yaml") == found
+    assert (tmp_path / "pareto_fmnist_supervised.png").is_file() and (tmp_path / "pareto_all.png").is_file()
+    assert "fmnist_supervised at 0.6: now the routing found, 81.00%" in capsys.readouterr().out
