@@ -55,6 +55,8 @@ def test_recheck_tunes_the_baselines_again_and_writes_the_routing_whose_decision
     result |= {"model": "fmnist_supervised", "checkpoint": SHIPPED, "val_images": 300, "test_images": 200}
     result["results"][0]["search"]["check"]["searched_routing"] = found.to_dict()
     result["results"][0]["unchecked"]["flops_ratio"] = count_flops(model, found) / count_flops(model)
+    for method in ("evit", "topk_attention", "pitome", "ppt", "random"):  # the run's rows, replaced by the recheck
+        result["results"].append({"method": method, "budget": 0.6, "top1": 0.0, "flops_ratio": 0.0, "gflops": 0.0})
     path, routings = tmp_path / "pareto_fmnist_supervised.json", tmp_path / "routings"
     path.write_text(json.dumps(result))
     argv = ["--summarize", str(path), "--recheck", "0.5", "--routing_dir", str(routings), "--out_dir", str(tmp_path)]
