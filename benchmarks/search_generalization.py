@@ -21,7 +21,8 @@ each search resumes from its state file), then one table and a figure of the mar
 
 Runs on several cores at once write to their own ``--out_dir``; ``--merge OTHER.json ...`` folds their rows in.
 ``--reuse EARLIER.json`` takes DiffRate's rows from an earlier run on the same draws instead of rerunning its rate
-search (3-4 minutes a draw); it refuses a draw where the default search now finds another routing than then.
+search (3-4 minutes a draw) where the held-out check returns the routing found; it refuses a draw where the default
+search now finds another routing than then.
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> None:
                 calibration = torch.cat([x for x, _ in validation_draws[seed]])[:256]  # PPT's threshold
                 # the most FLOPs within budget
                 within = matched_baselines(model, budget * unpruned, within=True, calibration=calibration)
-                reused = reuse.get((name, budget, seed), {})
+                # a returned baseline's paired errors against DiffRate need DiffRate's per-image scores: rerun it
+                reused = reuse.get((name, budget, seed), {}) if found.report["check"]["returned"] == "searched" else {}
                 if args.diffrate and model.has_class_token and "diffrate" not in reused:  # DiffRate's own rate search
                     rates = search_routing(
                         model,
