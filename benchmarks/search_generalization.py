@@ -211,15 +211,16 @@ def _complete(row: dict, wanted: set[str]) -> bool:
 
 
 def merge(out: Path, others: list[Path]) -> None:
-    """Add the rows (and model entries) of ``others`` that ``out`` lacks."""
+    """Add the rows (and model entries) of ``others`` that ``out`` lacks, the first file's where several hold one."""
     result = json.loads(out.read_text()) if out.is_file() else {"rows": [], "models": {}}
     seen = {(r["model"], r["budget"], r["split_seed"], r["method"]) for r in result["rows"]}
     for path in others:
         other = json.loads(path.read_text())
         result["models"].update(other["models"])
-        result["rows"] += [
-            r for r in other["rows"] if (r["model"], r["budget"], r["split_seed"], r["method"]) not in seen
-        ]
+        for row in other["rows"]:
+            if (cell := (row["model"], row["budget"], row["split_seed"], row["method"])) not in seen:
+                result["rows"].append(row)
+                seen.add(cell)
     write_text_atomic(out, json.dumps(result, indent=1))
 
 

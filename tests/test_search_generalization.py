@@ -115,6 +115,23 @@ def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired
     check_policy.summarize({"rows": [row]}, [0.5, 0.95])
     lines = capsys.readouterr().out.splitlines()
     # judged against the best baseline (tome): +1.00 point and -5 10^-3 nats when the routing found is returned
-    assert lines[-3].split() == ["0.5", "+1.00", "/", "-5.00", "(1/1)"]
-    assert lines[-2].split() == ["0.95", "+0.00", "/", "+0.00", "(0/1)"]
-    assert lines[-1].split() == ["found", "+1.00", "/", "-5.00", "(1/1)"]
+    assert lines[-5].split() == ["0.5", "+1.00", "/", "-5.00", "(1/1)"]
+    assert lines[-4].split() == ["0.95", "+0.00", "/", "+0.00", "(0/1)"]
+    assert lines[-3].split() == ["found", "+1.00", "/", "-5.00", "(1/1)"]
+    assert lines[-2] == "at 0.5 a baseline was returned in 0 of 1 searches; the routing found was closer to the " + (
+        "unpruned model in 0 of them and more accurate in 0"
+    )
+    assert lines[-1].startswith("at 0.95 a baseline was returned in 1 of 1 searches; the routing found was closer")
+    assert lines[-1].endswith("in 1 of them and more accurate in 1")
+
+
+def test_merge_keeps_one_row_per_draw_and_method_the_first_files(benchmark, tmp_path: Path):
+    def write(name: str, top1: float) -> Path:
+        path = tmp_path / name
+        rows = [{"model": "m", "budget": 0.5, "split_seed": 0, "method": "tome", "top1": top1}]
+        path.write_text(json.dumps({"rows": rows, "models": {"m": {}}}))
+        return path
+
+    out = tmp_path / "out.json"
+    benchmark.merge(out, [write("a.json", 0.8), write("b.json", 0.7)])
+    assert [row["top1"] for row in json.loads(out.read_text())["rows"]] == [0.8]
