@@ -23,13 +23,13 @@ import statistics
 from pathlib import Path
 
 import torch
-from search_generalization import draws  # the generalization benchmark's draws
 
 from attnprune import Routing, count_flops, load_model
 from attnprune.atomic import check_output_file, write_text_atomic
 from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli
 from attnprune.errors import UserError
 from attnprune.lit.data import FashionMNISTDataModule
+from attnprune.lit.data.splits import disjoint_draws
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search import search_routing
 from attnprune.search.check import check_confidence, decide, split_holdout
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
             continue
         model = load_model(path)
         data = FashionMNISTDataModule(batch_size=args.batch_size).for_model(model)
-        cut = draws(data.take("validation", args.draw_images * (max(seeds) + 1)), args.draw_images, seeds, 250)
+        cut = disjoint_draws(data.take("validation", args.draw_images * (max(seeds) + 1)), args.draw_images, seeds, 250)
         judge = Evaluator(model, [batch for seed in args.judge_seeds for batch in cut[seed]], "kl")
         unpruned = count_flops(model, Routing())
         for budget in args.budgets:

@@ -44,6 +44,7 @@ from attnprune.atomic import check_output_dir, staged_files, write_text_atomic  
 from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli  # noqa: E402
 from attnprune.errors import UserError  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
+from attnprune.lit.data.splits import disjoint_draws  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import search_routing  # noqa: E402
 from attnprune.search.check import standard_error  # noqa: E402
@@ -53,21 +54,6 @@ RESULTS = Path(__file__).parent / "results"
 BASELINES = ("tome", "evit", "topk_attention", "pitome", "ppt", "diffrate", "random")
 METHODS = ("searched", *BASELINES)
 COST = ("wall_time_s", "forward_backward_passes", "full_forward_equivalents", "images_seen")
-DRAW_SEED = 20261128  # the permutation of the validation split that the draws cut, fixed once
-
-
-def draws(batches: list, images: int, seeds: list[int], batch_size: int) -> dict[int, list]:
-    """Disjoint draws of ``images`` validation images, one per split seed, cut from one fixed permutation."""
-    x = torch.cat([b[0] for b in batches])
-    y = torch.cat([b[1] for b in batches])
-    if images * (max(seeds) + 1) > len(y):
-        raise UserError(f"--draw_images {images} x {max(seeds) + 1} draws exceeds the {len(y)} validation images")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DRAW_SEED))
-    result = {}
-    for seed in seeds:
-        index = order[seed * images : (seed + 1) * images]
-        result[seed] = [(x[i], y[i]) for i in index.split(batch_size)]
-    return result
 
 
 def key(routing: Routing) -> str:
@@ -96,7 +82,8 @@ def run(args: argparse.Namespace) -> None:
                 validation = data.take("validation", args.draw_images * (max(args.split_seeds) + 1))
                 # per test image: top1 (1 if correct) and kl from the unpruned model, whose outputs it computes once
                 test = Evaluator(model, data.take("test", args.test_images), "kl")
-                loaded[name] = model, draws(validation, args.draw_images, args.split_seeds, args.batch_size), test
+                cut = disjoint_draws(validation, args.draw_images, args.split_seeds, args.batch_size)
+                loaded[name] = model, cut, test
                 unpruned_top1 = test.per_image(test.initial(), Routing(), 0)["top1"].mean().item()
                 result["models"][name] = {"checkpoint": str(path), "unpruned_top1": unpruned_top1}
             model, validation_draws, test = loaded[name]

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from attnprune.search.check import decide
-from tests.conftest import ROOT
 
 
 @pytest.fixture
@@ -87,8 +86,7 @@ def test_reuse_takes_diffrate_rows_only_for_the_routing_scored_then(benchmark, t
         benchmark._check_reused(reusable[("m", 0.6, 1)], other, ("m", 0.6, 1))
 
 
-def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired_differences(capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as a script, it imports search_generalization beside it
+def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired_differences(capsys):
     from benchmarks import check_policy
 
     # against ToMe the routing found is 0.002 lower with standard error 0.0015: z = 1.33 keeps it below 0 (at 0.9,

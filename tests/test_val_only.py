@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import timm
+import torch
 import yaml
 
 from attnprune import Routing, save_model
@@ -19,6 +20,7 @@ from attnprune.cli.analyze import main as analyze_main
 from attnprune.cli.evaluate import main as evaluate_main
 from attnprune.cli.search import main as search_main
 from attnprune.lit.data import ImageNetDataModule
+from attnprune.lit.data.splits import disjoint_draws
 from tests.fake_imagenet import SUBSET, make_fake_imagenet
 
 ARCH = "vit_tiny_patch16_224"
@@ -167,3 +169,16 @@ def test_search_analyze_and_evaluate_on_val_only_imagenet(workdir, layout, image
         assert seen > 0
         with pytest.raises(ValueError, match=rf"routing {out} was searched on {seen} of the {total} test images"):
             evaluate_main(["--config", str(evaluate_config(workdir, source, **data_args)), "--routings", f"[{out}]"])
+
+
+def test_disjoint_draws_cut_one_fixed_permutation_into_batches():
+    images, labels = torch.arange(10.0).view(10, 1, 1, 1), torch.arange(10)
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    cut = disjoint_draws(batches, 3, [0, 2], 2, permutation_seed=5)
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5))
+    assert [len(y) for _, y in cut[0]] == [2, 1] and [len(y) for _, y in cut[2]] == [2, 1]
+    assert torch.cat([y for _, y in cut[0]]).tolist() == order[:3].tolist()
+    assert torch.cat([y for _, y in cut[2]]).tolist() == order[6:9].tolist()  # draw 2: the third block of three
+    assert all((x.flatten() == y.float()).all() for _, batch in cut.items() for x, y in batch)  # images keep labels
+    with pytest.raises(ValueError, match="^4 draws of 3 images exceed the 10 images there are$"):
+        disjoint_draws(batches, 3, [3], 2)

@@ -294,8 +294,7 @@ def search_routing(
             objective: searching hundreds of candidates on the same images rewards lucky ones. 0 searches on every
             image and checks nothing.
         confidence: the routing found is returned only if a one-sided paired test of the per-image held-out losses
-            says it beats every baseline with this confidence; otherwise the best baseline there is returned. At the
-            default 0.5 the test is the mean: the contender with the lowest held-out loss is returned.
+            says it beats every baseline with this confidence, else the best baseline there (0.5: the lowest mean).
         state_path: JSON file saving the search as it goes; rerunning with it continues where it stopped.
         beam_width: partial routings kept per layer (``beam``).
         prefix_cache: reuse the token states of each fixed prefix (``beam``); off, every candidate runs from the

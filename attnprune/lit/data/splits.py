@@ -15,10 +15,11 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 
 from attnprune.errors import UserError
 
-__all__ = ["Origin", "carve", "searched_overlap", "split_count", "split_record"]
+__all__ = ["Origin", "carve", "disjoint_draws", "searched_overlap", "split_count", "split_record"]
 
 Origin = tuple[str, Sequence[int]]  # (source split, positions of the split's images in it)
 
@@ -96,3 +97,22 @@ def searched_overlap(record: dict[str, Any], source: str, origin: Origin) -> int
         return 0
     held = positions if isinstance(positions, range) else set(positions)
     return sum(position in held for position in record.get("positions", []))
+
+
+def disjoint_draws(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    images: int,
+    seeds: list[int],
+    batch_size: int,
+    permutation_seed: int = 20261128,
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Disjoint draws of ``images`` images of ``batches``, one per seed (draw ``s`` holds positions ``s * images`` to
+    ``(s + 1) * images - 1`` of one fixed permutation), as batches of ``batch_size``: the benchmarks' repeated
+    searches on validation images, each on images the others do not see."""
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    if images * (max(seeds) + 1) > len(y):
+        raise UserError(f"{max(seeds) + 1} draws of {images} images exceed the {len(y)} images there are")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(permutation_seed))
+    cuts = {seed: order[seed * images : (seed + 1) * images] for seed in seeds}
+    return {seed: [(x[i], y[i]) for i in cut.split(batch_size)] for seed, cut in cuts.items()}
