@@ -32,7 +32,7 @@ from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.lit.data.splits import disjoint_draws
 from attnprune.routing.baselines import matched_baselines
 from attnprune.search import search_routing
-from attnprune.search.check import check_confidence, decide, split_holdout
+from attnprune.search.check import check_confidence, retake, split_holdout
 from attnprune.search.evaluator import Evaluator
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,7 +62,6 @@ def run(args: argparse.Namespace) -> None:
                 progress=False,
             )
             check = found.report["check"]
-            losses = {method: values["loss"] for method, values in check["holdout"].items()}
             held_out = split_holdout(cut[args.search_seed], 0.3)[1]
             calibration = torch.cat([x for x, _ in held_out])[:256]  # PPT's threshold, as the check calibrated it
             contenders = {
@@ -78,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
                 {
                     "model": name,
                     "budget": budget,
-                    "returned": {f"{c:g}": decide(check["paired"], losses, c) for c in args.confidences},
+                    "returned": {f"{c:g}": retake(check, c) for c in args.confidences},
                     "judged": judged,
                     "judge_images": judge.images,
                     "check": {"holdout": check["holdout"], "paired": check["paired"]},

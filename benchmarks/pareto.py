@@ -14,7 +14,7 @@ done: a run that fails leaves the results there as they were.
     .venv/bin/python benchmarks/pareto.py --summarize benchmarks/results/pareto_fmnist_*.json   # README table
 
 ``--summarize ... --recheck C`` retakes each held-out check's decision at a lower confidence than it ran at, from the
-paired differences its report holds (:func:`attnprune.search.check.decide`): where the routing found is now returned,
+paired differences its report holds (:func:`attnprune.search.check.retake`): where the routing found is now returned,
 its row takes the test top-1 and FLOPs the run measured for it, and the baselines there are tuned to its FLOPs and
 scored again, as the run does; the results files, figures and searched routings (``--routing_dir``) are rewritten.
 """
@@ -40,7 +40,7 @@ from attnprune.errors import UserError  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
 from attnprune.search import InfeasibleBudget, SearchSpace, cheapest_flops, search_routing  # noqa: E402
-from attnprune.search.check import check_confidence, decide  # noqa: E402
+from attnprune.search.check import check_confidence, retake  # noqa: E402
 from attnprune.search.core import STRATEGIES  # noqa: E402
 
 SEARCHED_ROUTINGS = Path(__file__).parent / "results" / "routings"
@@ -335,8 +335,7 @@ def at_confidence(result: dict, confidence: float) -> dict:
         check = row.get("search", {}).get("check")
         if row["method"] != "searched" or check is None:
             continue
-        losses = {method: values["loss"] for method, values in check["holdout"].items()}
-        method = decide(check["paired"], losses, confidence)
+        method = retake(check, confidence)
         if method != check["returned"]:
             if method != "searched":
                 raise UserError(

@@ -23,6 +23,7 @@ __all__ = [
     "check_held_out",
     "check_confidence",
     "decide",
+    "retake",
     "standard_error",
 ]
 
@@ -137,6 +138,11 @@ def decide(paired: dict[str, dict[str, float]], losses: dict[str, float], confid
     if all(p["difference"] + z * p["standard_error"] < 0 for p in paired.values()):
         return "searched"
     return min(paired, key=losses.__getitem__)
+
+
+def retake(check: dict[str, Any], confidence: float) -> str:
+    """:func:`decide` on a stored ``report["check"]``: what it returns at ``confidence``."""
+    return decide(check["paired"], {m: values["loss"] for m, values in check["holdout"].items()}, confidence)
 
 
 def standard_error(values: Tensor) -> float:
