@@ -89,7 +89,7 @@ def lookahead_block_forward(
     metric, channels = x, x.shape[-1]
     if source is not None:  # membership is averaged along with the tokens (see pruned_block_forward)
         x = torch.cat([x, source], dim=-1)
-    reducer = fused.reducer_for(plan.rule.reduce, x.device)
+    reducer = fused.reducer_for(plan.rule.reduce)
     x, size, probs = reducer(x, size, n_out, num_prefix, metric=metric, attention=probs, **plan.options())
     if source is not None:
         x, source = x[..., :channels], x[..., channels:]

@@ -1,4 +1,5 @@
-"""Lean reducers for CUDA, and the one dispatch point between them and the reference in :mod:`attnprune.reduction`.
+"""Lean reducers for CUDA (not the default: see :func:`set_impl`), and the one dispatch point between them and the
+reference in :mod:`attnprune.reduction`.
 
 The reference reducers are the readable definition and the CPU path. The lean ones compute the same tokens and sizes
 with fewer kernels and fewer passes over ``[B, T, C]``, the cost that dominates a pruned forward in bfloat16 on a GPU:
@@ -48,7 +49,13 @@ _impl = "auto"
 
 
 def set_impl(impl: str) -> None:
-    """Choose the reducers: ``auto`` (lean on CUDA, reference elsewhere), ``reference`` or ``fused`` everywhere."""
+    """Choose the reducers: ``auto`` (today the reference everywhere), ``reference`` or ``fused`` everywhere.
+
+    ``auto`` is the path measured fastest. On one H200 in bfloat16 under CUDA graphs (DeiT-S and ViT-B, batches 1 to
+    1024; ``benchmarks/results/throughput_gpu_first_run.json``), the lean path was within 2.5% of the reference for EViT
+    and 11-18% slower for ToMe and the layer-wise routing at batch >= 64, so ``auto`` takes the reference until a
+    lean variant measures faster.
+    """
     global _impl
     if impl not in IMPLS:
         raise UserError(f"reduction impl must be one of {IMPLS}, got {impl!r}")
@@ -71,21 +78,21 @@ def use_impl(impl: str) -> Iterator[None]:
         set_impl(previous)
 
 
-def lean(device: torch.device) -> bool:
-    """Whether the lean path runs on ``device`` under the current choice."""
-    return _impl == "fused" or (_impl == "auto" and device.type == "cuda")
+def lean() -> bool:
+    """Whether the lean path runs under the current choice (see :func:`set_impl`)."""
+    return _impl == "fused"
 
 
 def lean_attention(q: Tensor) -> bool:
     """Whether proportional attention takes :func:`attention_with_bias`: on the lean path, except for float32 on CUDA
     (flash kernels take half precision only, so there the masked kernel is the faster one)."""
-    return lean(q.device) and not (q.device.type == "cuda" and q.dtype == torch.float32)
+    return lean() and not (q.device.type == "cuda" and q.dtype == torch.float32)
 
 
-def reducer_for(name: str, device: torch.device) -> ReduceFn:
+def reducer_for(name: str) -> ReduceFn:
     """The reducer registered as ``name``: the lean version where :func:`lean` says so and one exists, else the
     reference."""
-    return FUSED_REDUCERS[name] if lean(device) and name in FUSED_REDUCERS else reduction.REDUCERS[name]
+    return FUSED_REDUCERS[name] if lean() and name in FUSED_REDUCERS else reduction.REDUCERS[name]
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:

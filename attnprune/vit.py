@@ -348,7 +348,7 @@ def pruned_block_forward(
         width = x.shape[-1]
         if source is not None:  # every reducer gathers, sums or averages: membership survives the same operations
             x = torch.cat([x, source], dim=-1)
-        reducer = fused.reducer_for(plan.rule.reduce, x.device)
+        reducer = fused.reducer_for(plan.rule.reduce)
         x, size = reducer(x, size, n_out, num_prefix, scores=scores, metric=metric, **plan.options())
         if source is not None:
             x, source = x[..., :width], x[..., width:]

@@ -255,10 +255,11 @@ def best_modes(rows: list[dict]) -> list[dict]:
     return out
 
 
-def summarize(result: dict) -> str:
+def summarize(result: dict, impl: str | None = None) -> str:
     """The README table: per model, dtype and batch, the unpruned model's time and each routing's speed-up
-    (efficiency), every model in its fastest mode."""
-    rows = best_modes([row for row in result["rows"] if row.get("impl", result["impl"]) == result["impl"]])
+    (efficiency), every model in its fastest mode; rows timed with the reducers ``impl`` (default: the run's)."""
+    impl = result["impl"] if impl is None else impl
+    rows = best_modes([row for row in result["rows"] if row.get("impl", result["impl"]) == impl])
     routings = [r for r in ROUTINGS if r != "unpruned" and any(row["routing"] == r for row in rows)]
     lines = [
         f"Device: {result['device']} (torch {result['torch']}); each entry in its fastest mode; "
@@ -317,7 +318,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--check_modes", nargs="*", default=None, help="modes checked in float32 (default: --modes)")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled modes")
-    parser.add_argument("--impl", default="auto", choices=fused.IMPLS, help="reducers: lean on CUDA by default")
+    parser.add_argument(
+        "--impl",
+        default="auto",
+        choices=fused.IMPLS,
+        help="reducers (auto: see attnprune.fused.set_impl; with --summarize: the rows timed with these)",
+    )
     parser.add_argument("--budget_s", type=float, default=None, help="skip the groups left once this much has run")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, float32, batches 1 and 4, 2 rounds")
     parser.add_argument("--summarize", type=Path, default=None, help="print the Markdown table of a results file")
@@ -409,7 +415,7 @@ def run_step(step: Step, model_name: str, routings: dict[str, Routing], result: 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.summarize is not None:
-        print(summarize(json.loads(args.summarize.read_text())))
+        print(summarize(json.loads(args.summarize.read_text()), None if args.impl == "auto" else args.impl))
         return None
     plan = steps(args)
     device = torch.device(args.device)

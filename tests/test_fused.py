@@ -89,15 +89,16 @@ def test_attention_with_bias_equals_masked_sdpa(heads, head_dim):
 
 
 def test_dispatch():
+    """``auto`` is the reference (the lean path measured slower on an H200); ``fused`` forces the lean one."""
     assert fused.get_impl() == "auto"
-    assert fused.reducer_for("merge", torch.device("cpu")) is REDUCERS["merge"]
-    assert fused.reducer_for("merge", torch.device("cuda")) is fused.merge
-    assert fused.reducer_for("absorb", torch.device("cuda")) is REDUCERS["absorb"]  # no lean version: the reference
-    assert not fused.lean_attention(torch.empty(1))
+    assert fused.reducer_for("merge") is REDUCERS["merge"]
+    assert not fused.lean_attention(torch.empty(1, dtype=torch.bfloat16))
     with fused.use_impl("fused"):
-        assert fused.reducer_for("drop", torch.device("cpu")) is fused.drop
+        assert fused.reducer_for("drop") is fused.drop
+        assert fused.reducer_for("absorb") is REDUCERS["absorb"]  # no lean version: the reference
+        assert fused.lean_attention(torch.empty(1, dtype=torch.bfloat16))
         with fused.use_impl("reference"):
-            assert fused.reducer_for("drop", torch.device("cuda")) is REDUCERS["drop"]
+            assert fused.reducer_for("drop") is REDUCERS["drop"]
         assert fused.get_impl() == "fused"
     assert fused.get_impl() == "auto"
     with pytest.raises(ValueError, match="reduction impl"):

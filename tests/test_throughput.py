@@ -59,6 +59,20 @@ def test_summary_names_the_device(smoke, capsys):
     assert result["device"] in table and "| tiny | float32 | 4 |" in table
 
 
+def test_summary_of_the_rows_timed_with_other_reducers(smoke, tmp_path, capsys):
+    """A step timed with the reference reducers (time:...:reference) is summarized with ``--impl reference`` alone."""
+    result, _ = smoke
+    reference = [{**row, "impl": "reference", "ms": row["ms"] * 2} for row in result["rows"] if row["batch"] == 4]
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps({**result, "rows": result["rows"] + reference}))
+    throughput.main(["--summarize", str(path)])
+    assert "| tiny | float32 | 1 |" in capsys.readouterr().out
+    throughput.main(["--summarize", str(path), "--impl", "reference"])
+    table = capsys.readouterr().out
+    unpruned = next(r for r in reference if r["routing"] == "unpruned")
+    assert "| tiny | float32 | 1 |" not in table and f"| tiny | float32 | 4 | {unpruned['ms']:.2f} (eager) |" in table
+
+
 def test_best_mode_of_each_model_and_efficiency_against_the_unpruned_in_its_best_mode():
     def row(mode, routing, ms, flops_ratio=0.5):
         ratio = 1.0 if routing == "unpruned" else flops_ratio
