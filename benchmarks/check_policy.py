@@ -13,6 +13,10 @@ after every cell (rerunning skips the cells there).
 
     .venv/bin/python benchmarks/check_policy.py --models checkpoints/fmnist_*.safetensors \\
         benchmarks/models/fmnist_gen_*.safetensors
+
+``--reducers`` and ``--beam_width`` judge another search the same way (its state files in their own ``--state_dir``):
+the default space's peers' moves were chosen so (``benchmarks/results/check_policy_moves.json``, against
+``check_policy.json``, made with the 2022 moves alone).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from attnprune.errors import UserError
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.lit.data.splits import disjoint_draws
 from attnprune.routing.baselines import matched_baselines
-from attnprune.search import search_routing
+from attnprune.search import SearchSpace, search_routing
 from attnprune.search.check import check_confidence, retake, split_holdout
 from attnprune.search.evaluator import Evaluator
 
@@ -59,6 +63,8 @@ def run(args: argparse.Namespace) -> None:
                 cut[args.search_seed],
                 budget,
                 state_path=args.state_dir / f"{name}-{budget:g}-{args.search_seed}.json",
+                space=SearchSpace(reducers=tuple(args.reducers)) if args.reducers else None,
+                beam_width=args.beam_width,
                 progress=False,
             )
             check = found.report["check"]
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--judge_seeds", type=int, nargs="+", default=[1, 2], help="the draws judged on")
     parser.add_argument("--draw_images", type=positive_int, default=1500, help="validation images per draw")
     parser.add_argument("--batch_size", type=positive_int, default=250)
+    parser.add_argument("--reducers", nargs="+", default=None, help="the search space's reducers (default: its own)")
+    parser.add_argument("--beam_width", type=positive_int, default=2)
     parser.add_argument("--state_dir", type=Path, default=Path("runs/search_generalization"))
     parser.add_argument("--out", type=Path, default=RESULTS / "check_policy.json")
     parser.add_argument("--summarize", action="store_true", help="only print the table")

@@ -37,7 +37,7 @@ def candidates(model: torch.nn.Module, budget: float, count: int, seed: int) -> 
     target = budget * count_flops(model, Routing())
     pool = []
     for i, layer in enumerate(layers):
-        for rule in space.candidates(layer, model.has_class_token):
+        for rule in space.candidates(layer, model.has_class_token, depth=len(model.blocks)):
             routing = completion(model, [rule] if rule is not None else [], layers[i + 1 :], target)
             if routing is not None:
                 pool.append(routing)

@@ -21,8 +21,11 @@ each search resumes from its state file), then one table and a figure of the mar
 
 Runs on several cores at once write to their own ``--out_dir``; ``--merge OTHER.json ...`` folds their rows in.
 ``--reuse EARLIER.json`` takes DiffRate's rows from an earlier run on the same draws instead of rerunning its rate
-search (3-4 minutes a draw) where the held-out check returns the routing found; it refuses a draw where the default
-search now finds another routing than then.
+search (3-4 minutes a draw): that search does not depend on the default one, so its schedule, FLOPs and test scores
+hold. The paired standard errors against DiffRate need both routings' scores image by image, which the earlier file
+keeps only as the errors of the routing it found: they are taken over where the default search finds the same
+routing now (same test top-1 and KL) and the check returns it, and otherwise left out and named in the searched row's
+``paired_se_missing``.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ import torch  # noqa: E402
 from attnprune import Routing, count_flops, load_model  # noqa: E402
 from attnprune.atomic import check_output_dir, staged_files, write_text_atomic  # noqa: E402
 from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, run_cli  # noqa: E402
-from attnprune.errors import UserError  # noqa: E402
 from attnprune.lit.data import FashionMNISTDataModule  # noqa: E402
 from attnprune.lit.data.splits import disjoint_draws  # noqa: E402
 from attnprune.routing.baselines import matched_baselines  # noqa: E402
@@ -103,8 +105,7 @@ def run(args: argparse.Namespace) -> None:
                 calibration = torch.cat([x for x, _ in validation_draws[seed]])[:256]  # PPT's threshold
                 # the most FLOPs within budget
                 within = matched_baselines(model, budget * unpruned, within=True, calibration=calibration)
-                # a returned baseline's paired errors against DiffRate need DiffRate's per-image scores: rerun it
-                reused = reuse.get((name, budget, seed), {}) if found.report["check"]["returned"] == "searched" else {}
+                reused = reuse.get((name, budget, seed), {})
                 if args.diffrate and model.has_class_token and "diffrate" not in reused:  # DiffRate's own rate search
                     rates = search_routing(
                         model,
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
                     if key(routing) not in scored:
                         scored[key(routing)] = test.per_image(test.initial(), routing, 0)
                 returned = scored[key(found.routing)]
-                _check_reused(reused, scored[key(before_check)], (name, budget, seed))
+                same = _same_found(reused, scored[key(before_check)])
                 for method, routing in contenders.items():
                     row = {
                         "model": name,
@@ -146,11 +147,14 @@ def run(args: argparse.Namespace) -> None:
                                 m: standard_error(routing_scores["top1"] - scored[key(r)]["top1"])
                                 for m, r in within.items()
                             }
-                        if "diffrate" in reused:  # the routing found is the one scored then, so its errors hold
-                            se = reused["searched"]["found_paired_se"]["diffrate"]
-                            row["found_paired_se"]["diffrate"] = se
-                            if row["returned"] == "searched":
-                                row["paired_se"]["diffrate"] = se
+                        if "diffrate" in reused:  # the routing found is the one scored then: its errors hold
+                            se = reused["searched"]["found_paired_se"]["diffrate"] if same else None
+                            fields = ["found_paired_se"] + (["paired_se"] if row["returned"] == "searched" else [])
+                            for field in ("found_paired_se", "paired_se"):
+                                if se is not None and field in fields:
+                                    row[field]["diffrate"] = se
+                                else:
+                                    row.setdefault("paired_se_missing", []).append(f"{field}.diffrate")
                         row["routing"] = routing.to_dict()
                     if method in reports:  # what each search cost, in the same run on the same cores
                         row["search_cost"] = {field: reports[method][field] for field in COST}
@@ -175,25 +179,22 @@ def _reusable(path: Path) -> dict[tuple, dict[str, dict]]:
     return {cell: methods for cell, methods in rows.items() if len(methods) == 2}
 
 
-def _check_reused(reused: dict[str, dict], found: dict, cell: tuple) -> None:
-    """Refuse to take over DiffRate's row when the routing found now is not the one scored then (same test top-1 and
-    KL): its paired errors against DiffRate, image by image, would not be this routing's."""
-    if "diffrate" in reused:
-        then = reused["searched"]
-        if (
-            abs(found["top1"].mean().item() - then["found_top1"]) > 1e-9
-            or abs(found["kl"].mean().item() - then["found_test_kl"]) > 1e-9
-        ):
-            raise UserError(
-                f"--reuse: the search found another routing for {cell} than the earlier run (test top-1 "
-                f"{found['top1'].mean().item():.4f} against {then['found_top1']:.4f}); rerun DiffRate without --reuse"
-            )
+def _same_found(reused: dict[str, dict], found: dict) -> bool:
+    """Whether the routing found now is the one the earlier run scored (same test top-1 and KL), so that its paired
+    errors against DiffRate, image by image, are this routing's."""
+    then = reused.get("searched")
+    return (
+        then is not None
+        and abs(found["top1"].mean().item() - then["found_top1"]) <= 1e-9
+        and abs(found["kl"].mean().item() - then["found_test_kl"]) <= 1e-9
+    )
 
 
 def _complete(row: dict, wanted: set[str]) -> bool:
     """Whether a searched row has paired errors against every ``wanted`` baseline the model can have (DiffRate ranks
-    by class-token attention, as EViT does: a model without EViT has none)."""
-    against = set(row.get("found_paired_se", {}))
+    by class-token attention, as EViT does: a model without EViT has none), or names them missing (``--reuse``)."""
+    missing = {field.split(".")[1] for field in row.get("paired_se_missing", []) if field.startswith("found_")}
+    against = set(row.get("found_paired_se", {})) | missing
     return bool(against) and wanted - ({"diffrate"} if "evit" not in against else set()) <= against
 
 
@@ -235,7 +236,7 @@ def margins(result: dict, before_check: bool = False, metric: str = "top1") -> d
     return found
 
 
-def resolution(result: dict, before_check: bool = False) -> dict[tuple[str, float], list[tuple[float, float]]]:
+def resolution(result: dict, before_check: bool = False) -> dict[tuple[str, float], list[tuple[float, float | None]]]:
     """Per (model, budget), a ``(margin, standard error)`` pair in test top-1 points per split seed: the margin over the
     best baseline and its standard error paired over the test images. Of the draws where the held-out check returned
     the routing found (a returned baseline's margin is exactly 0); with ``before_check``, of the routing found in
@@ -248,24 +249,27 @@ def resolution(result: dict, before_check: bool = False) -> dict[tuple[str, floa
             cell = tops[(row["model"], row["budget"], row["split_seed"])]
             best = max((m for m in BASELINES if m in cell), key=cell.get)
             margin = 100 * (cell["searched"] - cell[best])
-            pairs.setdefault((row["model"], row["budget"]), []).append((margin, 100 * row[field][best]))
+            error = row[field].get(best)  # None: not computed (--reuse: DiffRate's, the routing found has changed)
+            pairs.setdefault((row["model"], row["budget"]), []).append((margin, None if error is None else 100 * error))
     return pairs
 
 
 def _print_resolution(result: dict, before_check: bool) -> None:
     """The range of the paired standard errors, and each cell with a negative mean margin, seed by seed."""
     pairs = resolution(result, before_check)
-    errors = [error for cell in pairs.values() for _, error in cell]
-    if not errors:
-        return
+    errors = [error for cell in pairs.values() for _, error in cell if error is not None]
     which = "found" if before_check else "returned (when the check returned the routing found)"
-    print(
-        f"\npaired standard error of the test top-1 margin of the routing {which}: {min(errors):.2f} to "
-        f"{max(errors):.2f} points (median {statistics.median(errors):.2f}, {len(errors)} searches)"
-    )
+    if errors:
+        print(
+            f"\npaired standard error of the test top-1 margin of the routing {which}: {min(errors):.2f} to "
+            f"{max(errors):.2f} points (median {statistics.median(errors):.2f}, {len(errors)} searches; n/a: "
+            f"{sum(error is None for cell in pairs.values() for _, error in cell)} left out by --reuse)"
+        )
     for cell, values in margins(result, before_check).items():
         if statistics.mean(values) < 0 and cell in pairs:
-            seeds = ", ".join(f"{margin:+.2f} ± {error:.2f}" for margin, error in pairs[cell])
+            seeds = ", ".join(
+                f"{margin:+.2f} ± {'n/a' if error is None else f'{error:.2f}'}" for margin, error in pairs[cell]
+            )
             print(f"  {cell[0]} at {cell[1]:.0%}, mean {statistics.mean(values):+.2f}: {seeds}")
 
 
@@ -300,8 +304,9 @@ def _print_against_diffrate(result: dict) -> None:
     for budget in sorted(cells, reverse=True):
         pairs = cells[budget]
         gaps = [100 * (ours["top1"] - theirs["top1"]) for ours, theirs in pairs]
-        errors = [100 * ours["paired_se"]["diffrate"] for ours, _ in pairs]
-        below = sum(m < -2 * e for m, e in zip(gaps, errors, strict=True))
+        errors = [100 * ours["paired_se"].get("diffrate", float("nan")) for ours, _ in pairs]
+        below = sum(m < -2 * e for m, e in zip(gaps, errors, strict=True))  # a missing error (nan) never counts
+        errors = [e for e in errors if e == e] or [float("nan")]
         cost = {
             field: [statistics.mean(row["search_cost"][field] for row in side) for side in zip(*pairs, strict=True)]
             for field in ("wall_time_s", "forward_backward_passes", "images_seen")

@@ -1,6 +1,6 @@
-"""Do the peers' reducers help the search as moves? The default search against the same search with DiffRate's
-``absorb`` and PiToMe's ``energy_merge`` added to its space, with the default screening and with more of it, side by
-side in one run on the same validation images.
+"""Do the peers' reducers help the search as moves? The search with the 2022 moves alone (drop, fuse, merge) against
+the default search, whose space adds DiffRate's ``absorb`` and PiToMe's ``energy_merge``, with the default screening
+and with more of it, side by side in one run on the same validation images.
 
 Prints one table (wall time, candidates evaluated, KL on the searched images, the routing found's KL on the held-out
 images and ToMe's there, which routing the held-out check returned, the reducers of the routing found) and writes
@@ -23,11 +23,10 @@ from attnprune.cli import ArgumentParser, fraction, model_source, positive_int, 
 from attnprune.lit.data import FashionMNISTDataModule
 from attnprune.search import SearchSpace, search_routing
 
-PEERS = SearchSpace(reducers=(*SearchSpace().reducers, "absorb", "energy_merge"))
 VARIANTS = {
-    "default": (SearchSpace(), {}),
-    "peers": (PEERS, {}),
-    "peers, screen 512, 6 finalists": (PEERS, {"screen_images": 512, "finalists": 6}),
+    "2022 moves only": (SearchSpace(reducers=("drop", "fuse", "merge")), {}),
+    "default (with the peers' moves)": (SearchSpace(), {}),
+    "default, screen 512, 6 finalists": (SearchSpace(), {"screen_images": 512, "finalists": 6}),
 }
 
 

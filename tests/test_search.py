@@ -568,7 +568,9 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
         probe_loss[rule.score] = evaluator.measure(evaluator.initial(), routing, 0, 5)["loss"]
     best = min(probe_loss, key=probe_loss.get)
     expected = [(p,) for p in probes] + [
-        (rule,) if rule is not None else () for rule in space.candidates(0, True, [best]) if rule not in probes
+        (rule,) if rule is not None else ()
+        for rule in space.candidates(0, True, [best], len(model.blocks))
+        if rule not in probes
     ]
     assert [rules for _, rules, _ in screened] == expected
     for loss, rules, routing in screened:
@@ -578,7 +580,9 @@ def test_scorers_are_shortlisted_by_one_probe_each(model, data):
     expected = [(rule,) if rule is not None else () for rule in SMALL.candidates(0, True)]  # no shortlist: all
     assert [rules for _, rules, _ in unlisted] == expected and any("cls_attention" in str(r) for r in expected)
     off = screen(replace(space, shortlist=0))
-    assert [rules for _, rules, _ in off] == [(r,) if r is not None else () for r in space.candidates(0, True)]
+    assert [rules for _, rules, _ in off] == [
+        (r,) if r is not None else () for r in space.candidates(0, True, depth=len(model.blocks))
+    ]
 
 
 @pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="a progress bar hangs mutmut's forked test runs")
@@ -621,7 +625,8 @@ def test_label_free_picks_a_transition_routing_without_labels(model, data):
     result = search_routing(model, images_only, 0.7, space=SMALL, strategy="label_free", holdout=0, progress=False)
     assert result.routing.name.startswith("transition-t") and "val_top1" not in result.report
     depth = result.report["transition_depth"]  # the routing ranks by attention from the transition depth on
-    assert result.routing.name.startswith(f"transition-t{depth}-") and 0 <= depth < len(model.blocks)
+    # the model's depth: attention never takes the lead (as on this random tiny model under torch 2.14.1/timm 1.0.31)
+    assert result.routing.name.startswith(f"transition-t{depth}-") and 0 <= depth <= len(model.blocks)
     assert "check" not in result.report  # holdout 0 checks nothing
     assert result.report["candidates_evaluated"] == 1 and result.report["val_kl"] > 0
     with pytest.raises(ValueError, match="unknown search strategy 'greedy'"):

@@ -69,7 +69,7 @@ def test_resolution_pairs_each_margin_with_its_paired_error_against_the_best_bas
     assert [pytest.approx(pair) for pair in found] == [(1.0, 0.15), (1.0, 0.2)]
 
 
-def test_reuse_takes_diffrate_rows_only_for_the_routing_scored_then(benchmark, tmp_path: Path):
+def test_reuse_takes_diffrate_rows_and_their_paired_errors_only_for_the_routing_scored_then(benchmark, tmp_path: Path):
     cell = {"model": "m", "budget": 0.6, "split_seed": 1}
     searched = {**cell, "method": "searched", "found_top1": 0.75, "found_test_kl": 0.02, "found_paired_se": {}}
     diffrate = {**cell, "method": "diffrate", "top1": 0.74}
@@ -80,10 +80,25 @@ def test_reuse_takes_diffrate_rows_only_for_the_routing_scored_then(benchmark, t
     reusable = benchmark._reusable(path)
     assert reusable == {("m", 0.6, 1): {"searched": searched, "diffrate": diffrate}}  # seed 2 has no DiffRate row
     same = {"top1": torch.tensor([1.0, 1.0, 1.0, 0.0]), "kl": torch.tensor([0.02, 0.02, 0.02, 0.02])}
-    benchmark._check_reused(reusable[("m", 0.6, 1)], same, ("m", 0.6, 1))  # the same routing: taken over
-    other = {**same, "top1": torch.tensor([1.0, 1.0, 0.0, 0.0])}
-    with pytest.raises(ValueError, match=r"--reuse: the search found another routing for \('m', 0.6, 1\) than the "):
-        benchmark._check_reused(reusable[("m", 0.6, 1)], other, ("m", 0.6, 1))
+    assert benchmark._same_found(reusable[("m", 0.6, 1)], same)  # the same routing: its paired errors hold
+    assert not benchmark._same_found(reusable[("m", 0.6, 1)], {**same, "top1": torch.tensor([1.0, 1.0, 0.0, 0.0])})
+    assert not benchmark._same_found(reusable[("m", 0.6, 1)], {**same, "kl": same["kl"] + 1e-6})
+    assert not benchmark._same_found({}, same)
+
+
+def test_a_paired_error_left_out_by_reuse_counts_as_done_and_is_reported_missing(benchmark, capsys):
+    """A searched row whose paired error against DiffRate could not be taken over (``paired_se_missing``) is a done
+    cell, and the summary pairs its margin with no error where DiffRate is the best baseline."""
+    cell = {"model": "m", "budget": 0.6, "split_seed": 0}
+    searched = {**cell, "method": "searched", "top1": 0.80, "found_top1": 0.80, "returned": "searched"}
+    searched |= {"paired_se": {"tome": 0.002}, "found_paired_se": {"tome": 0.002, "evit": 0.004, "pitome": 0.003}}
+    searched["paired_se_missing"] = ["found_paired_se.diffrate", "paired_se.diffrate"]
+    assert benchmark._complete(searched, {"pitome", "diffrate"})
+    assert not benchmark._complete({**searched, "paired_se_missing": []}, {"pitome", "diffrate"})
+    rows = [searched, {**cell, "method": "tome", "top1": 0.79}, {**cell, "method": "diffrate", "top1": 0.81}]
+    assert benchmark.resolution({"rows": rows})[("m", 0.6)] == [(pytest.approx(-1.0), None)]
+    benchmark._print_resolution({"rows": rows}, before_check=False)
+    assert "m at 60%, mean -1.00: -1.00 ± n/a" in capsys.readouterr().out
 
 
 def test_check_policy_recomputes_the_decision_at_each_confidence_from_the_paired_differences(capsys):

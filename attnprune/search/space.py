@@ -36,7 +36,10 @@ class SearchSpace:
     Attributes:
         scorers: scorers of the reducers that rank tokens by a score (``drop``, ``fuse``, ``absorb``).
         reducers: reducers tried; those that match tokens instead of scoring them (``merge``, ToMe's r chosen per
-            layer, and PiToMe's ``energy_merge``) take their fractions from ``merge_keeps``.
+            layer, and PiToMe's ``energy_merge``) take their fractions from ``merge_keeps``. By default the 2022
+            moves (``drop``, EViT's ``fuse``, ToMe's ``merge``) and the peers' (DiffRate's ``absorb``, PiToMe's
+            ``energy_merge``), which judged on validation images the search did not see raised its lead over the
+            best baseline at 60% of the FLOPs (``benchmarks/check_policy.py --reducers``; docs/search.md).
         keeps: keep fractions of the scoring reducers' rules.
         merge_keeps: keep fractions of the matching reducers' rules (bipartite matching keeps at least half).
         layers: blocks that may prune (default: all but the last).
@@ -46,7 +49,7 @@ class SearchSpace:
     """
 
     scorers: tuple[str, ...] = ("cls_attention", "l2_norm", "std", "distinctiveness", "redundancy")
-    reducers: tuple[str, ...] = ("drop", "fuse", "merge")
+    reducers: tuple[str, ...] = ("drop", "fuse", "merge", "absorb", "energy_merge")
     keeps: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     merge_keeps: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
     layers: tuple[int, ...] | None = None
