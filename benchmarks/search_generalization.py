@@ -351,10 +351,12 @@ def _print_per_method(result: dict) -> None:
     for (model, budget), draws in cells.items():
         means = {m: statistics.mean(v[m] for v in draws) for m in BASELINES if m != "random" and m in draws[0]}
         line = f"  {model} at {budget:.0%}: {max(means, key=means.get)}"
-        if se[(model, budget)]:
+        if all("diffrate" in v for v in draws):
             gap = statistics.mean(100 * (v["searched"] - v["diffrate"]) for v in draws)
-            error = sum(e * e for e in se[(model, budget)]) ** 0.5 / len(se[(model, budget)])
-            line += f"; default - DiffRate {gap:+.2f} ± {error:.2f}{' (below -2 SE)' if gap < -2 * error else ''}"
+            line += f"; default - DiffRate {gap:+.2f}"
+            if len(se[(model, budget)]) == len(draws):  # not when --reuse left the paired errors out
+                error = sum(e * e for e in se[(model, budget)]) ** 0.5 / len(draws)
+                line += f" ± {error:.2f}{' (below -2 SE)' if gap < -2 * error else ''}"
         print(line)
 
 
