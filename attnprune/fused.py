@@ -51,10 +51,11 @@ _impl = "auto"
 def set_impl(impl: str) -> None:
     """Choose the reducers: ``auto`` (today the reference everywhere), ``reference`` or ``fused`` everywhere.
 
-    ``auto`` is the path measured fastest. On one H200 in bfloat16 under CUDA graphs (DeiT-S and ViT-B, batches 1 to
-    1024; ``benchmarks/results/throughput_gpu_first_run.json``), the lean path was within 2.5% of the reference for EViT
-    and 11-18% slower for ToMe and the layer-wise routing at batch >= 64, so ``auto`` takes the reference until a
-    lean variant measures faster.
+    ``auto`` is the path measured fastest. On one H200 in bfloat16 under CUDA graphs, at batch 1024, the lean path's
+    efficiency (speed-up over the FLOPs reduction) was 0.57 for ToMe on ViT-B against the reference's 0.67, 0.74
+    against 0.83 for the layer-wise routing and 0.85 against 0.84 for EViT (``benchmarks/throughput.py --summarize
+    benchmarks/results/throughput_gpu_first_run.json``, its ``auto`` rows then the lean path, and the same with
+    ``--impl reference``), so ``auto`` takes the reference until a lean variant measures faster.
     """
     global _impl
     if impl not in IMPLS:

@@ -147,12 +147,10 @@ def run(args: argparse.Namespace) -> None:
                                 m: standard_error(routing_scores["top1"] - scored[key(r)]["top1"])
                                 for m, r in within.items()
                             }
-                        if "diffrate" in reused:  # the routing found is the one scored then: its errors hold
-                            se = reused["searched"]["found_paired_se"]["diffrate"] if same else None
-                            fields = ["found_paired_se"] + (["paired_se"] if row["returned"] == "searched" else [])
+                        if "diffrate" in reused:  # the earlier errors hold only for the routing scored then
                             for field in ("found_paired_se", "paired_se"):
-                                if se is not None and field in fields:
-                                    row[field]["diffrate"] = se
+                                if same and (field == "found_paired_se" or row["returned"] == "searched"):
+                                    row[field]["diffrate"] = reused["searched"]["found_paired_se"]["diffrate"]
                                 else:
                                     row.setdefault("paired_se_missing", []).append(f"{field}.diffrate")
                         row["routing"] = routing.to_dict()
@@ -304,16 +302,20 @@ def _print_against_diffrate(result: dict) -> None:
     for budget in sorted(cells, reverse=True):
         pairs = cells[budget]
         gaps = [100 * (ours["top1"] - theirs["top1"]) for ours, theirs in pairs]
-        errors = [100 * ours["paired_se"].get("diffrate", float("nan")) for ours, _ in pairs]
-        below = sum(m < -2 * e for m, e in zip(gaps, errors, strict=True))  # a missing error (nan) never counts
-        errors = [e for e in errors if e == e] or [float("nan")]
+        known = [  # (margin, paired error) where the error was computed (--reuse may leave it out)
+            (gap, 100 * ours["paired_se"]["diffrate"])
+            for gap, (ours, _) in zip(gaps, pairs, strict=True)
+            if "diffrate" in ours["paired_se"]
+        ]
+        below = sum(gap < -2 * error for gap, error in known)
+        median = statistics.median(error for _, error in known) if known else float("nan")
         cost = {
             field: [statistics.mean(row["search_cost"][field] for row in side) for side in zip(*pairs, strict=True)]
             for field in ("wall_time_s", "forward_backward_passes", "images_seen")
         }
         seconds, passes, seen = cost["wall_time_s"], cost["forward_backward_passes"], cost["images_seen"]
         lines.append(
-            f"| {budget:.0%} | {len(pairs)} | {statistics.mean(gaps):+.2f} | {statistics.median(errors):.2f} | "
+            f"| {budget:.0%} | {len(pairs)} | {statistics.mean(gaps):+.2f} | {median:.2f} | "
             f"{below} | {seconds[0]:.0f} vs {seconds[1]:.0f} ({seconds[0] / seconds[1]:.2f}x) | "
             f"{passes[0]:.0f} vs {passes[1]:.0f} | {seen[0]:,.0f} vs {seen[1]:,.0f} |"
         )
